@@ -1,0 +1,130 @@
+"""Request and response bodies of API.md, as pydantic models (the contract in code)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128,
+                                      pattern=r"^[A-Za-z0-9_.:@-]+$")]
+Event = Literal["click", "purchase", "like", "dislike", "skip", "rating", "dwell"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemIn(Strict):
+    item_id: Id
+    text: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+    tags: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = \
+        Field(default_factory=list, max_length=64)
+    available: bool = True
+
+
+class ItemsIn(Strict):
+    items: list[ItemIn] = Field(min_length=1, max_length=1000)
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    text: str
+    tags: list[str]
+    available: bool
+
+
+class UpsertOut(BaseModel):
+    upserted: int
+    catalog_size: int
+
+
+class Context(Strict):
+    text: Annotated[str, StringConstraints(max_length=4000)] | None = None
+
+
+class RecommendIn(Strict):
+    user_id: Id
+    context: Context | None = None
+    k: int = Field(10, ge=1, le=100)
+    exclude: list[Id] = Field(default_factory=list, max_length=1000)
+    exclude_seen: bool = True
+    candidates: list[Id] | None = Field(None, max_length=1000)
+    explore: bool = True
+
+
+class SlateItem(BaseModel):
+    item_id: str
+    score: float
+    explored: bool
+    propensity: float
+
+
+class RecommendOut(BaseModel):
+    request_id: str
+    model_version: int
+    items: list[SlateItem]
+
+
+class _EventValue(Strict):
+    event: Event
+    value: float | None = None
+
+    @model_validator(mode="after")
+    def _value_rules(self) -> _EventValue:
+        if self.event == "rating" and (self.value is None or not 0 <= self.value <= 5):
+            raise ValueError("rating needs a value between 0 and 5")
+        if self.event == "dwell" and (self.value is None or self.value < 0):
+            raise ValueError("dwell needs a value of seconds >= 0")
+        return self
+
+
+class FeedbackIn(_EventValue):
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    item_id: Id
+
+
+class FeedbackOut(BaseModel):
+    accepted: bool
+    reward: float
+    duplicate: bool = False
+
+
+class EventIn(_EventValue):
+    user_id: Id
+    item_id: Id
+
+
+class EventOut(BaseModel):
+    accepted: bool
+
+
+class HistoryEntry(BaseModel):
+    item_id: str
+    event: str
+    ts: float
+    value: float | None = None
+
+
+class UserOut(BaseModel):
+    user_id: str
+    history: list[HistoryEntry]
+
+
+class ModelOut(BaseModel):
+    version: int
+    updates: int
+    feedback_learned: int
+    epsilon: float
+    pending_impressions: int
+    device: str
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: list[dict] | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,99 @@
+"""Every setting of the service, read from ``RECSVC_*`` environment variables.
+
+Each has a safe default, so ``recsvc serve`` with no environment runs the
+embedded single-process service. The README lists them all; keep it in sync.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.exploration import EpsilonSchedule
+from models.learner import DQNConfig
+from models.rewards import RewardMap
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSVC_", extra="ignore")
+
+    # store and security
+    redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process store")
+    key_prefix: str = Field("recsvc", description="prefix of every Redis key")
+    api_keys: str = Field("", description="comma-separated API keys; empty = no auth")
+    max_body_bytes: int = Field(8 * 1024 * 1024, description="larger request bodies get 413")
+
+    # encoder
+    encoder_path: str | None = Field(None, description="model dir; default bundled MiniLM")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    encoder_batch_size: int = 64
+    embedding_cache_size: int = Field(100_000, description="in-process LRU entries")
+    embedding_cache_ttl_s: int = Field(7 * 86_400, description="store cache TTL")
+
+    # retrieval and policy
+    candidates: int = Field(200, description="candidates retrieved per request")
+    exact_index_max: int = Field(50_000, description="above this many items the index is HNSW")
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    history_len: int = Field(50, description="history entries kept per user")
+    history_decay: float = Field(0.8, description="recency weight per step back in history")
+    epsilon_start: float = 0.2
+    epsilon_end: float = 0.05
+    epsilon_decay: float = Field(20_000.0, description="events per 1/e decay")
+    seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
+
+    # learning
+    gamma: float = 0.3
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    replay_size: int = 50_000
+    steps_per_batch: int = 2
+    target_tau: float = 0.01
+    grad_clip: float = 5.0
+    hidden: int = 256
+    reward_map: str = Field("", description='JSON, e.g. {"click": 1, "purchase": 2}')
+    reward_default: float = Field(0.0, description="reward of shown items with no feedback")
+    reward_wait_s: float = Field(30.0, description="reward window after an impression")
+    impression_ttl_s: int = Field(86_400, description="feedback accepted this long after recommend")
+    learner_poll_s: float = Field(0.2, description="learner loop period")
+    publish_interval_s: float = Field(1.0, description="min seconds between weight versions")
+    weights_poll_s: float = Field(0.5, description="how often servers check for new weights")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v.lower() not in {"auto", "cpu", "cuda"}:
+            raise ValueError("must be auto, cpu or cuda")
+        return v.lower()
+
+    @field_validator("reward_map")
+    @classmethod
+    def _reward_map(cls, v: str) -> str:
+        if v:
+            RewardMap(rewards={k: float(x) for k, x in json.loads(v).items()})
+        return v
+
+    @cached_property
+    def rewards(self) -> RewardMap:
+        mapping = {k: float(x) for k, x in json.loads(self.reward_map).items()} \
+            if self.reward_map else {}
+        base = RewardMap()
+        return RewardMap(rewards={**base.rewards, **mapping}, default=self.reward_default)
+
+    @cached_property
+    def key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def epsilon_schedule(self) -> EpsilonSchedule:
+        return EpsilonSchedule(self.epsilon_start, self.epsilon_end, self.epsilon_decay)
+
+    @property
+    def dqn(self) -> DQNConfig:
+        return DQNConfig(gamma=self.gamma, lr=self.learning_rate, batch_size=self.batch_size,
+                         buffer_size=self.replay_size, steps_per_batch=self.steps_per_batch,
+                         grad_clip=self.grad_clip, target_tau=self.target_tau,
+                         hidden=self.hidden, seed=self.seed or 0)

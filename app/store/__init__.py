@@ -1,0 +1,16 @@
+"""Persistence behind one interface, with an embedded and a Redis backend."""
+
+from app.store.base import Impression, ItemRecord, Store, StoreUnavailable, UserData
+
+__all__ = ["Impression", "ItemRecord", "Store", "StoreUnavailable", "UserData", "make_store"]
+
+
+def make_store(settings) -> Store:
+    """The Redis backend when ``RECSVC_REDIS_URL`` is set, else the embedded one."""
+    if settings.redis_url:
+        from app.store.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, prefix=settings.key_prefix)
+    from app.store.memory import MemoryStore
+
+    return MemoryStore()

@@ -1,0 +1,161 @@
+"""The embedded backend: in-process dictionaries for the single-process mode.
+
+Nothing survives a restart, by design: this is the development default. TTLs are
+honoured lazily on read, so behaviour matches the Redis backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+from app.store.base import Impression, ItemRecord, Store, StreamEntry, UserData
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self._items: dict[str, ItemRecord] = {}
+        self._emb: dict[str, tuple[bytes, float]] = {}
+        self._history: dict[str, list[dict]] = {}
+        self._shown: dict[str, list[tuple[str, float]]] = {}
+        self._user_imps: dict[str, set[str]] = {}
+        self._imps: dict[str, tuple[Impression, float]] = {}
+        self._dedupe: dict[str, tuple[float, float]] = {}
+        # The stream holds only unacknowledged work: acked entries are dropped.
+        self._entries: dict[str, dict[str, str]] = {}
+        self._undelivered: deque[str] = deque()
+        self._pending: dict[str, str] = {}  # entry id -> consumer it was delivered to
+        self._seq = itertools.count(1)
+        self._weights: dict[int, bytes] = {}
+        self._version = 0
+        self._stats: dict[str, float] = {}
+
+    async def ping(self) -> bool:
+        return True
+
+    # catalog
+    async def put_items(self, items: list[ItemRecord]) -> int:
+        for item in items:
+            self._items[item.item_id] = item
+        return len(self._items)
+
+    async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
+        return {i: self._items[i] for i in item_ids if i in self._items}
+
+    async def delete_item(self, item_id: str) -> bool:
+        return self._items.pop(item_id, None) is not None
+
+    async def catalog_size(self) -> int:
+        return len(self._items)
+
+    async def all_item_ids(self) -> list[str]:
+        return list(self._items)
+
+    # embedding cache
+    async def get_embedding(self, key: str) -> bytes | None:
+        hit = self._emb.get(key)
+        if hit is None or hit[1] < time.time():
+            self._emb.pop(key, None)
+            return None
+        return hit[0]
+
+    async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None:
+        self._emb[key] = (vector, time.time() + ttl_s)
+
+    # users
+    async def get_user(self, user_id: str) -> UserData:
+        return UserData(list(self._history.get(user_id, [])), list(self._shown.get(user_id, [])))
+
+    async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
+        hist = self._history.setdefault(user_id, [])
+        hist.append(dict(entry))
+        del hist[:-max_len]
+
+    async def delete_user(self, user_id: str) -> None:
+        self._history.pop(user_id, None)
+        self._shown.pop(user_id, None)
+        for rid in self._user_imps.pop(user_id, set()):
+            self._imps.pop(rid, None)
+        doomed = {e for e, f in self._entries.items() if f.get("user_id") == user_id}
+        for entry_id in doomed:
+            del self._entries[entry_id]
+            self._pending.pop(entry_id, None)
+        self._undelivered = deque(e for e in self._undelivered if e not in doomed)
+
+    # impressions and feedback
+    def _append(self, fields: dict[str, str]) -> None:
+        entry_id = f"{int(time.time() * 1000)}-{next(self._seq)}"
+        self._entries[entry_id] = fields
+        self._undelivered.append(entry_id)
+
+    async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
+        self._imps[imp.request_id] = (imp, time.time() + ttl_s)
+        self._user_imps.setdefault(imp.user_id, set()).add(imp.request_id)
+        shown = self._shown.setdefault(imp.user_id, [])
+        shown.extend((i, imp.ts) for i in imp.item_ids)
+        del shown[:-shown_max]
+        self._append({"type": "impression", "request_id": imp.request_id,
+                      "user_id": imp.user_id, "ts": repr(imp.ts)})
+
+    async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
+        now = time.time()
+        out = {}
+        for rid in request_ids:
+            hit = self._imps.get(rid)
+            if hit is not None and hit[1] >= now:
+                out[rid] = hit[0]
+        return out
+
+    async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
+                              value: float | None, reward: float, ts: float,
+                              ttl_s: int, history_max: int) -> tuple[bool, float]:
+        key = f"{request_id}\x00{item_id}\x00{event}"
+        seen = self._dedupe.get(key)
+        if seen is not None and seen[1] >= time.time():
+            return False, seen[0]
+        self._dedupe[key] = (reward, time.time() + ttl_s)
+        await self.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
+                                       "value": value}, history_max)
+        self._append({"type": "feedback", "request_id": request_id, "user_id": user_id,
+                      "item_id": item_id, "event": event, "reward": repr(reward),
+                      "ts": repr(ts)})
+        return True, reward
+
+    # stream
+    async def read_stream(self, consumer: str, count: int,
+                          pending: bool = False) -> list[StreamEntry]:
+        if pending:
+            ids = [e for e, c in self._pending.items() if c == consumer][:count]
+            return [(e, self._entries[e]) for e in ids]
+        out = []
+        while self._undelivered and len(out) < count:
+            entry_id = self._undelivered.popleft()
+            self._pending[entry_id] = consumer
+            out.append((entry_id, self._entries[entry_id]))
+        return out
+
+    async def ack(self, entry_ids: list[str]) -> None:
+        for e in entry_ids:
+            if self._pending.pop(e, None) is not None:
+                self._entries.pop(e, None)
+
+    # model
+    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float]) -> None:
+        self._weights[version] = blob
+        for old in [v for v in self._weights if v < version - 1]:
+            del self._weights[old]
+        self._version = max(self._version, version)
+        self._stats.update(stats)
+
+    async def latest_version(self) -> int:
+        return self._version
+
+    async def get_weights(self, version: int) -> bytes | None:
+        return self._weights.get(version)
+
+    async def put_stats(self, stats: dict[str, float]) -> None:
+        self._stats.update(stats)
+
+    async def get_stats(self) -> dict[str, float]:
+        return dict(self._stats)

@@ -1,0 +1,312 @@
+"""The Redis backend (redis-py asyncio with hiredis).
+
+Key layout, with hash tags wherever several keys are touched together so that
+Redis Cluster works:
+
+  {p}:item:{id}                 hash: text, tags, available, emb, text_key
+  {p}:items                     set of item ids
+  {p}:emb:{model}:{hash}        cached context embedding (TTL)
+  {p}:user:{<uid>}:hist|shown|imps   a user's history, shown items, impression ids
+  {p}:imp:{rid}                 logged impression (TTL)
+  {p}:fb:{rid}:{item}:{event}   feedback dedupe marker holding the reward (TTL)
+  {p}:events                    stream of impressions and feedback, consumer group "learners"
+  {p}:{model}:version|w:N|stats weights versions and learner counters
+
+Acknowledged stream entries are deleted, so the stream holds only unprocessed
+work and is never trimmed past it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import orjson
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from app.store.base import Impression, ItemRecord, Store, StoreUnavailable, StreamEntry, UserData
+
+GROUP = "learners"
+_DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+
+
+def _guard(fn):
+    """Turn connection-level failures into StoreUnavailable (the API answers 503)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except _DOWN as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    return wrapper
+
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, prefix: str = "recsvc") -> None:
+        self.url = url
+        self.p = prefix
+        self.r = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=5,
+                                         socket_connect_timeout=2, health_check_interval=10)
+        self._group_ready = False
+
+    # keys
+    def _item(self, i: str) -> str:
+        return f"{self.p}:item:{i}"
+
+    def _user(self, u: str, part: str) -> str:
+        return f"{self.p}:user:{{{u}}}:{part}"
+
+    def _imp(self, rid: str) -> str:
+        return f"{self.p}:imp:{rid}"
+
+    @property
+    def _stream(self) -> str:
+        return f"{self.p}:events"
+
+    def _model(self, part: str) -> str:
+        return f"{self.p}:{{model}}:{part}"
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    @_guard
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
+
+    # catalog
+    @_guard
+    async def put_items(self, items: list[ItemRecord]) -> int:
+        pipe = self.r.pipeline(transaction=False)
+        for it in items:
+            pipe.hset(self._item(it.item_id), mapping={
+                "text": it.text, "tags": orjson.dumps(it.tags), "available": int(it.available),
+                "emb": it.embedding, "text_key": it.text_key})
+        pipe.sadd(f"{self.p}:items", *[it.item_id for it in items])
+        pipe.scard(f"{self.p}:items")
+        return int((await pipe.execute())[-1])
+
+    @_guard
+    async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
+        if not item_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for i in item_ids:
+            pipe.hgetall(self._item(i))
+        out = {}
+        for i, h in zip(item_ids, await pipe.execute(), strict=True):
+            if h:
+                out[i] = ItemRecord(i, h[b"text"].decode(), orjson.loads(h[b"tags"]),
+                                    bool(int(h[b"available"])), h[b"emb"],
+                                    h[b"text_key"].decode())
+        return out
+
+    @_guard
+    async def delete_item(self, item_id: str) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(self._item(item_id))
+        pipe.srem(f"{self.p}:items", item_id)
+        deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    @_guard
+    async def catalog_size(self) -> int:
+        return int(await self.r.scard(f"{self.p}:items"))
+
+    @_guard
+    async def all_item_ids(self) -> list[str]:
+        return [m.decode() async for m in self.r.sscan_iter(f"{self.p}:items", count=1000)]
+
+    # embedding cache
+    @_guard
+    async def get_embedding(self, key: str) -> bytes | None:
+        return await self.r.get(f"{self.p}:emb:{key}")
+
+    @_guard
+    async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None:
+        await self.r.set(f"{self.p}:emb:{key}", vector, ex=ttl_s)
+
+    # users
+    @_guard
+    async def get_user(self, user_id: str) -> UserData:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(self._user(user_id, "hist"), 0, -1)
+        pipe.lrange(self._user(user_id, "shown"), 0, -1)
+        hist, shown = await pipe.execute()
+        shown_pairs = []
+        for raw in shown:
+            item_id, ts = raw.decode().rsplit("|", 1)
+            shown_pairs.append((item_id, float(ts)))
+        return UserData([orjson.loads(h) for h in hist], shown_pairs)
+
+    @_guard
+    async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
+        key = self._user(user_id, "hist")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(key, orjson.dumps(entry))
+        pipe.ltrim(key, -max_len, -1)
+        await pipe.execute()
+
+    @_guard
+    async def delete_user(self, user_id: str) -> None:
+        imps_key = self._user(user_id, "imps")
+        rids = [r.decode() for r in await self.r.smembers(imps_key)]
+        await self.r.delete(self._user(user_id, "hist"), self._user(user_id, "shown"), imps_key)
+        if rids:
+            pipe = self.r.pipeline(transaction=False)
+            for rid in rids:
+                pipe.delete(self._imp(rid))
+            await pipe.execute()
+        # Logged events of the user still waiting in the stream are erased too.
+        await self._ensure_group()
+        doomed = []
+        async for entry_id, fields in self._scan_stream():
+            if fields.get(b"user_id", b"").decode() == user_id:
+                doomed.append(entry_id)
+        if doomed:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xack(self._stream, GROUP, *doomed)
+            pipe.xdel(self._stream, *doomed)
+            await pipe.execute()
+
+    async def _scan_stream(self, batch: int = 1000):
+        start = "-"
+        while True:
+            chunk = await self.r.xrange(self._stream, min=start, max="+", count=batch)
+            if not chunk:
+                return
+            for entry_id, fields in chunk:
+                yield entry_id, fields
+            last = chunk[-1][0].decode()
+            ms, seq = last.split("-")
+            start = f"{ms}-{int(seq) + 1}"
+
+    # impressions and feedback
+    @_guard
+    async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
+        await self._ensure_group()
+        shown_key = self._user(imp.user_id, "shown")
+        imps_key = self._user(imp.user_id, "imps")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self._imp(imp.request_id), mapping={
+            "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
+            "state": imp.state, "items": orjson.dumps(imp.item_ids),
+            "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored)})
+        pipe.expire(self._imp(imp.request_id), ttl_s)
+        if imp.item_ids:
+            pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
+            pipe.ltrim(shown_key, -shown_max, -1)
+        pipe.sadd(imps_key, imp.request_id)
+        pipe.expire(imps_key, ttl_s)
+        pipe.xadd(self._stream, {"type": "impression", "request_id": imp.request_id,
+                                 "user_id": imp.user_id, "ts": repr(imp.ts)})
+        await pipe.execute()
+
+    @_guard
+    async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
+        if not request_ids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for rid in request_ids:
+            pipe.hgetall(self._imp(rid))
+        out = {}
+        for rid, h in zip(request_ids, await pipe.execute(), strict=True):
+            if h:
+                out[rid] = Impression(rid, h[b"user_id"].decode(), float(h[b"ts"]),
+                                      int(h[b"version"]), h[b"state"], orjson.loads(h[b"items"]),
+                                      orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]))
+        return out
+
+    @_guard
+    async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
+                              value: float | None, reward: float, ts: float,
+                              ttl_s: int, history_max: int) -> tuple[bool, float]:
+        await self._ensure_group()
+        marker = f"{self.p}:fb:{request_id}:{item_id}:{event}"
+        if not await self.r.set(marker, repr(reward), nx=True, ex=ttl_s):
+            first = await self.r.get(marker)
+            return False, float(first) if first is not None else reward
+        try:
+            hist = self._user(user_id, "hist")
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(hist, orjson.dumps({"item_id": item_id, "event": event, "ts": ts,
+                                           "value": value}))
+            pipe.ltrim(hist, -history_max, -1)
+            pipe.xadd(self._stream, {"type": "feedback", "request_id": request_id,
+                                     "user_id": user_id, "item_id": item_id, "event": event,
+                                     "reward": repr(reward), "ts": repr(ts)})
+            await pipe.execute()
+        except BaseException:
+            # Not stored: release the marker so the client's retry is not a "duplicate".
+            try:
+                await self.r.delete(marker)
+            finally:
+                raise
+        return True, reward
+
+    # stream
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.r.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except rexc.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    @_guard
+    async def read_stream(self, consumer: str, count: int,
+                          pending: bool = False) -> list[StreamEntry]:
+        await self._ensure_group()
+        resp = await self.r.xreadgroup(GROUP, consumer, {self._stream: "0" if pending else ">"},
+                                       count=count)
+        out: list[StreamEntry] = []
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                if fields:  # a deleted entry still pending reads back with no fields
+                    out.append((entry_id.decode(),
+                                {k.decode(): v.decode() for k, v in fields.items()}))
+        return out
+
+    @_guard
+    async def ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xack(self._stream, GROUP, *entry_ids)
+        pipe.xdel(self._stream, *entry_ids)
+        await pipe.execute()
+
+    # model
+    @_guard
+    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float]) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._model(f"w:{version}"), blob)
+        pipe.delete(self._model(f"w:{version - 2}"))
+        pipe.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
+        pipe.set(self._model("version"), version)
+        await pipe.execute()
+
+    @_guard
+    async def latest_version(self) -> int:
+        v = await self.r.get(self._model("version"))
+        return int(v) if v is not None else 0
+
+    @_guard
+    async def get_weights(self, version: int) -> bytes | None:
+        return await self.r.get(self._model(f"w:{version}"))
+
+    @_guard
+    async def put_stats(self, stats: dict[str, float]) -> None:
+        await self.r.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
+
+    @_guard
+    async def get_stats(self) -> dict[str, float]:
+        raw = await self.r.hgetall(self._model("stats"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+
+__all__ = ["RedisStore"]

@@ -1,0 +1,25 @@
+"""Resolve the compute device once, from a setting, for torch and FAISS alike.
+
+One decision point keeps the encoder, the Q-network and the index on the same
+device, so a CUDA machine and a CPU machine run the same code path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(requested: str) -> str:
+    """Return ``"cuda"`` or ``"cpu"`` for a setting of ``auto``, ``cpu`` or ``cuda``.
+
+    ``cuda`` on a machine without CUDA is an error rather than a silent fallback:
+    an operator who asked for the GPU should learn at start-up that it is missing.
+    """
+    requested = requested.lower()
+    if requested not in {"auto", "cpu", "cuda"}:
+        raise ValueError(f"device must be auto, cpu or cuda, not {requested!r}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("RECSVC_DEVICE=cuda but torch sees no CUDA device")
+    return requested

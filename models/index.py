@@ -1,0 +1,242 @@
+"""Candidate retrieval: a FAISS inner-product index keyed by string item ids.
+
+Rows are append-only: an update appends a new row and retires the old one, a
+delete retires its row, and retired rows are filtered out of every search and
+compacted away once they make up a fifth of the index. This gives add, update
+and remove on every FAISS index type, HNSW included (which cannot remove).
+
+Below ``exact_threshold`` live items the index is exact (flat inner product);
+at or above it, an HNSW graph is built, tuned for recall@100 >= 0.95. On CUDA the
+exact index lives on the GPU; FAISS GPU resources are not thread-safe, so every
+search and mutation holds one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+import faiss
+import numpy as np
+
+COMPACT_FRACTION = 0.2
+
+
+def faiss_has_gpu() -> bool:
+    """True when this faiss build can place indexes on a CUDA device."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class CandidateIndex:
+    """Maps item ids to embeddings and answers top-N inner-product queries.
+
+    ``vectors_of(ids)`` gives the stored embeddings for ids (the Q-network scores
+    those), and ``search`` returns, per query, up to ``n`` live item ids with their
+    inner products, never returning retired, unavailable or excluded items.
+    """
+
+    def __init__(self, dim: int, exact_threshold: int = 50_000, hnsw_m: int = 32,
+                 ef_construction: int = 80, ef_search: int = 128, device: str = "cpu") -> None:
+        self.dim = dim
+        self.exact_threshold = exact_threshold
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.device = device
+        self._lock = threading.RLock()
+        self._gpu_res = None
+        if device == "cuda" and faiss_has_gpu():
+            self._gpu_res = faiss.StandardGpuResources()
+        self._reset_storage(0)
+        self._n_unavailable = 0
+        self._index = self._new_index(approximate=False)
+        self.version = 0  # bumped on every change, so caches keyed on it stay valid
+
+    # -- storage ---------------------------------------------------------------
+    def _reset_storage(self, capacity: int) -> None:
+        self._vectors = np.zeros((max(capacity, 1024), self.dim), dtype=np.float32)
+        self._ids = np.empty(max(capacity, 1024), dtype=object)
+        self._live = np.zeros(max(capacity, 1024), dtype=bool)
+        # live and available: what retrieval may return
+        self._servable = np.zeros(max(capacity, 1024), dtype=bool)
+        self._n_rows = 0
+        self._row_of: dict[str, int] = {}
+        self._n_dead = 0
+
+    def _grow(self, needed: int) -> None:
+        capacity = len(self._live)
+        if needed <= capacity:
+            return
+        new_cap = max(needed, capacity * 2)
+        vectors = np.zeros((new_cap, self.dim), dtype=np.float32)
+        vectors[: self._n_rows] = self._vectors[: self._n_rows]
+        ids = np.empty(new_cap, dtype=object)
+        ids[: self._n_rows] = self._ids[: self._n_rows]
+        live = np.zeros(new_cap, dtype=bool)
+        live[: self._n_rows] = self._live[: self._n_rows]
+        servable = np.zeros(new_cap, dtype=bool)
+        servable[: self._n_rows] = self._servable[: self._n_rows]
+        self._vectors, self._ids, self._live, self._servable = vectors, ids, live, servable
+
+    def _new_index(self, approximate: bool) -> faiss.Index:
+        if approximate:
+            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.ef_construction
+            index.hnsw.efSearch = self.ef_search
+            return index
+        index = faiss.IndexFlatIP(self.dim)
+        if self._gpu_res is not None:
+            index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        return index
+
+    @property
+    def approximate(self) -> bool:
+        return isinstance(self._index, faiss.IndexHNSWFlat)
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._row_of
+
+    # -- mutation --------------------------------------------------------------
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray,
+               available: Sequence[bool] | None = None) -> None:
+        """Add or replace items. Unavailable items are stored but never retrieved."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        avail = np.ones(len(ids), dtype=bool) if available is None else np.asarray(available)
+        with self._lock:
+            # The last occurrence of a repeated id within one call wins.
+            last = {item_id: i for i, item_id in enumerate(ids)}
+            order = sorted(last.values())
+            for i in order:
+                self._retire(ids[i])
+            start = self._n_rows
+            self._grow(start + len(order))
+            rows = np.arange(start, start + len(order))
+            self._vectors[rows] = vectors[order]
+            self._ids[rows] = [ids[i] for i in order]
+            self._live[rows] = True
+            self._servable[rows] = avail[order].astype(bool)
+            self._n_unavailable += int((~self._servable[rows]).sum())
+            self._n_rows += len(order)
+            for row, i in zip(rows.tolist(), order, strict=True):
+                self._row_of[ids[i]] = row
+            self._index.add(self._vectors[rows])
+            self._maybe_rebuild()
+            self.version += 1
+
+    def set_available(self, item_id: str, available: bool) -> None:
+        with self._lock:
+            row = self._row_of.get(item_id)
+            if row is None or bool(self._servable[row]) == available:
+                return
+            self._servable[row] = available
+            self._n_unavailable += -1 if available else 1
+            self.version += 1
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Retire items; returns how many existed."""
+        with self._lock:
+            removed = sum(1 for item_id in ids if self._retire(item_id))
+            if removed:
+                self._maybe_rebuild()
+                self.version += 1
+            return removed
+
+    def _retire(self, item_id: str) -> bool:
+        row = self._row_of.pop(item_id, None)
+        if row is None:
+            return False
+        self._live[row] = False
+        if not self._servable[row]:
+            self._n_unavailable -= 1
+        self._servable[row] = False
+        self._n_dead += 1
+        return True
+
+    def _maybe_rebuild(self) -> None:
+        live = len(self._row_of)
+        want_approx = live >= self.exact_threshold
+        if self._n_rows and (self._n_dead > COMPACT_FRACTION * self._n_rows
+                             or want_approx != self.approximate):
+            self._rebuild(want_approx)
+
+    def _rebuild(self, approximate: bool) -> None:
+        """Compact retired rows away and rebuild the FAISS structure."""
+        rows = np.flatnonzero(self._live[: self._n_rows])
+        vectors = self._vectors[rows].copy()
+        ids = self._ids[rows].copy()
+        servable = self._servable[rows].copy()
+        self._reset_storage(len(rows))
+        self._vectors[: len(rows)] = vectors
+        self._ids[: len(rows)] = ids
+        self._live[: len(rows)] = True
+        self._servable[: len(rows)] = servable
+        self._n_rows = len(rows)
+        self._row_of = {item_id: i for i, item_id in enumerate(ids.tolist())}
+        self._index = self._new_index(approximate)
+        if len(rows):
+            self._index.add(vectors)
+
+    # -- queries ---------------------------------------------------------------
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._row_of)
+
+    def vectors_of(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Embeddings of the known ids among ``ids`` (order kept, unknown ids dropped)."""
+        with self._lock:
+            known = [i for i in ids if i in self._row_of]
+            rows = np.fromiter((self._row_of[i] for i in known), dtype=np.int64, count=len(known))
+            return known, self._vectors[rows].copy()
+
+    def is_recommendable(self, item_id: str) -> bool:
+        row = self._row_of.get(item_id)
+        return row is not None and bool(self._servable[row])
+
+    def recommendable_count(self) -> int:
+        return len(self._row_of) - self._n_unavailable
+
+    def search(self, queries: np.ndarray, n: int,
+               exclude: Sequence[Iterable[str]] | None = None,
+               ) -> list[tuple[list[str], np.ndarray]]:
+        """Top-``n`` live, available, non-excluded items per query.
+
+        Returns per query the item ids and their embeddings (rows of the
+        ``(m, dim)`` array, ``m <= n``), ordered by decreasing inner product.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock:
+            banned_rows = [
+                np.fromiter((r for r in map(self._row_of.get, ex) if r is not None),
+                            dtype=np.int64)
+                for ex in (exclude or [()] * len(queries))
+            ]
+            results: list[tuple[list[str], np.ndarray]] = [
+                ([], np.zeros((0, self.dim), dtype=np.float32)) for _ in range(len(queries))]
+            servable = self.recommendable_count()
+            # Over-fetch by what may be filtered out, and widen until enough survive.
+            extra = max((len(b) for b in banned_rows), default=0)
+            fetch = min(self._n_rows, n + extra + self._n_unavailable + self._n_dead + 8)
+            todo = list(range(len(queries)))
+            while todo and fetch > 0:
+                if self.approximate:
+                    self._index.hnsw.efSearch = max(self.ef_search, fetch)
+                _, found = self._index.search(queries[todo], fetch)
+                retry = []
+                for qi, q in enumerate(todo):
+                    rows = found[qi]
+                    rows = rows[rows >= 0]
+                    rows = rows[self._servable[rows]]
+                    if len(banned_rows[q]):
+                        rows = rows[~np.isin(rows, banned_rows[q])]
+                    enough = len(rows) >= n or len(rows) >= servable - len(banned_rows[q])
+                    if not enough and fetch < self._n_rows:
+                        retry.append(q)
+                        continue
+                    rows = rows[:n]
+                    results[q] = (self._ids[rows].tolist(), self._vectors[rows].copy())
+                todo = retry
+                fetch = min(self._n_rows, fetch * 2)
+            return results

@@ -1,0 +1,128 @@
+"""Incremental DQN over slates: replay, target network, Double-DQN target, Huber loss.
+
+A transition is ``(s, a, r, s')`` for one item ``a`` shown in the slate at state
+``s``. Because Q(s, a) = V(s) + q(s) . e_a, the online argmax over the catalog at
+``s'`` is the top inner-product item for the online query, which the caller's
+``next_action_fn`` retrieves from the candidate index; the target network then
+values that action (Double DQN). Updates are a few gradient steps per batch of
+new transitions: never a retrain on the request path.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.qnet import QNetwork, all_finite, weights_from_bytes, weights_to_bytes
+from models.replay import ReplayBuffer
+
+# (B, d) online queries -> (B, d) embeddings of the chosen next actions, (B,) valid mask
+NextActionFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class DQNConfig:
+    gamma: float = 0.3
+    lr: float = 1e-3
+    batch_size: int = 64
+    buffer_size: int = 50_000
+    steps_per_batch: int = 2
+    huber_delta: float = 1.0
+    grad_clip: float = 5.0
+    target_tau: float = 0.01
+    hidden: int = 256
+    seed: int = 0
+
+
+class DQNLearner:
+    """Owns the online and target networks, the optimiser and the replay buffer."""
+
+    def __init__(self, state_dim: int, item_dim: int, config: DQNConfig | None = None,
+                 device: str = "cpu") -> None:
+        self.config = config or DQNConfig()
+        self.device = device
+        torch.manual_seed(self.config.seed)
+        self.online = QNetwork(state_dim, item_dim, self.config.hidden).to(device)
+        self.target = copy.deepcopy(self.online).eval()
+        self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
+        self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, item_dim,
+                                   seed=self.config.seed)
+        self.updates = 0
+        self.rejected_updates = 0
+        self.last_loss = float("nan")
+        self._good = self._checkpoint()
+
+    # -- weights -----------------------------------------------------------------
+    def _checkpoint(self) -> dict:
+        return {"online": copy.deepcopy(self.online.state_dict()),
+                "target": copy.deepcopy(self.target.state_dict()),
+                "optim": copy.deepcopy(self.optim.state_dict())}
+
+    def _restore(self, ckpt: dict) -> None:
+        self.online.load_state_dict(ckpt["online"])
+        self.target.load_state_dict(ckpt["target"])
+        self.optim.load_state_dict(ckpt["optim"])
+
+    def weights(self) -> bytes:
+        """Safetensors bytes of the online network (the serving policy)."""
+        return weights_to_bytes(self.online)
+
+    def load_weights(self, blob: bytes) -> None:
+        """Resume from published weights (a learner restart continues, not restarts)."""
+        net = weights_from_bytes(blob, self.device)
+        self.online.load_state_dict(net.state_dict())
+        self.target.load_state_dict(net.state_dict())
+        self._good = self._checkpoint()
+
+    # -- learning ----------------------------------------------------------------
+    def add(self, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+            next_states: np.ndarray, done: np.ndarray | None = None) -> np.ndarray:
+        return self.buffer.add(states, actions, rewards, next_states, done)
+
+    def train(self, next_action_fn: NextActionFn, new_slots: np.ndarray | None = None,
+              steps: int | None = None) -> bool:
+        """Run gradient steps; returns False (and rolls back) if weights went non-finite."""
+        if len(self.buffer) == 0:
+            return True
+        cfg = self.config
+        steps = cfg.steps_per_batch if steps is None else steps
+        for step in range(steps):
+            include = new_slots if step == 0 else None
+            batch = self.buffer.sample(cfg.batch_size, include)
+            loss = self._step(batch, next_action_fn)
+            self.last_loss = loss
+            self.updates += 1
+        if not all_finite(self.online) or not np.isfinite(self.last_loss):
+            self.rejected_updates += 1
+            self._restore(self._good)
+            return False
+        self._good = self._checkpoint()
+        return True
+
+    def _step(self, batch, next_action_fn: NextActionFn) -> float:
+        cfg = self.config
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        s, a, r, s2, done = (t(batch.states), t(batch.actions), t(batch.rewards),
+                             t(batch.next_states), t(batch.done))
+        with torch.no_grad():
+            online_query, _ = self.online(s2)
+            next_actions, valid = next_action_fn(online_query.cpu().numpy())
+            a2 = t(next_actions.astype(np.float32))
+            bootstrap = self.target.q_of_actions(s2, a2) * t(valid.astype(np.float32))
+            target = r + cfg.gamma * (1.0 - done) * bootstrap
+        q = self.online.q_of_actions(s, a)
+        loss = nn.functional.huber_loss(q, target, delta=cfg.huber_delta)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.online.parameters(), cfg.grad_clip)
+        self.optim.step()
+        with torch.no_grad():
+            for p_t, p_o in zip(self.target.parameters(), self.online.parameters(),
+                                strict=True):
+                p_t.lerp_(p_o, cfg.target_tau)
+        return float(loss.detach())

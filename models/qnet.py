@@ -1,0 +1,127 @@
+"""The Q-network: a state tower whose output is a query in item-embedding space.
+
+Q(s, a) = V(s) + q(s) . e_a, where e_a is the item's (frozen, unit-norm)
+transformer embedding and q(s) is produced by an MLP with a linear skip over
+the state. The item side is the precomputed embedding itself, so scoring N
+candidates is one ``(N, d) @ (d,)`` product after one small MLP pass, and the
+same q(s) is the FAISS retrieval query: retrieval and ranking agree. New items
+are scored from their embedding alone (no item-id parameters), so they are
+recommendable as soon as they are upserted.
+
+V(s) is a dueling-style state value: it carries the part of the return that does
+not depend on the item, which keeps the advantage term q(s) . e_a small and
+well conditioned.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+
+class QNetwork(nn.Module):
+    def __init__(self, state_dim: int, item_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.state_dim = state_dim
+        self.item_dim = item_dim
+        self.hidden = hidden
+        self.trunk = nn.Sequential(
+            nn.Linear(state_dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(),
+        )
+        self.query_head = nn.Linear(hidden, item_dim)
+        self.value_head = nn.Linear(hidden, 1)
+        self.skip = nn.Linear(state_dim, item_dim, bias=False)
+        nn.init.zeros_(self.query_head.weight)
+        nn.init.zeros_(self.query_head.bias)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.reset_content_prior()
+
+    @torch.no_grad()
+    def reset_content_prior(self, scale: float = 0.1) -> None:
+        """Start as a content-based recommender instead of a constant.
+
+        Before any feedback the query is a blend of the context embedding and the
+        pooled embeddings of what the user engaged with, minus what they ignored,
+        so a new deployment already ranks related items first. Learning moves away
+        from this prior as rewards arrive. Requires the StateLayout ordering.
+        """
+        d = self.item_dim
+        w = torch.zeros(d, self.state_dim)
+        if self.state_dim >= 3 * d:
+            eye = torch.eye(d)
+            w[:, :d] = 0.5 * scale * eye
+            w[:, d: 2 * d] = scale * eye
+            w[:, 2 * d: 3 * d] = -0.5 * scale * eye
+        self.skip.weight.copy_(w)
+
+    def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(query, value)``: ``(B, item_dim)`` and ``(B,)``."""
+        h = self.trunk(state)
+        query = self.query_head(h) + self.skip(state)
+        return query, self.value_head(h).squeeze(-1)
+
+    def q_values(self, state: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Q for a batch of states against per-state candidates ``(B, N, d)`` -> ``(B, N)``."""
+        query, value = self(state)
+        return torch.einsum("bd,bnd->bn", query, items) + value.unsqueeze(-1)
+
+    def q_of_actions(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q of one action per state: ``(B, d)`` actions -> ``(B,)``."""
+        query, value = self(state)
+        return (query * actions).sum(-1) + value
+
+
+def weights_to_bytes(net: QNetwork) -> bytes:
+    """Serialise weights as safetensors (never pickle: weights come from a shared store)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
+            "hidden": str(net.hidden)}
+    return st_save(tensors, metadata=meta)
+
+
+def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
+    """Rebuild a QNetwork from ``weights_to_bytes`` output."""
+    meta = _metadata(blob)
+    net = QNetwork(int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]))
+    net.load_state_dict(st_load(blob))
+    return net.to(device).eval()
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (its header is 8-byte length + JSON)."""
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8: 8 + header_len]).get("__metadata__", {})
+
+
+def all_finite(net: nn.Module) -> bool:
+    """True when every parameter is finite; non-finite weights are never published."""
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+class Scorer:
+    """Inference-side view of one weights version: query vector and scores, on numpy."""
+
+    def __init__(self, net: QNetwork, version: int, device: str = "cpu") -> None:
+        self.net = net.to(device).eval()
+        self.version = version
+        self.device = device
+
+    @torch.inference_mode()
+    def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(B, state_dim)`` -> query vectors ``(B, d)`` and state values ``(B,)``."""
+        s = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)).to(self.device)
+        q, v = self.net(s)
+        return q.float().cpu().numpy(), v.float().cpu().numpy()
+
+    @staticmethod
+    def score(query: np.ndarray, value: float, items: np.ndarray) -> np.ndarray:
+        """Q of every candidate: one matrix-vector product over item embeddings."""
+        return items @ query + value

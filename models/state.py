@@ -1,0 +1,77 @@
+"""The RL state of a request: what the policy knows about the user right now.
+
+Layout (``StateLayout``): the context embedding, a recency-weighted pool of the
+embeddings of items the user engaged with positively, the same pool over items
+the user ignored or rejected (shown without a click, skipped, disliked), and a
+few scalars. Ignored items are signal: reacting to what a user just passed over
+is most of what a session-aware recommender can gain over a static ranking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+N_SCALARS = 5
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Offsets of the parts of a state vector of embedding width ``dim``."""
+
+    dim: int
+
+    @property
+    def size(self) -> int:
+        return 3 * self.dim + N_SCALARS
+
+    def context(self, state: np.ndarray) -> np.ndarray:
+        return state[..., : self.dim]
+
+    def positive_pool(self, state: np.ndarray) -> np.ndarray:
+        return state[..., self.dim: 2 * self.dim]
+
+    def negative_pool(self, state: np.ndarray) -> np.ndarray:
+        return state[..., 2 * self.dim: 3 * self.dim]
+
+
+def recency_pool(embeddings: np.ndarray, decay: float) -> np.ndarray:
+    """Weighted mean of ``embeddings`` (oldest first), weight ``decay**age``.
+
+    The newest row has weight 1; returns a zero vector for no rows.
+    """
+    if len(embeddings) == 0:
+        return np.zeros(embeddings.shape[-1], dtype=np.float32)
+    ages = np.arange(len(embeddings) - 1, -1, -1, dtype=np.float32)
+    weights = decay ** ages
+    return (weights[:, None] * embeddings).sum(0) / weights.sum()
+
+
+def build_state(layout: StateLayout, context: np.ndarray | None,
+                positive: np.ndarray, negative: np.ndarray,
+                seconds_since_last: float | None, decay: float = 0.8) -> np.ndarray:
+    """Assemble one state vector.
+
+    ``positive`` and ``negative`` are ``(n, dim)`` embeddings, oldest first.
+    Scalars: whether a context was given, log-counts of both histories, whether
+    the user has any history, and a squashed time since their last interaction
+    (a returning user after a day is in a different session than one a minute ago).
+    """
+    state = np.zeros(layout.size, dtype=np.float32)
+    d = layout.dim
+    if context is not None:
+        state[:d] = context
+    state[d: 2 * d] = recency_pool(positive, decay)
+    state[2 * d: 3 * d] = recency_pool(negative, decay)
+    gap = 1.0 if seconds_since_last is None else min(math.log1p(max(seconds_since_last, 0.0))
+                                                     / math.log1p(86_400.0), 1.0)
+    state[3 * d:] = (
+        1.0 if context is not None else 0.0,
+        math.log1p(len(positive)) / 4.0,
+        math.log1p(len(negative)) / 4.0,
+        1.0 if (len(positive) or len(negative)) else 0.0,
+        gap,
+    )
+    return state

@@ -1,0 +1,214 @@
+"""The HTTP API of API.md (v1), built by ``create_app``."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.engine import Engine
+from app.errors import APIError, FastJSONResponse, install_error_handlers
+from app.learner_worker import LearnerWorker
+from app.metrics import Metrics
+from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.schemas import (
+    ErrorOut,
+    EventIn,
+    EventOut,
+    FeedbackIn,
+    FeedbackOut,
+    HistoryEntry,
+    ItemOut,
+    ItemsIn,
+    ModelOut,
+    RecommendIn,
+    RecommendOut,
+    SlateItem,
+    UpsertOut,
+    UserOut,
+)
+from app.settings import Settings
+from app.store import Store, StoreUnavailable, make_store
+
+log = logging.getLogger("recsvc.api")
+
+_ERRORS = {s: {"model": ErrorOut} for s in (401, 404, 413, 422, 503)}
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    if not engine.ready:
+        raise APIError(503, "not_ready", "the service is starting", {"Retry-After": "1"})
+    return engine
+
+
+def _require_key(request: Request) -> None:
+    keys: list[str] = request.app.state.settings.key_list
+    if not keys:
+        return
+    given = request.headers.get("x-api-key", "")
+    # compare against every key so timing does not reveal which one matched
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given.encode(), key.encode())
+    if not ok:
+        raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None,
+               encoder=None, run_learner: bool = True) -> FastAPI:
+    """Build the service. The embedded learner runs in-process when ``run_learner``."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        st = store or make_store(settings)
+        engine = Engine(settings, st, metrics, encoder)
+        app.state.engine = engine
+        await engine.start()
+        learner = None
+        if run_learner:
+            learner = LearnerWorker(settings, st, engine.index, engine.layout, engine.device,
+                                    engine.run)
+            await learner.start()
+        app.state.learner = learner
+        try:
+            yield
+        finally:
+            if learner:
+                await learner.stop()
+            await engine.stop()
+            if store is None:
+                await st.close()
+
+    app = FastAPI(title="recsvc", version="1.0",
+                  description="Online recommendation service that learns from feedback "
+                              "with reinforcement learning.",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_key)], responses=_ERRORS)
+
+    # -- catalog -------------------------------------------------------------------------
+    @v1.post("/items", response_model=UpsertOut)
+    async def upsert_items(body: ItemsIn, engine: Engine = Depends(_engine)):
+        size = await engine.upsert_items(body.items)
+        return {"upserted": len({it.item_id for it in body.items}), "catalog_size": size}
+
+    @v1.get("/items/{item_id}", response_model=ItemOut)
+    async def get_item(item_id: str, engine: Engine = Depends(_engine)):
+        found = (await engine.store.get_items([item_id])).get(item_id)
+        if found is None:
+            raise APIError(404, "item_not_found", f"no item {item_id!r}")
+        return {"item_id": found.item_id, "text": found.text, "tags": found.tags,
+                "available": found.available}
+
+    @v1.delete("/items/{item_id}", status_code=204, response_class=Response)
+    async def delete_item(item_id: str, engine: Engine = Depends(_engine)):
+        if not await engine.delete_item(item_id):
+            raise APIError(404, "item_not_found", f"no item {item_id!r}")
+        return Response(status_code=204)
+
+    # -- recommending ----------------------------------------------------------------------
+    @v1.post("/recommend", response_model=RecommendOut)
+    async def recommend(body: RecommendIn, engine: Engine = Depends(_engine)):
+        slate = await engine.recommend(
+            body.user_id, body.context.text if body.context else None, body.k, body.exclude,
+            body.exclude_seen, body.candidates, body.explore)
+        c = slate.choice
+        items = [SlateItem(item_id=i, score=float(s), explored=bool(e), propensity=float(p))
+                 for i, s, e, p in zip(slate.item_ids, slate.scores, c.explored,
+                                       c.propensities, strict=True)]
+        return RecommendOut(request_id=slate.request_id, model_version=slate.model_version,
+                            items=items)
+
+    # -- feedback ------------------------------------------------------------------------
+    @v1.post("/feedback", response_model=FeedbackOut, status_code=202,
+             responses={200: {"model": FeedbackOut, "description": "duplicate"}})
+    async def feedback(body: FeedbackIn, engine: Engine = Depends(_engine)):
+        imp = (await engine.store.get_impressions([body.request_id])).get(body.request_id)
+        if imp is None:
+            raise APIError(404, "unknown_request",
+                           f"request_id {body.request_id!r} is unknown or expired")
+        if body.item_id not in imp.item_ids:
+            raise APIError(422, "item_not_in_slate",
+                           f"item_id: {body.item_id!r} was not in that slate")
+        reward = settings.rewards.reward(body.event, body.value)
+        accepted, reward = await engine.store.record_feedback(
+            body.request_id, imp.user_id, body.item_id, body.event, body.value, reward,
+            time.time(), settings.impression_ttl_s, settings.history_len)
+        if not accepted:
+            return FastJSONResponse({"accepted": True, "reward": reward, "duplicate": True},
+                                  status_code=200)
+        metrics.feedback.labels(body.event).inc()
+        return {"accepted": True, "reward": reward, "duplicate": False}
+
+    @v1.post("/events", response_model=EventOut, status_code=202)
+    async def events(body: EventIn, engine: Engine = Depends(_engine)):
+        if not (await engine.store.get_items([body.item_id])):
+            raise APIError(404, "item_not_found", f"no item {body.item_id!r}")
+        await engine.store.add_event(body.user_id, {"item_id": body.item_id,
+                                                    "event": body.event, "ts": time.time(),
+                                                    "value": body.value}, settings.history_len)
+        metrics.events.labels(body.event).inc()
+        return {"accepted": True}
+
+    # -- users -----------------------------------------------------------------------------
+    @v1.get("/users/{user_id}", response_model=UserOut)
+    async def get_user(user_id: str, engine: Engine = Depends(_engine)):
+        data = await engine.store.get_user(user_id)
+        return UserOut(user_id=user_id, history=[HistoryEntry(**h) for h in data.history])
+
+    @v1.delete("/users/{user_id}", status_code=204, response_class=Response)
+    async def delete_user(user_id: str, engine: Engine = Depends(_engine)):
+        await engine.store.delete_user(user_id)
+        return Response(status_code=204)
+
+    # -- model -------------------------------------------------------------------------------
+    @v1.get("/model", response_model=ModelOut)
+    async def model(engine: Engine = Depends(_engine)):
+        with contextlib.suppress(StoreUnavailable):
+            await engine.refresh_weights()
+        stats = engine.learner_stats
+        return ModelOut(version=max(engine.scorer.version, int(stats.get("version", 0))),
+                        updates=int(stats.get("updates", 0)),
+                        feedback_learned=int(stats.get("feedback_learned", 0)),
+                        epsilon=engine.epsilon,
+                        pending_impressions=int(stats.get("pending_impressions", 0)),
+                        device=engine.device)
+
+    app.include_router(v1)
+
+    # -- operations ----------------------------------------------------------------------------
+    @app.get("/healthz", include_in_schema=True)
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorOut}})
+    async def readyz(request: Request):
+        engine: Engine | None = getattr(request.app.state, "engine", None)
+        if engine is None or not engine.ready:
+            raise APIError(503, "not_ready", "the service is starting", {"Retry-After": "1"})
+        try:
+            await engine.store.ping()
+        except StoreUnavailable as exc:
+            raise APIError(503, "store_unavailable", "the store does not answer",
+                           {"Retry-After": "2"}) from exc
+        return {"status": "ready", "catalog_size": len(engine.index)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,53 @@
+"""Micro-batching: concurrent callers share one call of a batched blocking function.
+
+Requests that arrive while a batch is being computed wait and go together into
+the next call, so under load the transformer runs one forward pass for many
+requests instead of one each, and never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class MicroBatcher(Generic[In, Out]):
+    def __init__(self, fn: Callable[[list[In]], Sequence[Out]], executor: Executor,
+                 max_batch: int = 64) -> None:
+        self.fn = fn
+        self.executor = executor
+        self.max_batch = max_batch
+        self._queue: list[tuple[In, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, value: In) -> Out:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((value, fut))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                try:
+                    results = await loop.run_in_executor(
+                        self.executor, self.fn, [v for v, _ in batch])
+                except Exception as exc:  # every waiter sees the failure
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(res)
+        finally:
+            self._running = False

@@ -1,0 +1,104 @@
+"""The ``recsvc`` command: serve, load-items, demo."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.api import create_app
+
+    logging.basicConfig(level=os.environ.get("RECSVC_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(), host=args.host, port=args.port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False)
+
+
+def read_items(path: Path):
+    """Items from JSONL (one object per line) or CSV (item_id,text[,tags][,available])."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                item = {"item_id": row["item_id"], "text": row["text"]}
+                if row.get("tags"):
+                    item["tags"] = [t for t in row["tags"].split("|") if t]
+                if row.get("available"):
+                    item["available"] = row["available"].strip().lower() not in {"0", "false"}
+                yield item
+    else:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _load_items(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from app.client import Client
+
+    path = Path(args.file)
+    with path.open("rb") as fh:
+        total = sum(1 for line in fh if line.strip()) - (path.suffix.lower() == ".csv")
+    client = Client(args.url, args.api_key)
+    batch: list[dict] = []
+    size = 0
+    with tqdm(total=total, desc="loading items", unit="item") as bar:
+        for item in read_items(path):
+            batch.append(item)
+            if len(batch) == args.batch:
+                size = client.upsert(batch)["catalog_size"]
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            size = client.upsert(batch)["catalog_size"]
+            bar.update(len(batch))
+    print(f"catalog size: {size}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from app.demo import run_demo
+
+    run_demo(args.url, args.api_key, args.requests, args.window, args.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the service (embedded store unless RECSVC_REDIS_URL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(fn=_serve)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("RECSVC_URL", "http://127.0.0.1:8000"))
+        p.add_argument("--api-key", default=os.environ.get("RECSVC_API_KEY"))
+
+    p = sub.add_parser("load-items", help="bulk upsert items from a JSONL or CSV file")
+    p.add_argument("file")
+    p.add_argument("--batch", type=int, default=500)
+    client_args(p)
+    p.set_defaults(fn=_load_items)
+
+    p = sub.add_parser("demo", help="load MovieLens-100k and play simulated users")
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--window", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    client_args(p)
+    p.set_defaults(fn=_demo)
+
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The serving engine: embeds, retrieves, scores and picks slates; owns the index.
+
+All blocking work (transformer, FAISS, torch) runs in a thread pool, never on the
+event loop. The engine follows new weight versions from the store by polling,
+so every serving process picks up a new version within ``weights_poll_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.batching import MicroBatcher
+from app.features import user_state
+from app.ids import new_ulid
+from app.metrics import Metrics
+from app.settings import Settings
+from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
+from models.device import resolve_device
+from models.encoder import TextEncoder, text_key
+from models.exploration import SlateChoice, epsilon_greedy_slate
+from models.index import CandidateIndex
+from models.lru import LRUCache
+from models.qnet import QNetwork, Scorer, weights_from_bytes
+from models.state import StateLayout
+
+log = logging.getLogger("recsvc.engine")
+
+
+@dataclass
+class Slate:
+    request_id: str
+    model_version: int
+    item_ids: list[str]
+    scores: np.ndarray
+    choice: SlateChoice
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics,
+                 encoder: TextEncoder | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.device = resolve_device(settings.device)
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="recsvc-compute")
+        self.encoder = encoder
+        self.index: CandidateIndex | None = None
+        self.layout: StateLayout | None = None
+        self.scorer: Scorer | None = None
+        self.cache: LRUCache[str, np.ndarray] = LRUCache(settings.embedding_cache_size)
+        self.learner_stats: dict[str, float] = {}
+        self.ready = False
+        self._rng = np.random.default_rng(settings.seed)
+        self._rng_lock = threading.Lock()
+        self._batcher: MicroBatcher[str, np.ndarray] | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def run(self, fn, *args):
+        """Run blocking work on the compute pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.encoder is None:
+            s = self.settings
+            self.encoder = await self.run(
+                lambda: TextEncoder(s.encoder_path, self.device, batch_size=s.encoder_batch_size))
+        self.layout = StateLayout(self.encoder.dim)
+        self.index = CandidateIndex(self.encoder.dim, exact_threshold=self.settings.exact_index_max,
+                                    hnsw_m=self.settings.hnsw_m,
+                                    ef_search=self.settings.hnsw_ef_search, device=self.device)
+        self.scorer = Scorer(QNetwork(self.layout.size, self.encoder.dim, self.settings.hidden),
+                             0, self.device)
+        self._batcher = MicroBatcher(self._encode_batch, self.executor,
+                                     max_batch=self.settings.encoder_batch_size)
+        await self._load_catalog()
+        await self.refresh_weights()
+        self._tasks.append(asyncio.create_task(self._follow_weights()))
+        self.ready = True
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _load_catalog(self) -> None:
+        """Build the index from stored embeddings: a restart re-embeds nothing."""
+        try:
+            ids = await self.store.all_item_ids()
+        except StoreUnavailable:
+            log.warning("store unreachable at start-up: starting with an empty catalog")
+            return
+        for start in range(0, len(ids), 5000):
+            records = await self.store.get_items(ids[start:start + 5000])
+            await self.run(self._index_records, list(records.values()))
+            log.info("catalog: indexed %d/%d items", min(start + 5000, len(ids)), len(ids))
+        self.metrics.catalog_size.set(len(self.index))
+
+    def _index_records(self, records: list[ItemRecord]) -> None:
+        if not records:
+            return
+        vectors = np.stack([np.frombuffer(r.embedding, dtype=np.float32) for r in records])
+        self.index.upsert([r.item_id for r in records], vectors, [r.available for r in records])
+
+    # -- weights -----------------------------------------------------------------------
+    async def refresh_weights(self) -> None:
+        """Serve the newest published version, if it is newer than ours."""
+        latest = await self.store.latest_version()
+        self.learner_stats = await self.store.get_stats()
+        self.metrics.learner_updates.set(self.learner_stats.get("updates", 0))
+        if latest <= self.scorer.version:
+            return
+        blob = await self.store.get_weights(latest)
+        if blob is None:
+            return
+        net = await self.run(weights_from_bytes, blob, self.device)
+        self.scorer = Scorer(net, latest, self.device)
+        self.metrics.model_version.set(latest)
+        log.info("serving weights version %d", latest)
+
+    async def _follow_weights(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.weights_poll_s)
+            try:
+                await self.refresh_weights()
+            except StoreUnavailable:
+                pass
+            except Exception:  # a bad blob must not stop the follower
+                log.exception("could not load new weights")
+
+    @property
+    def epsilon(self) -> float:
+        return self.settings.epsilon_schedule(int(self.learner_stats.get("feedback_learned", 0)))
+
+    # -- embeddings --------------------------------------------------------------------
+    def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self.encoder.encode(texts))
+
+    async def context_embedding(self, text: str) -> np.ndarray:
+        """LRU, then the store's cache, then the (micro-batched) transformer."""
+        key = text_key(self.encoder.model_id, text)
+        vec = self.cache.get(key)
+        if vec is not None:
+            self.metrics.cache_hits.inc()
+            return vec
+        try:
+            raw = await self.store.get_embedding(key)
+        except StoreUnavailable:
+            raw = None
+        if raw is not None:
+            vec = np.frombuffer(raw, dtype=np.float32)
+            self.cache.put(key, vec)
+            self.metrics.cache_hits.inc()
+            return vec
+        self.metrics.cache_misses.inc()
+        vec = await self._batcher.submit(text)
+        self.cache.put(key, vec)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.put_embedding(key, vec.tobytes(), self.settings.embedding_cache_ttl_s)
+        return vec
+
+    # -- catalog -----------------------------------------------------------------------
+    async def upsert_items(self, items: list) -> int:
+        """Embed new or changed texts in batches, store, then index (recommendable at return)."""
+        latest = {it.item_id: it for it in items}  # a repeated id: the last one wins
+        keys = {i: text_key(self.encoder.model_id, it.text) for i, it in latest.items()}
+        existing = await self.store.get_items(list(latest))
+        to_embed = [i for i in latest if i not in existing or existing[i].text_key != keys[i]]
+        vectors = await self.run(self.encoder.encode, [latest[i].text for i in to_embed])
+        fresh = dict(zip(to_embed, vectors, strict=True))
+        records = [ItemRecord(i, it.text, list(it.tags), it.available,
+                              fresh[i].tobytes() if i in fresh else existing[i].embedding, keys[i])
+                   for i, it in latest.items()]
+        size = await self.store.put_items(records)
+        await self.run(self._apply_upsert, records, set(fresh))
+        self.metrics.catalog_size.set(len(self.index))
+        return size
+
+    def _apply_upsert(self, records: list[ItemRecord], re_embedded: set[str]) -> None:
+        changed = [r for r in records if r.item_id in re_embedded or r.item_id not in self.index]
+        self._index_records(changed)
+        for r in records:
+            if r.item_id not in re_embedded:
+                self.index.set_available(r.item_id, r.available)
+
+    async def delete_item(self, item_id: str) -> bool:
+        found = await self.store.delete_item(item_id)
+        removed = await self.run(self.index.remove, [item_id])
+        self.metrics.catalog_size.set(len(self.index))
+        return found or bool(removed)
+
+    # -- recommending ------------------------------------------------------------------
+    async def recommend(self, user_id: str, context_text: str | None, k: int,
+                        exclude: list[str], exclude_seen: bool,
+                        candidates: list[str] | None, explore: bool) -> Slate:
+        async def user() -> UserData:
+            try:
+                return await self.store.get_user(user_id)
+            except StoreUnavailable:  # degrade to a context-only state
+                return UserData([], [])
+
+        async def context() -> np.ndarray | None:
+            return await self.context_embedding(context_text) if context_text else None
+
+        user_data, ctx = await asyncio.gather(user(), context())
+        banned = set(exclude)
+        if exclude_seen:
+            banned.update(h["item_id"] for h in user_data.history)
+        epsilon = self.epsilon if explore else 0.0
+        now = time.time()
+        scorer = self.scorer
+        state, ids, scores, choice = await self.run(
+            self._choose, scorer, user_data, ctx, banned, candidates, k, epsilon, now)
+        slate = Slate(new_ulid(), scorer.version, [ids[i] for i in choice.indices],
+                      scores[choice.indices], choice)
+        imp = Impression(slate.request_id, user_id, now, scorer.version, state.tobytes(),
+                         slate.item_ids, choice.propensities.tolist(), choice.explored.tolist())
+        try:
+            await self.store.log_impression(imp, self.settings.impression_ttl_s,
+                                            self.settings.history_len)
+        except StoreUnavailable:
+            log.warning("store unreachable: impression %s not logged", slate.request_id)
+        self.metrics.recommendations.inc()
+        self.metrics.items_served.inc(len(slate.item_ids))
+        self.metrics.items_explored.inc(int(choice.explored.sum()))
+        return slate
+
+    def _choose(self, scorer: Scorer, user_data: UserData, ctx: np.ndarray | None,
+                banned: set[str], candidates: list[str] | None, k: int, epsilon: float,
+                now: float) -> tuple[np.ndarray, list[str], np.ndarray, SlateChoice]:
+        s = self.settings
+        state = user_state(self.layout, user_data, ctx, self.index, s.rewards, s.history_len,
+                           s.history_decay, now)
+        query, value = scorer.query(state[None])
+        if candidates is not None:
+            wanted = [c for c in dict.fromkeys(candidates)
+                      if c not in banned and self.index.is_recommendable(c)]
+            ids, items = self.index.vectors_of(wanted)
+        else:
+            ids, items = self.index.search(query, s.candidates, [banned])[0]
+        scores = Scorer.score(query[0], float(value[0]), items)
+        with self._rng_lock:
+            choice = epsilon_greedy_slate(scores, k, epsilon, self._rng)
+        return state, ids, scores, choice

@@ -1,0 +1,56 @@
+"""From a user's stored history to the policy's state vector.
+
+Positive history (reward > 0) feeds the positive pool. Interactions with reward
+<= 0 (skip, dislike, low ratings) and items shown without any interaction feed
+the negative pool: what the user just ignored is information.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.store import UserData
+from models.index import CandidateIndex
+from models.rewards import RewardMap
+from models.state import StateLayout, build_state
+
+
+def split_history(user: UserData, rewards: RewardMap, limit: int
+                  ) -> tuple[list[str], list[str], float | None]:
+    """Positive and negative item ids, oldest first, and the last interaction time."""
+    pos: list[tuple[float, str]] = []
+    neg: list[tuple[float, str]] = []
+    touched: set[str] = set()
+    last_ts: float | None = None
+    for h in user.history:
+        try:
+            good = rewards.is_positive(h["event"], h.get("value"))
+        except ValueError:
+            continue
+        (pos if good else neg).append((h["ts"], h["item_id"]))
+        touched.add(h["item_id"])
+        last_ts = max(last_ts or h["ts"], h["ts"])
+    for item_id, ts in user.shown:
+        if item_id not in touched:
+            neg.append((ts, item_id))
+        last_ts = max(last_ts or ts, ts)
+    pos.sort()
+    neg.sort()
+    return [i for _, i in pos[-limit:]], [i for _, i in neg[-limit:]], last_ts
+
+
+def user_state(layout: StateLayout, user: UserData, context: np.ndarray | None,
+               index: CandidateIndex, rewards: RewardMap, limit: int, decay: float,
+               now: float) -> np.ndarray:
+    """The state vector of a user at ``now`` with this request's context embedding."""
+    pos_ids, neg_ids, last_ts = split_history(user, rewards, limit)
+    _, pos = index.vectors_of(pos_ids)
+    _, neg = index.vectors_of(neg_ids)
+    gap = None if last_ts is None else now - last_ts
+    return build_state(layout, context, pos, neg, gap, decay)
+
+
+def context_of(layout: StateLayout, state: np.ndarray) -> np.ndarray | None:
+    """The context embedding stored in a state, or None when it had no context."""
+    has_context = state[3 * layout.dim] > 0.5
+    return layout.context(state).copy() if has_context else None

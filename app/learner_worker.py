@@ -1,0 +1,231 @@
+"""The learner: joins feedback with impressions and turns them into DQN updates.
+
+It consumes the store's event stream (consumer-group semantics). A feedback event
+becomes a transition at once; when an impression's reward window closes, every
+slate item that got no feedback becomes a transition with the default reward.
+Stream entries are acknowledged only after their transitions entered learning,
+so a learner that dies loses nothing: its pending entries are read again.
+
+New weights are published at most every ``publish_interval_s``, and only when
+finite; serving processes pick them up from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.features import context_of, user_state
+from app.settings import Settings
+from app.store import Impression, Store, StoreUnavailable, UserData
+from models.index import CandidateIndex
+from models.learner import DQNLearner
+from models.qnet import all_finite
+from models.state import StateLayout
+
+log = logging.getLogger("recsvc.learner")
+
+
+@dataclass
+class PendingImpression:
+    imp: Impression
+    entry_id: str
+    deadline: float
+    rewarded: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Transition:
+    user_id: str
+    state: np.ndarray
+    item_id: str
+    reward: float
+    context: np.ndarray | None
+
+
+class LearnerWorker:
+    def __init__(self, settings: Settings, store: Store, index: CandidateIndex,
+                 layout: StateLayout, device: str, run, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.layout = layout
+        self.run = run  # coroutine runner for blocking work (the engine's pool)
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
+        self.pending: dict[str, PendingImpression] = {}
+        self.version = 0
+        self.feedback_learned = 0
+        self.transitions = 0
+        self._dirty = False
+        self._last_publish = 0.0
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._resume()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _resume(self) -> None:
+        """Continue from the last published weights and counters, then re-read our pending."""
+        try:
+            self.version = await self.store.latest_version()
+            stats = await self.store.get_stats()
+            if self.version:
+                blob = await self.store.get_weights(self.version)
+                if blob is not None:
+                    await self.run(self.learner.load_weights, blob)
+            self.feedback_learned = int(stats.get("feedback_learned", 0))
+            self.learner.updates = int(stats.get("updates", 0))
+            await self.process(await self.store.read_stream(self.consumer, 10_000, pending=True))
+        except StoreUnavailable:
+            log.warning("store unreachable at learner start; will retry in the loop")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable:
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("learner step failed")
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(self.settings.learner_poll_s)
+
+    # -- one round ---------------------------------------------------------------------
+    async def step(self, now: float | None = None) -> int:
+        """Read new events, learn from what is ready, publish; returns transitions learned."""
+        entries = await self.store.read_stream(self.consumer, 1000)
+        n = await self.process(entries, now)
+        await self.maybe_publish()
+        return n
+
+    async def process(self, entries: list, now: float | None = None) -> int:
+        """Turn stream entries into transitions, learn from them, then acknowledge."""
+        now = time.time() if now is None else now
+        new_imps: dict[str, str] = {}  # request id -> stream entry id
+        feedback = []
+        for entry_id, f in entries:
+            if f.get("type") == "impression":
+                new_imps[f["request_id"]] = entry_id
+            elif f.get("type") == "feedback":
+                feedback.append((entry_id, f))
+        wanted = list(new_imps) + [f["request_id"] for _, f in feedback
+                                   if f["request_id"] not in self.pending]
+        imps = await self.store.get_impressions(list(dict.fromkeys(wanted)))
+        acks: list[str] = []
+        for rid, entry_id in new_imps.items():
+            imp = imps.get(rid)
+            if imp is None:  # expired, or erased with its user: nothing to learn
+                acks.append(entry_id)
+                continue
+            self.pending[rid] = PendingImpression(imp, entry_id,
+                                                  imp.ts + self.settings.reward_wait_s)
+
+        transitions: list[Transition] = []
+        learned_feedback = 0
+        for entry_id, f in feedback:
+            acks.append(entry_id)
+            p = self.pending.get(f["request_id"])
+            imp = p.imp if p else imps.get(f["request_id"])
+            if imp is None:
+                continue
+            if p:
+                p.rewarded.add(f["item_id"])
+            state = np.frombuffer(imp.state, dtype=np.float32)
+            transitions.append(Transition(imp.user_id, state, f["item_id"], float(f["reward"]),
+                                          context_of(self.layout, state)))
+            learned_feedback += 1
+        for rid, p in list(self.pending.items()):
+            if p.deadline > now:
+                continue
+            state = np.frombuffer(p.imp.state, dtype=np.float32)
+            ctx = context_of(self.layout, state)
+            for item_id in p.imp.item_ids:
+                if item_id not in p.rewarded:
+                    transitions.append(Transition(p.imp.user_id, state, item_id,
+                                                  self.settings.rewards.default, ctx))
+            acks.append(p.entry_id)
+            del self.pending[rid]
+
+        if transitions:
+            users = list({t.user_id for t in transitions})
+            data = await asyncio.gather(*(self.store.get_user(u) for u in users))
+            ok = await self.run(self._learn, transitions, dict(zip(users, data, strict=True)), now)
+            self._dirty = self._dirty or ok
+        self.feedback_learned += learned_feedback
+        self.transitions += len(transitions)
+        await self.store.ack(acks)
+        return len(transitions)
+
+    def _learn(self, transitions: list[Transition], users: dict[str, UserData],
+               now: float) -> bool:
+        s = self.settings
+        known, actions = self.index.vectors_of([t.item_id for t in transitions])
+        keep = set(known)
+        rows = [t for t in transitions if t.item_id in keep]  # deleted items: nothing to learn
+        if not rows:
+            return False
+        # vectors_of keeps order and drops unknown ids, so actions align with rows
+        next_states = {}
+        for t in rows:
+            key = (t.user_id, None if t.context is None else t.context.tobytes())
+            if key not in next_states:
+                next_states[key] = user_state(self.layout, users[t.user_id], t.context,
+                                              self.index, s.rewards, s.history_len,
+                                              s.history_decay, now)
+        states = np.stack([t.state for t in rows])
+        nexts = np.stack([next_states[(t.user_id, None if t.context is None
+                                       else t.context.tobytes())] for t in rows])
+        rewards = np.array([t.reward for t in rows], dtype=np.float32)
+        slots = self.learner.add(states, actions, rewards, nexts)
+        return self.learner.train(self._next_actions, slots)
+
+    def _next_actions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Online argmax at s': the top inner-product item for the online query."""
+        found = self.index.search(queries, 1)
+        actions = np.zeros((len(queries), self.layout.dim), dtype=np.float32)
+        valid = np.zeros(len(queries), dtype=bool)
+        for i, (ids, vecs) in enumerate(found):
+            if ids:
+                actions[i] = vecs[0]
+                valid[i] = True
+        return actions, valid
+
+    # -- publishing --------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        return {"version": self.version, "updates": self.learner.updates,
+                "feedback_learned": self.feedback_learned,
+                "pending_impressions": len(self.pending),
+                "transitions": self.transitions,
+                "rejected_updates": self.learner.rejected_updates}
+
+    async def maybe_publish(self, force: bool = False) -> bool:
+        """Publish a new version if learning changed the weights (and they are finite)."""
+        due = time.monotonic() - self._last_publish >= self.settings.publish_interval_s
+        if not self._dirty or not (due or force):
+            await self.store.put_stats(self.stats())
+            return False
+        if not all_finite(self.learner.online):
+            log.error("weights are not finite; version %d keeps serving", self.version)
+            self._dirty = False
+            return False
+        blob = await self.run(self.learner.weights)
+        self.version = max(self.version, await self.store.latest_version()) + 1
+        await self.store.publish_weights(self.version, blob, self.stats())
+        self._dirty = False
+        self._last_publish = time.monotonic()
+        return True

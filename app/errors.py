@@ -32,7 +32,7 @@ class APIError(Exception):
 
 
 def error_response(status: int, code: str, message: str, details: list | None = None,
-                   headers: dict[str, str] | None = None) -> ORJSONResponse:
+                   headers: dict[str, str] | None = None) -> FastJSONResponse:
     body: dict = {"code": code, "message": message}
     if details is not None:
         body["details"] = details

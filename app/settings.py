@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     candidates: int = Field(200, description="candidates retrieved per request")
     exact_index_max: int = Field(50_000, description="above this many items the index is HNSW")
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256
     history_len: int = Field(50, description="history entries kept per user")
     history_decay: float = Field(0.8, description="recency weight per step back in history")
     epsilon_start: float = 0.2

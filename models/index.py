@@ -36,7 +36,7 @@ class CandidateIndex:
     """
 
     def __init__(self, dim: int, exact_threshold: int = 50_000, hnsw_m: int = 32,
-                 ef_construction: int = 80, ef_search: int = 128, device: str = "cpu") -> None:
+                 ef_construction: int = 200, ef_search: int = 256, device: str = "cpu") -> None:
         self.dim = dim
         self.exact_threshold = exact_threshold
         self.hnsw_m = hnsw_m
@@ -222,7 +222,7 @@ class CandidateIndex:
             todo = list(range(len(queries)))
             while todo and fetch > 0:
                 if self.approximate:
-                    self._index.hnsw.efSearch = max(self.ef_search, fetch)
+                    self._index.hnsw.efSearch = max(self.ef_search, 2 * fetch)
                 _, found = self._index.search(queries[todo], fetch)
                 retry = []
                 for qi, q in enumerate(todo):

@@ -1,0 +1,112 @@
+"""FAISS candidate index: add, update, remove, availability, exclusion, approximate recall."""
+
+import numpy as np
+import pytest
+
+from models.index import CandidateIndex, faiss_has_gpu
+
+
+def unit(rng, n, d):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_exact_search_returns_true_top_n():
+    rng = np.random.default_rng(0)
+    vecs = unit(rng, 500, 16)
+    idx = CandidateIndex(16)
+    idx.upsert([f"i{i}" for i in range(500)], vecs)
+    q = unit(rng, 3, 16)
+    res = idx.search(q, 20)
+    for qi, (ids, embs) in enumerate(res):
+        truth = np.argsort(-(vecs @ q[qi]))[:20]
+        assert ids == [f"i{i}" for i in truth]
+        assert np.allclose(embs, vecs[truth])
+
+
+def test_update_remove_unavailable_and_exclude_are_never_returned():
+    rng = np.random.default_rng(1)
+    vecs = unit(rng, 50, 8)
+    idx = CandidateIndex(8)
+    ids = [f"i{i}" for i in range(50)]
+    idx.upsert(ids, vecs)
+    q = vecs[7]
+    assert idx.search(q, 1)[0][0] == ["i7"]
+    # update: i7 now points the other way, so it must drop to the bottom
+    idx.upsert(["i7"], -vecs[7:8])
+    assert idx.search(q, 50)[0][0][-1] == "i7"
+    assert len(idx) == 50
+    idx.remove(["i3", "i4", "missing"])
+    idx.upsert(["i5"], vecs[5:6], available=[False])
+    got = idx.search(q, 50, exclude=[{"i6"}])[0][0]
+    assert not {"i3", "i4", "i5", "i6"} & set(got)
+    assert len(got) == 50 - 4 and len(set(got)) == len(got)
+    assert not idx.is_recommendable("i5") and idx.is_recommendable("i8")
+    idx.set_available("i5", True)
+    assert "i5" in idx.search(q, 50)[0][0]
+
+
+def test_many_deletes_compact_and_keep_results_right():
+    rng = np.random.default_rng(2)
+    vecs = unit(rng, 300, 8)
+    idx = CandidateIndex(8)
+    idx.upsert([f"i{i}" for i in range(300)], vecs)
+    idx.remove([f"i{i}" for i in range(0, 300, 2)])
+    assert len(idx) == 150
+    q = unit(rng, 1, 8)[0]
+    odd = np.arange(1, 300, 2)
+    truth = odd[np.argsort(-(vecs[odd] @ q))[:10]]
+    assert idx.search(q, 10)[0][0] == [f"i{i}" for i in truth]
+
+
+def test_vectors_of_keeps_order_and_drops_unknown():
+    idx = CandidateIndex(4)
+    idx.upsert(["a", "b"], np.eye(4, dtype=np.float32)[:2])
+    ids, vecs = idx.vectors_of(["b", "zz", "a"])
+    assert ids == ["b", "a"]
+    assert np.allclose(vecs, np.eye(4)[[1, 0]])
+
+
+def test_small_catalog_returns_everything_once():
+    idx = CandidateIndex(4)
+    idx.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3])
+    ids, _ = idx.search(np.ones(4, dtype=np.float32), 200)[0]
+    assert sorted(ids) == ["a", "b", "c"]
+    empty = CandidateIndex(4)
+    assert empty.search(np.ones(4, dtype=np.float32), 5)[0][0] == []
+
+
+def test_approximate_index_recall_at_100():
+    """Above the exact threshold the index is HNSW; recall@100 against exact >= 0.95."""
+    rng = np.random.default_rng(3)
+    n, d = 30_000, 64
+    # clustered data, like item embeddings (topics), not uniform noise
+    centres = unit(rng, 200, d)
+    vecs = centres[rng.integers(0, 200, n)] + 0.35 * unit(rng, n, d)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"i{i}" for i in range(n)]
+    approx = CandidateIndex(d, exact_threshold=10_000)
+    approx.upsert(ids, vecs)
+    assert approx.approximate
+    queries = unit(rng, 200, d)
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :100]
+    found = approx.search(queries, 100)
+    recall = np.mean([len({f"i{i}" for i in exact[q]} & set(found[q][0])) / 100
+                      for q in range(len(queries))])
+    assert recall >= 0.95, recall
+    # deletes still hold in approximate mode
+    approx.remove([found[0][0][0]])
+    assert found[0][0][0] not in approx.search(queries[:1], 100)[0][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not faiss_has_gpu(), reason="needs faiss with a CUDA device")
+def test_gpu_index_matches_cpu():
+    rng = np.random.default_rng(4)
+    vecs = unit(rng, 2000, 32)
+    q = unit(rng, 16, 32)
+    cpu, gpu = CandidateIndex(32), CandidateIndex(32, device="cuda")
+    for idx in (cpu, gpu):
+        idx.upsert([f"i{i}" for i in range(2000)], vecs)
+    for (a, _), (b, _) in zip(cpu.search(q, 50), gpu.search(q, 50), strict=True):
+        assert a == b

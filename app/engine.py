@@ -20,6 +20,7 @@ import numpy as np
 from app.batching import MicroBatcher
 from app.features import user_state
 from app.ids import new_ulid
+from app.loops import PeriodicLoop
 from app.metrics import Metrics
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
@@ -61,7 +62,7 @@ class Engine:
         self._rng = np.random.default_rng(settings.seed)
         self._rng_lock = threading.Lock()
         self._batcher: MicroBatcher[str, np.ndarray] | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._follower: PeriodicLoop | None = None
 
     async def run(self, fn, *args):
         """Run blocking work on the compute pool."""
@@ -83,13 +84,14 @@ class Engine:
                                      max_batch=self.settings.encoder_batch_size)
         await self._load_catalog()
         await self.refresh_weights()
-        self._tasks.append(asyncio.create_task(self._follow_weights()))
+        self._follower = PeriodicLoop("weights-follower", self._follow_weights,
+                                      self.settings.weights_poll_s)
+        self._follower.start()
         self.ready = True
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._follower:
+            await self._follower.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _load_catalog(self) -> None:
@@ -128,14 +130,8 @@ class Engine:
         log.info("serving weights version %d", latest)
 
     async def _follow_weights(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.weights_poll_s)
-            try:
-                await self.refresh_weights()
-            except StoreUnavailable:
-                pass
-            except Exception:  # a bad blob must not stop the follower
-                log.exception("could not load new weights")
+        with contextlib.suppress(StoreUnavailable):  # keep serving what we have
+            await self.refresh_weights()
 
     @property
     def epsilon(self) -> float:

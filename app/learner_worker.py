@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.features import context_of, user_state
+from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
 from models.index import CandidateIndex
@@ -65,17 +66,15 @@ class LearnerWorker:
         self.transitions = 0
         self._dirty = False
         self._last_publish = 0.0
-        self._task: asyncio.Task | None = None
+        self._loop = PeriodicLoop("learner", self._iteration, settings.learner_poll_s)
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         await self._resume()
-        self._task = asyncio.create_task(self._loop())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._loop.stop()
 
     async def _resume(self) -> None:
         """Continue from the last published weights and counters, then re-read our pending."""
@@ -92,18 +91,11 @@ class LearnerWorker:
         except StoreUnavailable:
             log.warning("store unreachable at learner start; will retry in the loop")
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except StoreUnavailable:
-                await asyncio.sleep(1.0)
-            except Exception:
-                log.exception("learner step failed")
-                await asyncio.sleep(1.0)
-            await asyncio.sleep(self.settings.learner_poll_s)
+    async def _iteration(self) -> None:
+        try:
+            await self.step()
+        except StoreUnavailable:
+            await asyncio.sleep(1.0)  # the store is down: back off, lose nothing
 
     # -- one round ---------------------------------------------------------------------
     async def step(self, now: float | None = None) -> int:

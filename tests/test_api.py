@@ -1,0 +1,297 @@
+"""The HTTP contract of API.md, in-process, against both store backends."""
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api import create_app
+from app.settings import Settings
+
+FAST = dict(reward_wait_s=0.3, learner_poll_s=0.05, publish_interval_s=0.1,
+            weights_poll_s=0.1, seed=0)
+
+MOVIES = [
+    ("m-1", "Toy Story (1995). Animation, Children's, Comedy"),
+    ("m-2", "GoldenEye (1995). Action, Adventure, Thriller"),
+    ("m-3", "Heat (1995). Action, Crime, Thriller"),
+    ("m-4", "Sense and Sensibility (1995). Drama, Romance"),
+    ("m-5", "Babe (1995). Children's, Comedy, Drama"),
+    ("m-6", "Seven (1995). Crime, Thriller"),
+    ("m-7", "Apollo 13 (1995). Action, Drama, Thriller"),
+    ("m-8", "Casablanca (1942). Drama, Romance, War"),
+    ("m-9", "Aladdin (1992). Animation, Children's, Comedy, Musical"),
+    ("m-10", "Alien (1979). Action, Horror, Sci-Fi, Thriller"),
+]
+
+
+def make_client(backend, encoder, **overrides) -> TestClient:
+    _, cfg = backend
+    settings = Settings(**{**FAST, **cfg, **overrides})
+    return TestClient(create_app(settings, encoder=encoder))
+
+
+@pytest.fixture
+def client(backend, encoder):
+    with make_client(backend, encoder) as c:
+        r = c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        assert r.status_code == 200
+        yield c
+
+
+def assert_error(resp, status: int, code: str | None = None):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and isinstance(body["error"]["message"], str)
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def recommend(c, user="u-1", **kw):
+    body = {"user_id": user, "context": {"text": "family evening, kids"}, **kw}
+    r = c.post("/v1/recommend", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+# -- operations ----------------------------------------------------------------------------
+def test_health_ready_metrics_docs(client):
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["catalog_size"] == 10
+    recommend(client)
+    recommend(client)  # same context: served from the embedding cache
+    text = client.get("/metrics").text
+    for name in ("recsvc_http_request_duration_seconds_bucket", "recsvc_recommendations_total",
+                 "recsvc_explored_fraction", "recsvc_feedback_total",
+                 "recsvc_learner_updates", "recsvc_model_version",
+                 "recsvc_encoder_cache_hit_ratio"):
+        assert name in text
+    assert 'route="/v1/recommend"' in text
+    assert "recsvc_encoder_cache_hits_total 1.0" in text
+    assert client.get("/docs").status_code == 200
+    assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
+
+
+# -- catalog -------------------------------------------------------------------------------
+def test_item_crud(client):
+    r = client.post("/v1/items", json={"items": [
+        {"item_id": "new-1", "text": "A new documentary", "tags": ["doc"]}]})
+    assert r.json() == {"upserted": 1, "catalog_size": 11}
+    assert client.get("/v1/items/new-1").json() == {
+        "item_id": "new-1", "text": "A new documentary", "tags": ["doc"], "available": True}
+    assert client.delete("/v1/items/new-1").status_code == 204
+    assert_error(client.get("/v1/items/new-1"), 404)
+    assert_error(client.delete("/v1/items/new-1"), 404)
+
+
+@pytest.mark.parametrize("items,field", [
+    ([{"item_id": "bad id!", "text": "x"}], "items.0.item_id"),
+    ([{"item_id": "ok", "text": ""}], "items.0.text"),
+    ([{"item_id": "ok", "text": "x" * 4001}], "items.0.text"),
+    ([{"item_id": "ok"}], "items.0.text"),
+    ([{"item_id": f"i{n}", "text": "x"} for n in range(1001)], "items"),
+    ([], "items"),
+])
+def test_invalid_items_are_rejected_and_nothing_is_written(client, items, field):
+    err = assert_error(client.post("/v1/items", json={"items": items}), 422, "validation_error")
+    assert err["message"].startswith(field)
+    assert client.get("/readyz").json()["catalog_size"] == 10
+
+
+def test_new_item_is_recommendable_at_once_and_unavailable_never(client):
+    client.post("/v1/items", json={"items": [
+        {"item_id": "fresh", "text": "Toy Story 2 (1999). Animation, Children's, Comedy"},
+        {"item_id": "hidden", "text": "Toy Story 3 (2010). Animation, Children's, Comedy",
+         "available": False}]})
+    slate = recommend(client, k=100, explore=False)
+    ids = [i["item_id"] for i in slate["items"]]
+    assert "fresh" in ids and "hidden" not in ids
+    assert len(ids) == 11
+    # flipping availability back makes it recommendable, without re-embedding
+    client.post("/v1/items", json={"items": [
+        {"item_id": "hidden", "text": "Toy Story 3 (2010). Animation, Children's, Comedy"}]})
+    assert "hidden" in [i["item_id"] for i in recommend(client, k=100)["items"]]
+
+
+# -- recommending -----------------------------------------------------------------------------
+def test_slate_shape_and_propensities(client):
+    slate = recommend(client, k=4)
+    assert set(slate) == {"request_id", "model_version", "items"}
+    assert len(slate["request_id"]) == 26 and slate["request_id"].startswith("0")
+    items = slate["items"]
+    assert len(items) == 4 and len({i["item_id"] for i in items}) == 4
+    for it in items:
+        assert set(it) == {"item_id", "score", "explored", "propensity"}
+        assert 0 < it["propensity"] <= 1
+    greedy = recommend(client, user="u-2", k=3, explore=False)["items"]
+    assert all(i["propensity"] == 1.0 and not i["explored"] for i in greedy)
+    scores = [i["score"] for i in greedy]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_context_drives_the_untrained_ranking(client):
+    kids = recommend(client, user="a", explore=False, k=3,
+                     context={"text": "animated cartoon for children"})["items"]
+    assert {i["item_id"] for i in kids} & {"m-1", "m-9", "m-5"}
+
+
+def test_exclude_candidates_and_k_larger_than_catalog(client):
+    slate = recommend(client, k=100, exclude=["m-1", "m-2"])
+    ids = {i["item_id"] for i in slate["items"]}
+    assert len(ids) == 8 and not ids & {"m-1", "m-2"}
+    only = recommend(client, k=10, candidates=["m-3", "m-4", "unknown-item", "m-3"])
+    assert sorted(i["item_id"] for i in only["items"]) == ["m-3", "m-4"]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"user_id": "u", "k": 0}, "k"),
+    ({"user_id": "u", "k": 101}, "k"),
+    ({"user_id": ""}, "user_id"),
+    ({"user_id": "u" * 129}, "user_id"),
+    ({"k": 3}, "user_id"),
+    ({"user_id": "u", "context": {"text": "x" * 4001}}, "context.text"),
+    ({"user_id": "u", "candidates": ["c"] * 1001}, "candidates"),
+    ({"user_id": "u", "explore": "sometimes"}, "explore"),
+])
+def test_invalid_recommend_requests(client, body, field):
+    err = assert_error(client.post("/v1/recommend", json=body), 422, "validation_error")
+    assert err["message"].startswith(field)
+    assert err["details"][0]["field"] == field
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/v1/recommend", content=b"{not json", headers={"content-type":
+                                                                  "application/json"})
+    assert_error(r, 422, "validation_error")
+
+
+# -- feedback and events --------------------------------------------------------------------
+def test_feedback_contract(client):
+    slate = recommend(client, k=3)
+    rid, item = slate["request_id"], slate["items"][0]["item_id"]
+    fb = {"request_id": rid, "item_id": item, "event": "click"}
+    r = client.post("/v1/feedback", json=fb)
+    assert r.status_code == 202 and r.json()["accepted"] is True and r.json()["reward"] == 1.0
+    dup = client.post("/v1/feedback", json=fb)
+    assert dup.status_code == 200 and dup.json()["duplicate"] is True
+    assert client.post("/v1/feedback", json={**fb, "event": "purchase"}).status_code == 202
+    rating = client.post("/v1/feedback", json={**fb, "event": "rating", "value": 5})
+    assert rating.status_code == 202 and rating.json()["reward"] == 1.0
+    assert_error(client.post("/v1/feedback", json={**fb, "request_id": "01NOPE"}), 404,
+                 "unknown_request")
+    err = assert_error(client.post("/v1/feedback", json={**fb, "item_id": "m-404"}), 422,
+                       "item_not_in_slate")
+    assert "item_id" in err["message"]
+    assert_error(client.post("/v1/feedback", json={**fb, "event": "rating"}), 422)
+    assert_error(client.post("/v1/feedback", json={**fb, "event": "dwell", "value": -1}), 422)
+    assert_error(client.post("/v1/feedback", json={**fb, "event": "teleport"}), 422)
+    history = client.get("/v1/users/u-1").json()
+    assert history["user_id"] == "u-1"
+    assert [(h["item_id"], h["event"]) for h in history["history"]] == [
+        (item, "click"), (item, "purchase"), (item, "rating")]
+
+
+def test_feedback_is_seen_by_the_next_request(client):
+    slate = recommend(client, k=10, explore=False)
+    first = slate["items"][0]["item_id"]
+    client.post("/v1/feedback", json={"request_id": slate["request_id"], "item_id": first,
+                                      "event": "click"})
+    again = recommend(client, k=10, explore=False)
+    assert first not in [i["item_id"] for i in again["items"]]  # exclude_seen
+    keep = recommend(client, k=10, explore=False, exclude_seen=False)
+    assert first in [i["item_id"] for i in keep["items"]]
+
+
+def test_events_endpoint(client):
+    r = client.post("/v1/events", json={"user_id": "u-9", "item_id": "m-3",
+                                        "event": "purchase", "value": None})
+    assert r.status_code == 202 and r.json() == {"accepted": True}
+    assert client.get("/v1/users/u-9").json()["history"][0]["item_id"] == "m-3"
+    assert_error(client.post("/v1/events", json={"user_id": "u-9", "item_id": "nope",
+                                                 "event": "click"}), 404)
+    assert_error(client.post("/v1/events", json={"user_id": "u-9", "item_id": "m-3",
+                                                 "event": "dwell"}), 422)
+    ids = [i["item_id"] for i in recommend(client, user="u-9", k=10)["items"]]
+    assert "m-3" not in ids
+
+
+def test_delete_user_erases_everything(client):
+    slate = recommend(client, user="bye", k=2)
+    client.post("/v1/events", json={"user_id": "bye", "item_id": "m-3", "event": "click"})
+    assert client.delete("/v1/users/bye").status_code == 204
+    assert client.get("/v1/users/bye").json() == {"user_id": "bye", "history": []}
+    assert_error(client.post("/v1/feedback", json={
+        "request_id": slate["request_id"], "item_id": slate["items"][0]["item_id"],
+        "event": "click"}), 404, "unknown_request")
+    assert client.delete("/v1/users/never-seen").status_code == 204
+
+
+# -- learning -------------------------------------------------------------------------------
+def test_feedback_moves_the_model_and_the_policy(client):
+    """Always clicking the item the untrained policy ranks last makes it rise to the top."""
+    ctx = {"text": "family evening, kids"}
+    start = client.get("/v1/model").json()
+    assert set(start) == {"version", "updates", "feedback_learned", "epsilon",
+                          "pending_impressions", "device"}
+    assert start["device"] == "cpu" and start["version"] == 0
+    initial = recommend(client, user="probe", context=ctx, k=10, explore=False,
+                        exclude_seen=False)["items"]
+    target = initial[-1]["item_id"]
+    accepted = 0
+    for n in range(120):
+        slate = recommend(client, user=f"learner-{n % 7}", context=ctx, k=10,
+                          exclude_seen=False)
+        shown = [i["item_id"] for i in slate["items"]]
+        r = client.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                              "item_id": target, "event": "click"})
+        assert r.status_code == 202
+        accepted += 1
+        assert target in shown
+    model = wait_for(lambda: (m := client.get("/v1/model").json())["feedback_learned"]
+                     >= accepted and m["pending_impressions"] == 0 and m)
+    assert model["feedback_learned"] == accepted
+    assert model["version"] > start["version"] and model["updates"] > 0
+    assert model["epsilon"] < start["epsilon"]
+    wait_for(lambda: recommend(client, user="probe", context=ctx, k=10, explore=False,
+                               exclude_seen=False)["model_version"] == model["version"])
+    after = recommend(client, user="probe", context=ctx, k=10, explore=False,
+                      exclude_seen=False)["items"]
+    rank = [i["item_id"] for i in after].index(target)
+    assert rank <= 1, (rank, [i["item_id"] for i in after])
+
+
+# -- security and limits --------------------------------------------------------------------
+def test_api_keys(backend, encoder):
+    with make_client(backend, encoder, api_keys="k1, k2") as c:
+        assert_error(c.get("/v1/model"), 401, "unauthorized")
+        assert_error(c.get("/v1/model", headers={"X-API-Key": "nope"}), 401)
+        assert c.get("/v1/model", headers={"X-API-Key": "k2"}).status_code == 200
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/metrics").status_code == 200
+
+
+def test_body_over_limit_is_413_and_writes_nothing(backend, encoder):
+    with make_client(backend, encoder, max_body_bytes=2000) as c:
+        r = c.post("/v1/items", json={"items": [{"item_id": "big", "text": "x" * 3000}]})
+        assert_error(r, 413, "payload_too_large")
+        assert c.get("/readyz").json()["catalog_size"] == 0
+        ok = c.post("/v1/items", json={"items": [{"item_id": "small", "text": "x"}]})
+        assert ok.status_code == 200
+
+
+def test_unknown_route_and_method_use_the_error_body(client):
+    assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(client.put("/v1/recommend", json={}), 405, "method_not_allowed")

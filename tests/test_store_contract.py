@@ -1,0 +1,129 @@
+"""One contract, two backends: the embedded store and a real Redis server."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from app.store import Impression, ItemRecord, StoreUnavailable, UserData
+from app.store.memory import MemoryStore
+from app.store.redis_store import RedisStore
+
+
+@pytest.fixture
+async def store(backend):
+    name, cfg = backend
+    s = MemoryStore() if name == "memory" else RedisStore(cfg["redis_url"], cfg["key_prefix"])
+    yield s
+    await s.close()
+
+
+def item(i: str, text: str = "t", available: bool = True) -> ItemRecord:
+    return ItemRecord(i, text, ["x"], available, np.arange(4, dtype=np.float32).tobytes(),
+                      f"k:{text}")
+
+
+def imp(rid: str, user: str = "u1", items=("a", "b")) -> Impression:
+    return Impression(rid, user, time.time(), 3, np.ones(5, dtype=np.float32).tobytes(),
+                      list(items), [0.9, 0.5], [False, True])
+
+
+async def test_items_round_trip(store):
+    assert await store.put_items([item("a"), item("b", available=False)]) == 2
+    assert await store.put_items([item("a", "new text")]) == 2
+    got = await store.get_items(["a", "b", "zz"])
+    assert set(got) == {"a", "b"}
+    assert got["a"].text == "new text" and got["a"].text_key == "k:new text"
+    assert got["b"].available is False and got["b"].tags == ["x"]
+    assert np.frombuffer(got["a"].embedding, dtype=np.float32).tolist() == [0, 1, 2, 3]
+    assert sorted(await store.all_item_ids()) == ["a", "b"]
+    assert await store.delete_item("a") is True
+    assert await store.delete_item("a") is False
+    assert await store.catalog_size() == 1
+
+
+async def test_embedding_cache(store):
+    assert await store.get_embedding("m:1") is None
+    await store.put_embedding("m:1", b"\x01\x02", ttl_s=60)
+    assert await store.get_embedding("m:1") == b"\x01\x02"
+
+
+async def test_history_is_bounded_and_ordered(store):
+    for n in range(5):
+        await store.add_event("u1", {"item_id": f"i{n}", "event": "click", "ts": float(n),
+                                     "value": None}, max_len=3)
+    data = await store.get_user("u1")
+    assert [h["item_id"] for h in data.history] == ["i2", "i3", "i4"]
+    assert await store.get_user("nobody") == UserData([], [])
+
+
+async def test_impression_feedback_and_dedupe(store):
+    await store.log_impression(imp("r1"), ttl_s=60, shown_max=10)
+    got = (await store.get_impressions(["r1", "r2"]))
+    assert list(got) == ["r1"]
+    assert got["r1"].item_ids == ["a", "b"] and got["r1"].explored == [False, True]
+    assert got["r1"].propensities == [0.9, 0.5] and got["r1"].model_version == 3
+    assert np.frombuffer(got["r1"].state, dtype=np.float32).tolist() == [1.0] * 5
+    assert [i for i, _ in (await store.get_user("u1")).shown] == ["a", "b"]
+    first = await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
+    again = await store.record_feedback("r1", "u1", "a", "click", None, 7.0, 6.0, 60, 10)
+    other = await store.record_feedback("r1", "u1", "a", "purchase", None, 2.0, 7.0, 60, 10)
+    assert first == (True, 1.0) and again == (False, 1.0) and other == (True, 2.0)
+    history = (await store.get_user("u1")).history
+    assert [(h["item_id"], h["event"]) for h in history] == [("a", "click"), ("a", "purchase")]
+
+
+async def test_stream_delivers_once_and_redelivers_unacked(store):
+    await store.log_impression(imp("r1"), 60, 10)
+    await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
+    entries = await store.read_stream("c1", 100)
+    assert [f["type"] for _, f in entries] == ["impression", "feedback"]
+    assert entries[1][1]["item_id"] == "a" and float(entries[1][1]["reward"]) == 1.0
+    assert await store.read_stream("c1", 100) == []  # delivered once
+    # a consumer that died reads its unacknowledged entries again
+    pending = await store.read_stream("c1", 100, pending=True)
+    assert [e for e, _ in pending] == [e for e, _ in entries]
+    await store.ack([entries[0][0]])
+    pending = await store.read_stream("c1", 100, pending=True)
+    assert [e for e, _ in pending] == [entries[1][0]]
+    await store.ack([entries[1][0]])
+    assert await store.read_stream("c1", 100, pending=True) == []
+
+
+async def test_delete_user_erases_history_impressions_and_events(store):
+    await store.log_impression(imp("r1", "gone"), 60, 10)
+    await store.log_impression(imp("r2", "kept"), 60, 10)
+    await store.record_feedback("r1", "gone", "a", "click", None, 1.0, 5.0, 60, 10)
+    await store.delete_user("gone")
+    assert await store.get_user("gone") == UserData([], [])
+    assert list(await store.get_impressions(["r1", "r2"])) == ["r2"]
+    entries = await store.read_stream("c1", 100)
+    assert {f["user_id"] for _, f in entries} == {"kept"}
+
+
+async def test_weights_and_stats(store):
+    assert await store.latest_version() == 0
+    await store.publish_weights(1, b"w1", {"updates": 5})
+    await store.publish_weights(2, b"w2", {"updates": 9, "feedback_learned": 3})
+    assert await store.latest_version() == 2
+    assert await store.get_weights(2) == b"w2" and await store.get_weights(1) == b"w1"
+    await store.put_stats({"pending_impressions": 4})
+    stats = await store.get_stats()
+    assert stats["updates"] == 9 and stats["feedback_learned"] == 3
+    assert stats["pending_impressions"] == 4
+
+
+async def test_expired_impressions_are_gone(store):
+    await store.log_impression(imp("short"), ttl_s=1, shown_max=10)
+    await asyncio.sleep(1.2)
+    assert await store.get_impressions(["short"]) == {}
+
+
+async def test_unreachable_redis_raises_store_unavailable():
+    s = RedisStore("redis://127.0.0.1:1/0", "x")
+    with pytest.raises(StoreUnavailable):
+        await s.ping()
+    with pytest.raises(StoreUnavailable):
+        await s.record_feedback("r", "u", "i", "click", None, 1.0, 0.0, 60, 10)
+    await s.close()

@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
             await engine.stop()
             if store is None:
                 await st.close()
+            log.info("shutdown complete")
 
     app = FastAPI(title="recsvc", version="1.0",
                   description="Online recommendation service that learns from feedback "

@@ -15,10 +15,12 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from app.api import create_app
+    from app.settings import Settings
 
-    logging.basicConfig(level=os.environ.get("RECSVC_LOG_LEVEL", "INFO").upper(),
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(), host=args.host, port=args.port, loop="uvloop", http="httptools",
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=False)
 
 

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     key_prefix: str = Field("recsvc", description="prefix of every Redis key")
     api_keys: str = Field("", description="comma-separated API keys; empty = no auth")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="larger request bodies get 413")
+    log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
     # encoder
     encoder_path: str | None = Field(None, description="model dir; default bundled MiniLM")

@@ -20,8 +20,8 @@ def _serve(args: argparse.Namespace) -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop",
+                http="httptools", log_level="warning", access_log=False)
 
 
 def read_items(path: Path):

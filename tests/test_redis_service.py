@@ -1,0 +1,105 @@
+"""Service behaviour that only Redis can show: restarts keep the catalog and the model
+without re-embedding, and an outage degrades the way DESIGN.md says."""
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api import create_app
+from app.settings import Settings
+from tests.conftest import RedisServer
+from tests.test_api import FAST, MOVIES, assert_error
+
+
+class CountingEncoder:
+    """The real encoder, counting how many texts it was asked to embed."""
+
+    def __init__(self, inner):
+        self.inner, self.texts = inner, 0
+        self.dim, self.model_id = inner.dim, inner.model_id
+
+    def encode(self, texts):
+        self.texts += len(texts)
+        return self.inner.encode(texts)
+
+
+def test_restart_reembeds_nothing_and_resumes_the_model(redis_url, redis_prefix, encoder):
+    settings = Settings(**FAST, redis_url=redis_url, key_prefix=redis_prefix)
+    first = CountingEncoder(encoder)
+    with TestClient(create_app(settings, encoder=first)) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        assert first.texts == len(MOVIES)
+        # re-upserting unchanged text does not re-embed either
+        c.post("/v1/items", json={"items": [{"item_id": "m-1", "text": MOVIES[0][1]}]})
+        assert first.texts == len(MOVIES)
+        slate = c.post("/v1/recommend", json={"user_id": "u", "k": 3}).json()
+        c.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                     "item_id": slate["items"][0]["item_id"],
+                                     "event": "click"})
+        deadline = time.time() + 10
+        while c.get("/v1/model").json()["version"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        version = c.get("/v1/model").json()["version"]
+        assert version >= 1
+    second = CountingEncoder(encoder)
+    with TestClient(create_app(settings, encoder=second)) as c:
+        assert c.get("/readyz").json()["catalog_size"] == len(MOVIES)
+        assert second.texts == 0
+        slate = c.post("/v1/recommend", json={"user_id": "u2", "k": 10}).json()
+        assert slate["model_version"] >= version and len(slate["items"]) == 10
+        assert c.get("/v1/model").json()["feedback_learned"] == 1
+
+
+def test_redis_outage_degrades_and_recovers(encoder):
+    server = RedisServer()
+    try:
+        settings = Settings(**FAST, redis_url=server.url, key_prefix="outage")
+        with TestClient(create_app(settings, encoder=encoder)) as c:
+            c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+            slate = c.post("/v1/recommend", json={"user_id": "u", "k": 3,
+                                                  "context": {"text": "kids"}}).json()
+            server.proc.kill()
+            server.proc.wait(5)
+            assert_error(c.get("/readyz"), 503)
+            fb = c.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                              "item_id": slate["items"][0]["item_id"],
+                                              "event": "click"})
+            assert_error(fb, 503)
+            assert fb.headers["retry-after"]
+            ev = c.post("/v1/events", json={"user_id": "u", "item_id": "m-1",
+                                             "event": "click"})
+            assert_error(ev, 503)
+            # recommend keeps answering from memory, with a context-only state
+            r = c.post("/v1/recommend", json={"user_id": "u", "k": 3,
+                                              "context": {"text": "kids"}})
+            assert r.status_code == 200 and len(r.json()["items"]) == 3
+            r = c.post("/v1/recommend", json={"user_id": "u", "k": 3,
+                                              "context": {"text": "a text never seen"}})
+            assert r.status_code == 200
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.stop()
+
+
+@pytest.mark.gpu
+def test_cuda_encoder_and_scorer_match_cpu(encoder):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import numpy as np
+
+    from models.encoder import TextEncoder
+    from models.qnet import QNetwork, Scorer
+    from models.state import StateLayout
+
+    texts = ["Toy Story (1995). Animation", "a 30 year old engineer"]
+    gpu = TextEncoder(device="cuda")
+    assert np.allclose(gpu.encode(texts), encoder.encode(texts), atol=1e-4)
+    layout = StateLayout(384)
+    net = QNetwork(layout.size, 384)
+    state = np.random.default_rng(0).standard_normal((4, layout.size)).astype(np.float32)
+    q_cpu, v_cpu = Scorer(net, 0, "cpu").query(state)
+    q_gpu, v_gpu = Scorer(net, 0, "cuda").query(state)
+    assert np.allclose(q_cpu, q_gpu, atol=1e-4) and np.allclose(v_cpu, v_gpu, atol=1e-4)

@@ -85,17 +85,24 @@ class DQNLearner:
         return self.buffer.add(states, actions, rewards, next_states, done)
 
     def train(self, next_action_fn: NextActionFn, new_slots: np.ndarray | None = None,
-              steps: int | None = None) -> bool:
-        """Run gradient steps; returns False (and rolls back) if weights went non-finite."""
+              steps: int | None = None, max_steps: int = 64) -> bool:
+        """Run gradient steps; returns False (and rolls back) if weights went non-finite.
+
+        Every new transition enters at least one minibatch (half of each batch is new
+        data until all of it was used), so the step count grows with the traffic:
+        ``max(steps_per_batch, ceil(new / (batch/2)))``, capped at ``max_steps``.
+        """
         if len(self.buffer) == 0:
             return True
         cfg = self.config
-        steps = cfg.steps_per_batch if steps is None else steps
+        new_slots = np.zeros(0, dtype=np.int64) if new_slots is None else new_slots
+        half = max(cfg.batch_size // 2, 1)
+        if steps is None:
+            steps = min(max(cfg.steps_per_batch, -(-len(new_slots) // half)), max_steps)
         for step in range(steps):
-            include = new_slots if step == 0 else None
+            include = new_slots[step * half:(step + 1) * half]
             batch = self.buffer.sample(cfg.batch_size, include)
-            loss = self._step(batch, next_action_fn)
-            self.last_loss = loss
+            self.last_loss = self._step(batch, next_action_fn)
             self.updates += 1
         if not all_finite(self.online) or not np.isfinite(self.last_loss):
             self.rejected_updates += 1

@@ -30,7 +30,7 @@ from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import CandidateIndex
 from models.lru import LRUCache
 from models.qnet import QNetwork, Scorer, weights_from_bytes
-from models.state import StateLayout
+from models.state import StateLayout, exposure_features
 
 log = logging.getLogger("recsvc.engine")
 
@@ -214,12 +214,13 @@ class Engine:
         epsilon = self.epsilon if explore else 0.0
         now = time.time()
         scorer = self.scorer
-        state, ids, scores, choice = await self.run(
+        state, ids, scores, feats, choice = await self.run(
             self._choose, scorer, user_data, ctx, banned, candidates, k, epsilon, now)
         slate = Slate(new_ulid(), scorer.version, [ids[i] for i in choice.indices],
                       scores[choice.indices], choice)
         imp = Impression(slate.request_id, user_id, now, scorer.version, state.tobytes(),
-                         slate.item_ids, choice.propensities.tolist(), choice.explored.tolist())
+                         slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
+                         feats[choice.indices].tolist())
         try:
             await self.store.log_impression(imp, self.settings.impression_ttl_s,
                                             self.settings.history_len)
@@ -232,7 +233,7 @@ class Engine:
 
     def _choose(self, scorer: Scorer, user_data: UserData, ctx: np.ndarray | None,
                 banned: set[str], candidates: list[str] | None, k: int, epsilon: float,
-                now: float) -> tuple[np.ndarray, list[str], np.ndarray, SlateChoice]:
+                now: float) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]:
         s = self.settings
         state = user_state(self.layout, user_data, ctx, self.index, s.rewards, s.history_len,
                            s.history_decay, now)
@@ -242,8 +243,11 @@ class Engine:
                       if c not in banned and self.index.is_recommendable(c)]
             ids, items = self.index.vectors_of(wanted)
         else:
-            ids, items = self.index.search(query, s.candidates, [banned])[0]
-        scores = Scorer.score(query[0], float(value[0]), items)
+            ids, items = self.index.search(query[:, : self.layout.dim], s.candidates,
+                                           [banned])[0]
+        touched = {h["item_id"] for h in user_data.history}
+        feats = exposure_features(ids, user_data.shown, touched, now)
+        scores = Scorer.score(query[0], float(value[0]), items, feats)
         with self._rng_lock:
             choice = epsilon_greedy_slate(scores, k, epsilon, self._rng)
-        return state, ids, scores, choice
+        return state, ids, scores, feats, choice

@@ -28,7 +28,7 @@ from app.store import Impression, Store, StoreUnavailable, UserData
 from models.index import CandidateIndex
 from models.learner import DQNLearner
 from models.qnet import all_finite
-from models.state import StateLayout
+from models.state import N_ITEM_FEATURES, StateLayout
 
 log = logging.getLogger("recsvc.learner")
 
@@ -48,6 +48,14 @@ class Transition:
     item_id: str
     reward: float
     context: np.ndarray | None
+    features: np.ndarray  # the item's exposure features when it was shown
+
+
+def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
+    """Exposure features the item had when it was placed in this slate."""
+    if imp.features:
+        return np.asarray(imp.features[imp.item_ids.index(item_id)], dtype=np.float32)
+    return np.zeros(N_ITEM_FEATURES, dtype=np.float32)
 
 
 class LearnerWorker:
@@ -139,7 +147,8 @@ class LearnerWorker:
                 p.rewarded.add(f["item_id"])
             state = np.frombuffer(imp.state, dtype=np.float32)
             transitions.append(Transition(imp.user_id, state, f["item_id"], float(f["reward"]),
-                                          context_of(self.layout, state)))
+                                          context_of(self.layout, state),
+                                          _slot_features(imp, f["item_id"])))
             learned_feedback += 1
         for rid, p in list(self.pending.items()):
             if p.deadline > now:
@@ -149,7 +158,8 @@ class LearnerWorker:
             for item_id in p.imp.item_ids:
                 if item_id not in p.rewarded:
                     transitions.append(Transition(p.imp.user_id, state, item_id,
-                                                  self.settings.rewards.default, ctx))
+                                                  self.settings.rewards.default, ctx,
+                                                  _slot_features(p.imp, item_id)))
             acks.append(p.entry_id)
             del self.pending[rid]
 
@@ -166,12 +176,13 @@ class LearnerWorker:
     def _learn(self, transitions: list[Transition], users: dict[str, UserData],
                now: float) -> bool:
         s = self.settings
-        known, actions = self.index.vectors_of([t.item_id for t in transitions])
+        known, embeddings = self.index.vectors_of([t.item_id for t in transitions])
         keep = set(known)
         rows = [t for t in transitions if t.item_id in keep]  # deleted items: nothing to learn
         if not rows:
             return False
-        # vectors_of keeps order and drops unknown ids, so actions align with rows
+        # vectors_of keeps order and drops unknown ids, so embeddings align with rows
+        actions = np.concatenate([embeddings, np.stack([t.features for t in rows])], axis=1)
         next_states = {}
         for t in rows:
             key = (t.user_id, None if t.context is None else t.context.tobytes())

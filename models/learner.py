@@ -21,7 +21,7 @@ from torch import nn
 from models.qnet import QNetwork, all_finite, weights_from_bytes, weights_to_bytes
 from models.replay import ReplayBuffer
 
-# (B, d) online queries -> (B, d) embeddings of the chosen next actions, (B,) valid mask
+# (B, d) online retrieval queries -> (B, d) embeddings of the next actions, (B,) valid mask
 NextActionFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -50,7 +50,8 @@ class DQNLearner:
         self.online = QNetwork(state_dim, item_dim, self.config.hidden).to(device)
         self.target = copy.deepcopy(self.online).eval()
         self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
-        self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, item_dim,
+        self.item_dim = item_dim
+        self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, self.online.action_dim,
                                    seed=self.config.seed)
         self.updates = 0
         self.rejected_updates = 0
@@ -118,8 +119,10 @@ class DQNLearner:
                              t(batch.next_states), t(batch.done))
         with torch.no_grad():
             online_query, _ = self.online(s2)
-            next_actions, valid = next_action_fn(online_query.cpu().numpy())
-            a2 = t(next_actions.astype(np.float32))
+            next_items, valid = next_action_fn(online_query[:, : self.item_dim].cpu().numpy())
+            # a fresh retrieval at s' has not been shown yet: its exposure features are zero
+            a2 = torch.zeros(len(s2), self.online.action_dim, device=self.device)
+            a2[:, : self.item_dim] = t(next_items.astype(np.float32))
             bootstrap = self.target.q_of_actions(s2, a2) * t(valid.astype(np.float32))
             target = r + cfg.gamma * (1.0 - done) * bootstrap
         q = self.online.q_of_actions(s, a)

@@ -1,10 +1,12 @@
 """The Q-network: a state tower whose output is a query in item-embedding space.
 
-Q(s, a) = V(s) + q(s) . e_a, where e_a is the item's (frozen, unit-norm)
-transformer embedding and q(s) is produced by an MLP with a linear skip over
-the state. The item side is the precomputed embedding itself, so scoring N
-candidates is one ``(N, d) @ (d,)`` product after one small MLP pass, and the
-same q(s) is the FAISS retrieval query: retrieval and ranking agree. New items
+Q(s, a) = V(s) + q(s) . e_a + w(s) . f_a, where e_a is the item's (frozen,
+unit-norm) transformer embedding, f_a are a few user-item exposure features
+(``models.state.exposure_features``: was it just shown and ignored?) and q(s),
+w(s) are produced by an MLP with a linear skip over the state. The item side is
+the precomputed embedding itself, so scoring N candidates is one ``(N, d) @ (d,)``
+product after one small MLP pass (plus an ``(N, 2) @ (2,)`` one), and the same
+q(s) is the FAISS retrieval query: retrieval and ranking agree. New items
 are scored from their embedding alone (no item-id parameters), so they are
 recommendable as soon as they are upserted.
 
@@ -24,12 +26,16 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from models.state import N_ITEM_FEATURES
+
 
 class QNetwork(nn.Module):
-    def __init__(self, state_dim: int, item_dim: int, hidden: int = 256) -> None:
+    def __init__(self, state_dim: int, item_dim: int, hidden: int = 256,
+                 item_features: int = N_ITEM_FEATURES) -> None:
         super().__init__()
         self.state_dim = state_dim
         self.item_dim = item_dim
+        self.item_features = item_features
         self.hidden = hidden
         self.trunk = nn.Sequential(
             nn.Linear(state_dim, hidden), nn.GELU(),
@@ -37,11 +43,14 @@ class QNetwork(nn.Module):
         )
         self.query_head = nn.Linear(hidden, item_dim)
         self.value_head = nn.Linear(hidden, 1)
+        self.feature_head = nn.Linear(hidden, item_features)
         self.skip = nn.Linear(state_dim, item_dim, bias=False)
         nn.init.zeros_(self.query_head.weight)
         nn.init.zeros_(self.query_head.bias)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        nn.init.zeros_(self.feature_head.weight)
+        nn.init.zeros_(self.feature_head.bias)
         self.reset_content_prior()
 
     @torch.no_grad()
@@ -62,19 +71,28 @@ class QNetwork(nn.Module):
             w[:, 2 * d: 3 * d] = -0.5 * scale * eye
         self.skip.weight.copy_(w)
 
+    @property
+    def action_dim(self) -> int:
+        """Width of an action: item embedding, then exposure features."""
+        return self.item_dim + self.item_features
+
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(query, value)``: ``(B, item_dim)`` and ``(B,)``."""
+        """Return ``(query, value)``: ``(B, action_dim)`` and ``(B,)``.
+
+        The query's first ``item_dim`` entries weigh the item embedding (and are the
+        retrieval query), the rest weigh the exposure features.
+        """
         h = self.trunk(state)
         query = self.query_head(h) + self.skip(state)
-        return query, self.value_head(h).squeeze(-1)
+        return torch.cat([query, self.feature_head(h)], -1), self.value_head(h).squeeze(-1)
 
-    def q_values(self, state: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Q for a batch of states against per-state candidates ``(B, N, d)`` -> ``(B, N)``."""
+    def q_values(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q for states against per-state candidates ``(B, N, action_dim)`` -> ``(B, N)``."""
         query, value = self(state)
-        return torch.einsum("bd,bnd->bn", query, items) + value.unsqueeze(-1)
+        return torch.einsum("bd,bnd->bn", query, actions) + value.unsqueeze(-1)
 
     def q_of_actions(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q of one action per state: ``(B, d)`` actions -> ``(B,)``."""
+        """Q of one action per state: ``(B, action_dim)`` actions -> ``(B,)``."""
         query, value = self(state)
         return (query * actions).sum(-1) + value
 
@@ -83,14 +101,15 @@ def weights_to_bytes(net: QNetwork) -> bytes:
     """Serialise weights as safetensors (never pickle: weights come from a shared store)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
-            "hidden": str(net.hidden)}
+            "hidden": str(net.hidden), "item_features": str(net.item_features)}
     return st_save(tensors, metadata=meta)
 
 
 def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
     """Rebuild a QNetwork from ``weights_to_bytes`` output."""
     meta = _metadata(blob)
-    net = QNetwork(int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]))
+    net = QNetwork(int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
+                   int(meta.get("item_features", N_ITEM_FEATURES)))
     net.load_state_dict(st_load(blob))
     return net.to(device).eval()
 
@@ -116,12 +135,21 @@ class Scorer:
 
     @torch.inference_mode()
     def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(B, state_dim)`` -> query vectors ``(B, d)`` and state values ``(B,)``."""
+        """``(B, state_dim)`` -> queries ``(B, action_dim)`` and state values ``(B,)``.
+
+        ``query[:, :item_dim]`` is the retrieval query in item-embedding space.
+        """
         s = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)).to(self.device)
         q, v = self.net(s)
         return q.float().cpu().numpy(), v.float().cpu().numpy()
 
     @staticmethod
-    def score(query: np.ndarray, value: float, items: np.ndarray) -> np.ndarray:
-        """Q of every candidate: one matrix-vector product over item embeddings."""
-        return items @ query + value
+    def score(query: np.ndarray, value: float, items: np.ndarray,
+              features: np.ndarray | None = None) -> np.ndarray:
+        """Q of every candidate: one matrix-vector product over item embeddings, plus
+        the exposure features' small product (zero features when none are given)."""
+        d = items.shape[1]
+        scores = items @ query[:d] + value
+        if features is not None and len(features):
+            scores += features @ query[d:]
+        return scores

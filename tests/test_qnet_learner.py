@@ -1,12 +1,14 @@
 """Q-network scoring and serialisation, and that DQN learning moves the policy."""
 
+import json
+
 import numpy as np
 import torch
 
 from models.exploration import epsilon_greedy_slate
 from models.learner import DQNConfig, DQNLearner
 from models.qnet import QNetwork, Scorer, weights_from_bytes, weights_to_bytes
-from models.state import StateLayout, build_state
+from models.state import N_ITEM_FEATURES, StateLayout, build_state, exposure_features
 
 
 def unit(rng, n, d):
@@ -23,14 +25,16 @@ def test_fast_scores_equal_the_straightforward_per_candidate_q():
     rng = np.random.default_rng(0)
     state = rng.standard_normal(layout.size).astype(np.float32)
     items = unit(rng, 200, 16)
+    feats = rng.random((200, net.item_features)).astype(np.float32)
+    actions = np.concatenate([items, feats], 1)
     scorer = Scorer(net, 3)
     q, v = scorer.query(state[None])
-    fast = Scorer.score(q[0], float(v[0]), items)
+    fast = Scorer.score(q[0], float(v[0]), items, feats)
     with torch.no_grad():
         slow = np.array([float(net.q_of_actions(torch.from_numpy(state[None]),
-                                                torch.from_numpy(items[i:i + 1]))[0])
+                                                torch.from_numpy(actions[i:i + 1]))[0])
                          for i in range(len(items))])
-        batched = net.q_values(torch.from_numpy(state[None]), torch.from_numpy(items[None]))
+        batched = net.q_values(torch.from_numpy(state[None]), torch.from_numpy(actions[None]))
     assert np.allclose(fast, slow, atol=1e-5)
     assert np.allclose(fast, batched.numpy()[0], atol=1e-5)
 
@@ -40,7 +44,9 @@ def test_weights_round_trip_through_safetensors():
     for p in net.parameters():
         torch.nn.init.normal_(p)
     blob = weights_to_bytes(net)
-    assert not blob.startswith(b"\x80")  # not a pickle
+    # safetensors: 8-byte little-endian header length, then a JSON header (no pickle)
+    header_len = int.from_bytes(blob[:8], "little")
+    assert json.loads(blob[8:8 + header_len])["__metadata__"]["item_dim"] == "8"
     again = weights_from_bytes(blob)
     x = torch.randn(4, net.state_dim)
     assert torch.allclose(net(x)[0], again(x)[0]) and torch.allclose(net(x)[1], again(x)[1])
@@ -85,12 +91,13 @@ def _run_synthetic(train: bool, rounds: int = 500, seed: int = 0) -> float:
         choice = epsilon_greedy_slate(Scorer.score(q[0], float(v[0]), items), 5, 0.3, rng)
         clicks = np.array([rng.random() < (0.9 if i == best[c] else 0.05)
                            for i in choice.indices], dtype=np.float32)
-        slots = learner.add(np.repeat(states[c:c + 1], 5, 0), items[choice.indices], clicks,
+        shown = np.concatenate([items[choice.indices], np.zeros((5, N_ITEM_FEATURES))], 1)
+        slots = learner.add(np.repeat(states[c:c + 1], 5, 0), shown, clicks,
                             np.repeat(states[c:c + 1], 5, 0))
         assert learner.train(next_actions, slots)
     scorer = Scorer(learner.online, 1)
     q, v = scorer.query(states)
-    greedy_top = np.argmax(q @ items.T, axis=1)
+    greedy_top = np.argmax(q[:, :d] @ items.T, axis=1)
     return float(np.mean(greedy_top == best))
 
 
@@ -106,14 +113,49 @@ def test_non_finite_update_is_rolled_back():
     learner = DQNLearner(layout.size, 8, DQNConfig(batch_size=4, hidden=16))
     rng = np.random.default_rng(0)
     s = rng.standard_normal((4, layout.size)).astype(np.float32)
-    a = unit(rng, 4, 8)
+    a = np.concatenate([unit(rng, 4, 8), np.zeros((4, N_ITEM_FEATURES))], 1).astype(np.float32)
     learner.add(s, a, np.ones(4, dtype=np.float32), s)
     good = {k: v.clone() for k, v in learner.online.state_dict().items()}
     # inject a poisoned transition: an infinite reward drives the weights non-finite
     learner.add(s[:1], a[:1], np.array([np.inf], dtype=np.float32), s[:1])
-    ok = learner.train(lambda q: (np.repeat(a[:1], len(q), 0), np.ones(len(q), bool)),
+    ok = learner.train(lambda q: (np.repeat(a[:1, :8], len(q), 0), np.ones(len(q), bool)),
                        np.array([4]), steps=1)
     assert not ok and learner.rejected_updates == 1
     now = learner.online.state_dict()
     assert all(torch.equal(now[k], good[k]) for k in good)
     assert all(torch.isfinite(p).all() for p in learner.online.parameters())
+
+
+def test_exposure_features_mark_recently_ignored_items():
+    shown = [("a", 100.0), ("b", 100.0), ("a", 190.0), ("c", 50.0)]
+    f = exposure_features(["x", "a", "b", "c"], shown, touched={"c"}, now=200.0,
+                          recent_s=100.0)
+    assert f[0].tolist() == [0.0, 0.0]                      # never shown
+    assert f[3].tolist() == [0.0, 0.0]                      # shown but clicked: not ignored
+    assert np.isclose(f[1, 0], np.exp(-0.1)) and np.isclose(f[2, 0], np.exp(-1.0))
+    assert f[1, 1] > f[2, 1] > 0                             # shown twice vs once
+
+
+def test_learning_uses_exposure_features():
+    """Items that never get clicked again once shown: the network learns to avoid
+    re-showing them through the exposure features alone."""
+    rng = np.random.default_rng(0)
+    d = 8
+    layout = StateLayout(d)
+    learner = DQNLearner(layout.size, d, DQNConfig(gamma=0.0, lr=3e-3, batch_size=64,
+                                                   steps_per_batch=4, hidden=32))
+    state = build_state(layout, unit(rng, 1, d)[0], np.zeros((0, d)), np.zeros((0, d)), None)
+    items = unit(rng, 200, d)
+    for _ in range(300):
+        idx = rng.choice(200, 8, replace=False)
+        fresh = rng.random(8) < 0.5
+        feats = np.where(fresh[:, None], 0.0, [[1.0, 0.3]]).astype(np.float32)
+        clicks = (fresh & (rng.random(8) < 0.5)).astype(np.float32)
+        learner.add(np.repeat(state[None], 8, 0), np.concatenate([items[idx], feats], 1),
+                    clicks, np.repeat(state[None], 8, 0))
+        learner.train(lambda q: (items[np.argmax(q @ items.T, 1)], np.ones(len(q), bool)))
+    q, v = Scorer(learner.online, 1).query(state[None])
+    fresh_scores = Scorer.score(q[0], float(v[0]), items, np.zeros((200, 2), np.float32))
+    stale_scores = Scorer.score(q[0], float(v[0]), items,
+                                np.tile(np.float32([1.0, 0.3]), (200, 1)))
+    assert (fresh_scores - stale_scores).mean() > 0.2

@@ -36,6 +36,7 @@ class Impression:
     item_ids: list[str]
     propensities: list[float]
     explored: list[bool] = field(default_factory=list)
+    features: list[list[float]] = field(default_factory=list)  # exposure features per slot
 
 
 @dataclass

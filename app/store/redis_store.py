@@ -193,7 +193,8 @@ class RedisStore(Store):
         pipe.hset(self._imp(imp.request_id), mapping={
             "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
             "state": imp.state, "items": orjson.dumps(imp.item_ids),
-            "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored)})
+            "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
+            "features": orjson.dumps(imp.features)})
         pipe.expire(self._imp(imp.request_id), ttl_s)
         if imp.item_ids:
             pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
@@ -216,7 +217,8 @@ class RedisStore(Store):
             if h:
                 out[rid] = Impression(rid, h[b"user_id"].decode(), float(h[b"ts"]),
                                       int(h[b"version"]), h[b"state"], orjson.loads(h[b"items"]),
-                                      orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]))
+                                      orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]),
+                                      orjson.loads(h.get(b"features", b"[]")))
         return out
 
     @_guard

@@ -1,0 +1,240 @@
+"""Learning quality: the service against random, popularity, Vowpal Wabbit and an oracle.
+
+Every policy meets the same seeded users, sessions and uniform draws (see
+``bench/simulator.py``). The service is driven over HTTP exactly as a client would:
+the catalog is uploaded, ``recommend`` is called with the user id and the
+demographics as context, and ``feedback`` is sent for clicks only (shown items
+without a click are learned from through the reward window).
+
+    python -m bench.quality [--seeds 0 1 2] [--requests 10000] [--variant default]
+                            [--policies service random popularity vw-epsilon vw-squarecb oracle]
+                            [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, replace
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from bench.peers import OraclePolicy, PopularityPolicy, RandomPolicy, VowpalPolicy
+from bench.server import running_service
+from bench.simulator import Request, Session, SimConfig, World, request_stream
+
+VARIANTS = {
+    "default": {},
+    "long-sessions": {"session_len": 10.0},
+    "short-sessions": {"session_len": 2.0},
+    "no-fatigue": {"fatigue": 0.0, "ignore_decay": 1.0},
+    "strong-position-bias": {"position_eta": 1.0},
+}
+PEERS = ["random", "popularity", "vw-epsilon", "vw-squarecb"]
+ALL = ["service", *PEERS, "oracle"]
+
+
+def simulate(world: World, requests: list[Request], choose, learn, desc: str) -> np.ndarray:
+    """Run one policy over the request stream; returns clicks per request."""
+    clicks = np.zeros(len(requests))
+    consumed: dict[int, set[int]] = {}
+    session: Session | None = None
+    session_id = -1
+    for r in tqdm(requests, desc=desc, unit="req", mininterval=2.0):
+        if r.session != session_id:
+            session = Session(world, r.user,
+                              np.random.default_rng([world.config.seed, r.session]))
+            session_id = r.session
+        seen = consumed.setdefault(r.user, set())
+        items = choose(r, session, seen)
+        p = session.click_probs(items, seen)
+        clicked = r.draws[: len(items)] < p
+        session.observe(items, clicked)
+        seen.update(items[clicked].tolist())
+        learn(r, items, clicked)
+        clicks[r.index] = clicked.sum()
+    return clicks
+
+
+def run_peer(name: str, world: World, requests: list[Request]) -> np.ndarray:
+    seed = world.config.seed
+    k = world.config.slate
+    policy = {"random": lambda: RandomPolicy(world, seed),
+              "popularity": lambda: PopularityPolicy(world, seed),
+              "vw-epsilon": lambda: VowpalPolicy(world, seed, "--epsilon 0.05"),
+              "vw-squarecb": lambda: VowpalPolicy(world, seed, "--squarecb --gamma_scale 100"),
+              "oracle": lambda: OraclePolicy(world)}[name]()
+    return simulate(world, requests,
+                    lambda r, s, seen: policy.slate(r.user, s, seen, k),
+                    lambda r, items, clicked: policy.learn(r.user, items, clicked, None),
+                    f"{name} seed {seed}")
+
+
+def run_service(world: World, requests: list[Request], env: dict[str, str]) -> np.ndarray:
+    seed = world.config.seed
+    index = {item_id: i for i, item_id in enumerate(world.item_ids)}
+    users = world.data.users
+    with running_service({"RECSVC_DEVICE": "cpu", "RECSVC_SEED": str(seed), **env}) as url, \
+            httpx.Client(base_url=url, timeout=60) as c:
+        items = [{"item_id": iid, "text": m.text, "tags": [g.lower() for g in m.genres]}
+                 for iid, m in zip(world.item_ids, world.data.movies, strict=True)]
+        for s in range(0, len(items), 500):
+            c.post("/v1/items", json={"items": items[s:s + 500]}).raise_for_status()
+        last: dict[str, str] = {}
+
+        def choose(r: Request, session: Session, seen: set[int]) -> np.ndarray:
+            u = users[r.user]
+            resp = c.post("/v1/recommend", json={"user_id": f"u-{u.user_id}",
+                                                 "context": {"text": u.context},
+                                                 "k": world.config.slate})
+            resp.raise_for_status()
+            body = resp.json()
+            last["request_id"] = body["request_id"]
+            return np.array([index[i["item_id"]] for i in body["items"]], dtype=np.int64)
+
+        def learn(r: Request, items: np.ndarray, clicked: np.ndarray) -> None:
+            for i in items[clicked]:
+                c.post("/v1/feedback", json={"request_id": last["request_id"],
+                                             "item_id": world.item_ids[int(i)],
+                                             "event": "click"}).raise_for_status()
+
+        clicks = simulate(world, requests, choose, learn, f"service seed {seed}")
+        model = c.get("/v1/model").json()
+    print(f"service seed {seed}: {model}")
+    return clicks
+
+
+def summarise(clicks: np.ndarray, requests: list[Request], k: int, windows: int = 10) -> dict:
+    n = len(clicks)
+    steps = np.array([min(r.step, 5) for r in requests])
+    return {
+        "ctr": clicks.sum() / (n * k),
+        "last20": clicks[int(0.8 * n):].sum() / ((n - int(0.8 * n)) * k),
+        "first10": clicks[: int(0.1 * n)].sum() / (int(0.1 * n) * k),
+        "curve": [float(w.mean() / k) for w in np.array_split(clicks, windows)],
+        "by_step": [float(clicks[steps == s].mean() / k) if (steps == s).any() else float("nan")
+                    for s in range(6)],
+    }
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values)
+    se = a.std(ddof=1) / np.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return float(a.mean()), float(se)
+
+
+def report(results: dict[str, list[dict]], seeds: list[int], config: SimConfig,
+           variant: str, command: str) -> str:
+    lines = [f"Variant `{variant}`: {asdict(config) | {'seed': seeds}}", "",
+             f"Command: `{command}`", "",
+             "| policy | CTR | last-20% CTR | first-10% CTR | last-20% per seed |",
+             "|---|---|---|---|---|"]
+    for name, runs in results.items():
+        ctr = mean_se([r["ctr"] for r in runs])
+        last = mean_se([r["last20"] for r in runs])
+        first = mean_se([r["first10"] for r in runs])
+        per_seed = ", ".join(f"{r['last20']:.4f}" for r in runs)
+        lines.append(f"| {name} | {ctr[0]:.4f} ± {ctr[1]:.4f} | {last[0]:.4f} ± {last[1]:.4f} "
+                     f"| {first[0]:.4f} ± {first[1]:.4f} | {per_seed} |")
+    peers = [p for p in results if p in PEERS]
+    if "service" in results and peers:
+        ratios = []
+        for i in range(len(seeds)):
+            best = max(results[p][i]["last20"] for p in peers)
+            ratios.append(results["service"][i]["last20"] / best)
+        lines += ["", "Service last-20% CTR / best peer's, per seed: " +
+                  ", ".join(f"{x:.2f}x" for x in ratios)]
+    lines += ["", "CTR by step within a session (steps 0..4, 5+), mean over seeds:", "",
+              "| policy | " + " | ".join(["0", "1", "2", "3", "4", "5+"]) + " |",
+              "|---|" + "---|" * 6]
+    for name, runs in results.items():
+        steps = np.nanmean([r["by_step"] for r in runs], axis=0)
+        lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in steps) + " |")
+    lines += ["", "Learning curve (CTR per tenth of the run), mean over seeds:", "",
+              "| policy | " + " | ".join(str(i + 1) for i in range(10)) + " |",
+              "|---|" + "---|" * 10]
+    for name, runs in results.items():
+        curve = np.mean([r["curve"] for r in runs], axis=0)
+        lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in curve) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, runs in results.items():
+        curves = np.array([r["curve"] for r in runs])
+        x = (np.arange(curves.shape[1]) + 0.5) * 10
+        mean = curves.mean(0)
+        se = curves.std(0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+        ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, mean - se, mean + se, alpha=0.2)
+    ax.set_xlabel("% of requests")
+    ax.set_ylabel("CTR per shown item")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_docs(section: str, variant: str, path: str = "docs/benchmarks.md") -> None:
+    start, end = f"<!-- quality:{variant}:start -->", f"<!-- quality:{variant}:end -->"
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    block = f"{start}\n{section}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n### Quality, variant `{variant}`\n\n{block}\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--variant", choices=list(VARIANTS), default="default")
+    ap.add_argument("--policies", nargs="+", choices=ALL, default=ALL)
+    ap.add_argument("--service-env", nargs="*", default=[],
+                    help="extra RECSVC_ settings for the service, NAME=VALUE")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+    env = dict(kv.split("=", 1) for kv in args.service_env)
+    command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    results: dict[str, list[dict]] = {p: [] for p in args.policies}
+    base = replace(SimConfig(requests=args.requests), **VARIANTS[args.variant])
+    started = time.time()
+    for seed in args.seeds:
+        config = replace(base, seed=seed)
+        world = World.build(config)
+        requests = request_stream(world)
+        for name in args.policies:
+            clicks = (run_service(world, requests, env) if name == "service"
+                      else run_peer(name, world, requests))
+            results[name].append(summarise(clicks, requests, config.slate))
+            r = results[name][-1]
+            print(f"seed {seed} {name:12s} CTR {r['ctr']:.4f}  last-20% {r['last20']:.4f}",
+                  flush=True)
+    section = report(results, args.seeds, base, args.variant, command)
+    png = f"docs/quality-{args.variant}.png"
+    plot(results, png, f"Learning curves, variant {args.variant}")
+    section += f"\n\n![learning curves]({png.removeprefix('docs/')})"
+    print(section)
+    print(f"\ntotal {time.time() - started:.0f}s")
+    if args.write_docs:
+        write_docs(section, args.variant)
+
+
+if __name__ == "__main__":
+    main()

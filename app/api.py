@@ -153,6 +153,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
             return FastJSONResponse({"accepted": True, "reward": reward, "duplicate": True},
                                   status_code=200)
         metrics.feedback.labels(body.event).inc()
+        if reward > 0:
+            engine.index.record((), (body.item_id,))
         return {"accepted": True, "reward": reward, "duplicate": False}
 
     @v1.post("/events", response_model=EventOut, status_code=202)

@@ -30,7 +30,7 @@ from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import CandidateIndex
 from models.lru import LRUCache
 from models.qnet import QNetwork, Scorer, weights_from_bytes
-from models.state import StateLayout, exposure_features
+from models.state import StateLayout, candidate_features
 
 log = logging.getLogger("recsvc.engine")
 
@@ -226,6 +226,7 @@ class Engine:
                                             self.settings.history_len)
         except StoreUnavailable:
             log.warning("store unreachable: impression %s not logged", slate.request_id)
+        self.index.record(slate.item_ids)
         self.metrics.recommendations.inc()
         self.metrics.items_served.inc(len(slate.item_ids))
         self.metrics.items_explored.inc(int(choice.explored.sum()))
@@ -246,7 +247,7 @@ class Engine:
             ids, items = self.index.search(query[:, : self.layout.dim], s.candidates,
                                            [banned])[0]
         touched = {h["item_id"] for h in user_data.history}
-        feats = exposure_features(ids, user_data.shown, touched, now)
+        feats = candidate_features(ids, user_data.shown, touched, now, self.index.stats_of(ids))
         scores = Scorer.score(query[0], float(value[0]), items, feats)
         with self._rng_lock:
             choice = epsilon_greedy_slate(scores, k, epsilon, self._rng)

@@ -59,6 +59,8 @@ class CandidateIndex:
         self._live = np.zeros(max(capacity, 1024), dtype=bool)
         # live and available: what retrieval may return
         self._servable = np.zeros(max(capacity, 1024), dtype=bool)
+        # per-row engagement counts [shown, clicked], for the popularity features
+        self._stats = np.zeros((max(capacity, 1024), 2), dtype=np.float32)
         self._n_rows = 0
         self._row_of: dict[str, int] = {}
         self._n_dead = 0
@@ -76,7 +78,10 @@ class CandidateIndex:
         live[: self._n_rows] = self._live[: self._n_rows]
         servable = np.zeros(new_cap, dtype=bool)
         servable[: self._n_rows] = self._servable[: self._n_rows]
+        stats = np.zeros((new_cap, 2), dtype=np.float32)
+        stats[: self._n_rows] = self._stats[: self._n_rows]
         self._vectors, self._ids, self._live, self._servable = vectors, ids, live, servable
+        self._stats = stats
 
     def _new_index(self, approximate: bool) -> faiss.Index:
         if approximate:
@@ -109,6 +114,8 @@ class CandidateIndex:
             # The last occurrence of a repeated id within one call wins.
             last = {item_id: i for i, item_id in enumerate(ids)}
             order = sorted(last.values())
+            carried = {ids[i]: self._stats[self._row_of[ids[i]]].copy()
+                       for i in order if ids[i] in self._row_of}  # re-embedding keeps counts
             for i in order:
                 self._retire(ids[i])
             start = self._n_rows
@@ -120,8 +127,11 @@ class CandidateIndex:
             self._servable[rows] = avail[order].astype(bool)
             self._n_unavailable += int((~self._servable[rows]).sum())
             self._n_rows += len(order)
+            self._stats[rows] = 0.0
             for row, i in zip(rows.tolist(), order, strict=True):
                 self._row_of[ids[i]] = row
+                if ids[i] in carried:
+                    self._stats[row] = carried[ids[i]]
             self._index.add(self._vectors[rows])
             self._maybe_rebuild()
             self.version += 1
@@ -168,11 +178,13 @@ class CandidateIndex:
         vectors = self._vectors[rows].copy()
         ids = self._ids[rows].copy()
         servable = self._servable[rows].copy()
+        stats = self._stats[rows].copy()
         self._reset_storage(len(rows))
         self._vectors[: len(rows)] = vectors
         self._ids[: len(rows)] = ids
         self._live[: len(rows)] = True
         self._servable[: len(rows)] = servable
+        self._stats[: len(rows)] = stats
         self._n_rows = len(rows)
         self._row_of = {item_id: i for i, item_id in enumerate(ids.tolist())}
         self._index = self._new_index(approximate)
@@ -190,6 +202,24 @@ class CandidateIndex:
             known = [i for i in ids if i in self._row_of]
             rows = np.fromiter((self._row_of[i] for i in known), dtype=np.int64, count=len(known))
             return known, self._vectors[rows].copy()
+
+    def record(self, shown: Sequence[str], clicked: Sequence[str] = ()) -> None:
+        """Count impressions and positive feedback of items (unknown ids are ignored)."""
+        with self._lock:
+            for col, ids in ((0, shown), (1, clicked)):
+                for item_id in ids:
+                    row = self._row_of.get(item_id)
+                    if row is not None:
+                        self._stats[row, col] += 1.0
+
+    def stats_of(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids), 2)`` [shown, clicked] counts; zeros for unknown ids."""
+        with self._lock:
+            rows = np.fromiter((self._row_of.get(i, -1) for i in ids), dtype=np.int64,
+                               count=len(ids))
+            out = self._stats[np.maximum(rows, 0)].copy()
+            out[rows < 0] = 0.0
+            return out
 
     def is_recommendable(self, item_id: str) -> bool:
         row = self._row_of.get(item_id)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 N_SCALARS = 5
-N_ITEM_FEATURES = 2
+N_EXPOSURE_FEATURES = 2
+N_POPULARITY_FEATURES = 2
+N_ITEM_FEATURES = N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
     of a hard rule. Vectorised over the candidates: only the (at most
     ``history_len``) shown items are looped over.
     """
-    feats = np.zeros((len(candidate_ids), N_ITEM_FEATURES), dtype=np.float32)
+    feats = np.zeros((len(candidate_ids), N_EXPOSURE_FEATURES), dtype=np.float32)
     last: dict[str, float] = {}
     count: dict[str, int] = {}
     for item_id, ts in shown:
@@ -106,3 +108,24 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
         feats[j, 0] = math.exp(-max(now - last[item_id], 0.0) / recent_s)
         feats[j, 1] = math.log1p(count[item_id]) / math.log1p(10.0)
     return feats
+
+
+def popularity_features(stats: np.ndarray, prior_ctr: float = 0.03,
+                        prior_weight: float = 20.0) -> np.ndarray:
+    """Per candidate, from its ``[shown, clicked]`` counts: smoothed log-CTR lift and
+    log impressions.
+
+    The Q-network has no item-id parameters (so new items work at once); these two
+    features let it learn that some items simply engage more than their text says.
+    A new item starts at the prior: lift 0, no impressions.
+    """
+    shown, clicked = stats[:, 0], stats[:, 1]
+    ctr = (clicked + prior_ctr * prior_weight) / (shown + prior_weight)
+    return np.stack([np.log(ctr / prior_ctr), np.log1p(shown) / 10.0], 1).astype(np.float32)
+
+
+def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
+                       touched: set[str], now: float, stats: np.ndarray) -> np.ndarray:
+    """All per-candidate features: exposure to this user, then item popularity."""
+    return np.concatenate([exposure_features(candidate_ids, shown, touched, now),
+                           popularity_features(stats)], 1)

@@ -110,3 +110,14 @@ def test_gpu_index_matches_cpu():
         idx.upsert([f"i{i}" for i in range(2000)], vecs)
     for (a, _), (b, _) in zip(cpu.search(q, 50), gpu.search(q, 50), strict=True):
         assert a == b
+
+
+def test_engagement_counts_follow_items_through_updates_and_compaction():
+    idx = CandidateIndex(4)
+    idx.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3])
+    idx.record(["a", "b", "a", "zz"], ["a"])
+    assert idx.stats_of(["a", "b", "c", "zz"]).tolist() == [[2, 1], [1, 0], [0, 0], [0, 0]]
+    idx.upsert(["a"], np.eye(4, dtype=np.float32)[3:4])  # re-embedded: counts kept
+    idx.remove(["c"])
+    idx._rebuild(False)
+    assert idx.stats_of(["a", "b"]).tolist() == [[2, 1], [1, 0]]

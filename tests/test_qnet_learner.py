@@ -149,13 +149,24 @@ def test_learning_uses_exposure_features():
     for _ in range(300):
         idx = rng.choice(200, 8, replace=False)
         fresh = rng.random(8) < 0.5
-        feats = np.where(fresh[:, None], 0.0, [[1.0, 0.3]]).astype(np.float32)
+        feats = np.zeros((8, N_ITEM_FEATURES), np.float32)
+        feats[~fresh, :2] = [1.0, 0.3]
         clicks = (fresh & (rng.random(8) < 0.5)).astype(np.float32)
         learner.add(np.repeat(state[None], 8, 0), np.concatenate([items[idx], feats], 1),
                     clicks, np.repeat(state[None], 8, 0))
         learner.train(lambda q: (items[np.argmax(q @ items.T, 1)], np.ones(len(q), bool)))
     q, v = Scorer(learner.online, 1).query(state[None])
-    fresh_scores = Scorer.score(q[0], float(v[0]), items, np.zeros((200, 2), np.float32))
-    stale_scores = Scorer.score(q[0], float(v[0]), items,
-                                np.tile(np.float32([1.0, 0.3]), (200, 1)))
+    fresh = np.zeros((200, N_ITEM_FEATURES), np.float32)
+    stale = fresh.copy()
+    stale[:, :2] = [1.0, 0.3]
+    fresh_scores = Scorer.score(q[0], float(v[0]), items, fresh)
+    stale_scores = Scorer.score(q[0], float(v[0]), items, stale)
     assert (fresh_scores - stale_scores).mean() > 0.2
+
+
+def test_popularity_features_start_at_the_prior_and_follow_counts():
+    from models.state import popularity_features
+
+    f = popularity_features(np.array([[0, 0], [1000, 100], [1000, 0]], np.float32))
+    assert np.allclose(f[0], 0.0, atol=1e-6)
+    assert f[1, 0] > 1.0 and f[2, 0] < -1.0 and f[1, 1] == f[2, 1] > 0

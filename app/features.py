@@ -43,11 +43,20 @@ def user_state(layout: StateLayout, user: UserData, context: np.ndarray | None,
                index: CandidateIndex, rewards: RewardMap, limit: int, decay: float,
                now: float) -> np.ndarray:
     """The state vector of a user at ``now`` with this request's context embedding."""
+    return user_state_and_history(layout, user, context, index, rewards, limit, decay, now)[0]
+
+
+def user_state_and_history(layout: StateLayout, user: UserData, context: np.ndarray | None,
+                           index: CandidateIndex, rewards: RewardMap, limit: int,
+                           decay: float, now: float
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The state, and the embeddings of the positive and negative history (oldest first),
+    which the per-candidate affinity features compare candidates with."""
     pos_ids, neg_ids, last_ts = split_history(user, rewards, limit)
     _, pos = index.vectors_of(pos_ids)
     _, neg = index.vectors_of(neg_ids)
     gap = None if last_ts is None else now - last_ts
-    return build_state(layout, context, pos, neg, gap, decay)
+    return build_state(layout, context, pos, neg, gap, decay), pos, neg
 
 
 def context_of(layout: StateLayout, state: np.ndarray) -> np.ndarray | None:

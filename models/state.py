@@ -18,7 +18,10 @@ import numpy as np
 N_SCALARS = 5
 N_EXPOSURE_FEATURES = 2
 N_POPULARITY_FEATURES = 2
-N_ITEM_FEATURES = N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES
+N_AFFINITY_FEATURES = 2
+N_ITEM_FEATURES = N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES + N_AFFINITY_FEATURES
+RECENT_POSITIVES = 5
+RECENT_NEGATIVES = 10
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,29 @@ def popularity_features(stats: np.ndarray, prior_ctr: float = 0.03,
     return np.stack([np.log(ctr / prior_ctr), np.log1p(shown) / 10.0], 1).astype(np.float32)
 
 
+def affinity_features(items: np.ndarray, positive: np.ndarray,
+                      negative: np.ndarray) -> np.ndarray:
+    """Per candidate: its highest cosine similarity to the user's latest positives and
+    to the items they latest ignored or rejected (0 when there are none).
+
+    This is what a session reveals: after a click on a comedy, other comedies; after
+    scrolling past three thrillers, fewer thrillers. One ``(N, d) @ (d, m)`` product
+    with ``m <= 15``; the Q-network learns how much each similarity is worth.
+    """
+    out = np.zeros((len(items), N_AFFINITY_FEATURES), dtype=np.float32)
+    if len(items) == 0:
+        return out
+    for col, hist in ((0, positive[-RECENT_POSITIVES:]), (1, negative[-RECENT_NEGATIVES:])):
+        if len(hist):
+            out[:, col] = (items @ hist.T).max(1)
+    return out
+
+
 def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
-                       touched: set[str], now: float, stats: np.ndarray) -> np.ndarray:
-    """All per-candidate features: exposure to this user, then item popularity."""
+                       touched: set[str], now: float, stats: np.ndarray, items: np.ndarray,
+                       positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """All per-candidate features: exposure to this user, item popularity, and
+    similarity to the user's latest positive and negative interactions."""
     return np.concatenate([exposure_features(candidate_ids, shown, touched, now),
-                           popularity_features(stats)], 1)
+                           popularity_features(stats),
+                           affinity_features(items, positive, negative)], 1)

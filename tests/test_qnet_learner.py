@@ -170,3 +170,12 @@ def test_popularity_features_start_at_the_prior_and_follow_counts():
     f = popularity_features(np.array([[0, 0], [1000, 100], [1000, 0]], np.float32))
     assert np.allclose(f[0], 0.0, atol=1e-6)
     assert f[1, 0] > 1.0 and f[2, 0] < -1.0 and f[1, 1] == f[2, 1] > 0
+
+
+def test_affinity_features_compare_candidates_with_recent_history():
+    from models.state import affinity_features
+
+    items = np.eye(4, dtype=np.float32)
+    f = affinity_features(items, positive=items[[0]], negative=items[[1, 2]])
+    assert f[:, 0].tolist() == [1, 0, 0, 0] and f[:, 1].tolist() == [0, 1, 1, 0]
+    assert affinity_features(items, items[:0], items[:0]).sum() == 0

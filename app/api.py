@@ -8,7 +8,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,6 +26,7 @@ from app.schemas import (
     HistoryEntry,
     ItemOut,
     ItemsIn,
+    LogOut,
     ModelOut,
     RecommendIn,
     RecommendOut,
@@ -190,6 +191,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
                         epsilon=engine.epsilon,
                         pending_impressions=int(stats.get("pending_impressions", 0)),
                         device=engine.device)
+
+    @v1.get("/log", response_model=LogOut)
+    async def evaluation_log(engine: Engine = Depends(_engine),
+                             limit: int = Query(10_000, ge=1, le=1_000_000)):
+        """Closed impressions (slate, logged propensities, rewards) for off-policy
+        evaluation; ``recsvc export-log`` and ``recsvc ope`` read this."""
+        return {"records": await engine.store.read_log(limit)}
 
     app.include_router(v1)
 

@@ -1,4 +1,4 @@
-"""The ``recsvc`` command: serve, load-items, demo."""
+"""The ``recsvc`` command: serve, load-items, demo, export-log, ope."""
 
 from __future__ import annotations
 
@@ -72,6 +72,41 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.url, args.api_key, args.requests, args.window, args.seed)
 
 
+def _fetch_log(url: str, api_key: str | None, limit: int) -> list[dict]:
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    resp = httpx.get(f"{url}/v1/log", params={"limit": limit}, headers=headers, timeout=120)
+    resp.raise_for_status()
+    return resp.json()["records"]
+
+
+def _export_log(args: argparse.Namespace) -> None:
+    records = _fetch_log(args.url, args.api_key, args.limit)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+def _ope(args: argparse.Namespace) -> None:
+    from models.ope import evaluate_slate_log
+
+    if args.log:
+        with open(args.log, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+    else:
+        records = _fetch_log(args.url, args.api_key, args.limit)
+    if not records:
+        sys.exit("no logged impressions to evaluate (the log fills as reward windows close)")
+    slots = sum(len(r["item_ids"]) for r in records)
+    print(f"{len(records)} impressions, {slots} slot decisions; CTR per slot, 95% intervals")
+    print(f"{'policy':<9} {'estimator':<6} {'CTR':>8}  interval")
+    for policy, estimates in evaluate_slate_log(records).items():
+        for name, est in estimates.items():
+            print(f"{policy:<9} {name:<6} {est.value:>8.5f}  [{est.low:.5f}, {est.high:.5f}]")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     client_args(p)
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("export-log", help="write the evaluation log (closed impressions) as JSONL")
+    p.add_argument("--out", default="recsvc-log.jsonl")
+    p.add_argument("--limit", type=int, default=100_000)
+    client_args(p)
+    p.set_defaults(fn=_export_log)
+
+    p = sub.add_parser("ope", help="off-policy estimates (IPS, SNIPS, DR) from the log")
+    p.add_argument("--log", help="a file from export-log; default: fetch from --url")
+    p.add_argument("--limit", type=int, default=100_000)
+    client_args(p)
+    p.set_defaults(fn=_ope)
 
     args = parser.parse_args(argv)
     args.fn(args)

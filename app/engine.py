@@ -220,7 +220,7 @@ class Engine:
                       scores[choice.indices], choice)
         imp = Impression(slate.request_id, user_id, now, scorer.version, state.tobytes(),
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
-                         feats[choice.indices].tolist())
+                         feats[choice.indices].tolist(), len(ids))
         try:
             await self.store.log_impression(imp, self.settings.impression_ttl_s,
                                             self.settings.history_len)

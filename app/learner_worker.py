@@ -38,7 +38,7 @@ class PendingImpression:
     imp: Impression
     entry_id: str
     deadline: float
-    rewarded: set[str] = field(default_factory=set)
+    rewards: dict[str, float] = field(default_factory=dict)  # item -> sum of its rewards
 
 
 @dataclass
@@ -56,6 +56,16 @@ def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
     if imp.features:
         return np.asarray(imp.features[imp.item_ids.index(item_id)], dtype=np.float32)
     return np.zeros(N_ITEM_FEATURES, dtype=np.float32)
+
+
+def _log_record(p: PendingImpression, default: float) -> dict:
+    """What off-policy evaluation needs of a closed impression."""
+    imp = p.imp
+    return {"request_id": imp.request_id, "user_id": imp.user_id, "ts": imp.ts,
+            "model_version": imp.model_version, "n_candidates": imp.n_candidates,
+            "item_ids": imp.item_ids, "propensities": imp.propensities,
+            "explored": imp.explored,
+            "rewards": [p.rewards.get(i, default) for i in imp.item_ids]}
 
 
 class LearnerWorker:
@@ -144,22 +154,24 @@ class LearnerWorker:
             if imp is None:
                 continue
             if p:
-                p.rewarded.add(f["item_id"])
+                p.rewards[f["item_id"]] = p.rewards.get(f["item_id"], 0.0) + float(f["reward"])
             state = np.frombuffer(imp.state, dtype=np.float32)
             transitions.append(Transition(imp.user_id, state, f["item_id"], float(f["reward"]),
                                           context_of(self.layout, state),
                                           _slot_features(imp, f["item_id"])))
             learned_feedback += 1
+        closed: list[dict] = []
+        default = self.settings.rewards.default
         for rid, p in list(self.pending.items()):
             if p.deadline > now:
                 continue
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
             for item_id in p.imp.item_ids:
-                if item_id not in p.rewarded:
-                    transitions.append(Transition(p.imp.user_id, state, item_id,
-                                                  self.settings.rewards.default, ctx,
+                if item_id not in p.rewards:
+                    transitions.append(Transition(p.imp.user_id, state, item_id, default, ctx,
                                                   _slot_features(p.imp, item_id)))
+            closed.append(_log_record(p, default))
             acks.append(p.entry_id)
             del self.pending[rid]
 
@@ -170,6 +182,7 @@ class LearnerWorker:
             self._dirty = self._dirty or ok
         self.feedback_learned += learned_feedback
         self.transitions += len(transitions)
+        await self.store.append_log(closed, self.settings.ope_log_size)
         await self.store.ack(acks)
         return len(transitions)
 

@@ -128,3 +128,19 @@ class ErrorInfo(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorInfo
+
+
+class LogRecord(BaseModel):
+    request_id: str
+    user_id: str
+    ts: float
+    model_version: int
+    n_candidates: int
+    item_ids: list[str]
+    propensities: list[float]
+    explored: list[bool]
+    rewards: list[float]
+
+
+class LogOut(BaseModel):
+    records: list[LogRecord]

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     reward_default: float = Field(0.0, description="reward of shown items with no feedback")
     reward_wait_s: float = Field(30.0, description="reward window after an impression")
     impression_ttl_s: int = Field(86_400, description="feedback accepted this long after recommend")
+    ope_log_size: int = Field(100_000, description="closed impressions kept for evaluation")
     learner_poll_s: float = Field(0.2, description="learner loop period")
     publish_interval_s: float = Field(1.0, description="min seconds between weight versions")
     weights_poll_s: float = Field(0.5, description="how often servers check for new weights")

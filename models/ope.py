@@ -71,3 +71,44 @@ def doubly_robust(rewards, logging_p, target_p, qhat_logged, qhat_target,
 def on_policy(rewards, level: float = 0.95) -> Estimate:
     """Plain mean of rewards logged by the policy itself, with its interval."""
     return _mean_estimate(np.asarray(rewards, dtype=np.float64), level)
+
+
+SLATE_POLICIES = ("logging", "greedy", "uniform")
+
+
+def evaluate_slate_log(records: list[dict], level: float = 0.95
+                       ) -> dict[str, dict[str, Estimate]]:
+    """CTR estimates from the service's log of closed impressions.
+
+    Every slot is one decision with its logged probability, conditional on the items
+    already placed, and its reward (a click is a reward > 0). The policies are:
+
+    - ``logging``: the policy that served (weights 1: its on-policy CTR);
+    - ``greedy``: the same model without exploration, which places the logged item
+      exactly when the slot was not explored (probability 1, else 0);
+    - ``uniform``: a uniformly random pick among the remaining candidates.
+
+    The doubly robust reward model is the mean reward of each slot position. The
+    estimates are per-slot CTRs given the logged prefixes, averaged over slots.
+    """
+    props, clicks, explored, remaining, slots = [], [], [], [], []
+    for rec in records:
+        n = int(rec.get("n_candidates") or len(rec["item_ids"]))
+        for j, (p, r) in enumerate(zip(rec["propensities"], rec["rewards"], strict=True)):
+            props.append(p)
+            clicks.append(1.0 if r > 0 else 0.0)
+            explored.append(bool(rec["explored"][j]) if rec.get("explored") else False)
+            remaining.append(max(n - j, 1))
+            slots.append(j)
+    p, r = np.asarray(props), np.asarray(clicks)
+    slot = np.asarray(slots)
+    targets = {"logging": p, "greedy": (~np.asarray(explored, dtype=bool)).astype(float),
+               "uniform": 1.0 / np.asarray(remaining, dtype=np.float64)}
+    qhat_by_slot = np.array([r[slot == j].mean() for j in range(slot.max() + 1)]) \
+        if len(slot) else np.zeros(0)
+    qhat = qhat_by_slot[slot] if len(slot) else np.zeros(0)
+    out: dict[str, dict[str, Estimate]] = {}
+    for name, pi in targets.items():
+        out[name] = {"IPS": ips(r, p, pi, level), "SNIPS": snips(r, p, pi, level),
+                     "DR": doubly_robust(r, p, pi, qhat, qhat, level)}
+    return out

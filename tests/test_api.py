@@ -295,3 +295,19 @@ def test_body_over_limit_is_413_and_writes_nothing(backend, encoder):
 def test_unknown_route_and_method_use_the_error_body(client):
     assert_error(client.get("/v1/nothing-here"), 404, "not_found")
     assert_error(client.put("/v1/recommend", json={}), 405, "method_not_allowed")
+
+
+def test_closed_impressions_reach_the_evaluation_log(client):
+    slate = recommend(client, user="ope-user", k=3)
+    clicked = slate["items"][1]["item_id"]
+    client.post("/v1/feedback", json={"request_id": slate["request_id"], "item_id": clicked,
+                                      "event": "click"})
+    record = wait_for(lambda: next((r for r in client.get("/v1/log").json()["records"]
+                                    if r["request_id"] == slate["request_id"]), None))
+    assert record["user_id"] == "ope-user" and record["n_candidates"] == 10
+    assert record["item_ids"] == [i["item_id"] for i in slate["items"]]
+    assert record["propensities"] == [i["propensity"] for i in slate["items"]]
+    assert record["rewards"] == [0.0, 1.0, 0.0]
+    assert client.delete("/v1/users/ope-user").status_code == 204
+    assert all(r["user_id"] != "ope-user" for r in client.get("/v1/log").json()["records"])
+    assert_error(client.get("/v1/log", params={"limit": 0}), 422)

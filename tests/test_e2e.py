@@ -41,6 +41,7 @@ def server(backend, tmp_path):
         proc.kill()
         raise TimeoutError((tmp_path / "serve.log").read_text())
     with httpx.Client(base_url=url, headers={"X-API-Key": "e2e-key"}, timeout=30) as client:
+        client.tmp_path = tmp_path
         yield client, proc
     proc.terminate()
     try:
@@ -100,6 +101,18 @@ def test_full_contract_over_http(server):
         pytest.fail(f"feedback did not move the model: {model}")
     assert model["updates"] > before["updates"]
     assert c.post("/v1/recommend", json={"user_id": "u-1"}).json()["model_version"] >= 1
+
+    # the closed impression is in the evaluation log: export it and evaluate it
+    out = subprocess.run([sys.executable, "-m", "app.cli", "export-log", "--url",
+                          str(c.base_url), "--api-key", "e2e-key", "--out",
+                          str(tmp_log := c.tmp_path / "log.jsonl")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert tmp_log.read_text().count("\n") >= 1
+    ope = subprocess.run([sys.executable, "-m", "app.cli", "ope", "--log", str(tmp_log)],
+                         capture_output=True, text=True, timeout=60)
+    assert ope.returncode == 0, ope.stderr
+    assert "greedy" in ope.stdout and "SNIPS" in ope.stdout
 
     assert c.delete("/v1/items/m-0").status_code == 204
     ids = [i["item_id"] for i in c.post("/v1/recommend",

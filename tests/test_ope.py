@@ -56,3 +56,20 @@ def test_intervals_cover_the_truth_at_about_the_nominal_rate():
                                        ).contains(truth)
     for name, c in covered.items():
         assert 0.90 <= c / trials <= 0.99, (name, c / trials)
+
+
+def test_slate_log_estimates_in_closed_form():
+    from models.ope import evaluate_slate_log
+
+    # two candidates, one slot, epsilon 0.5: greedy item "a" placed with p=0.75,
+    # the other with p=0.25 (explored). "a" is clicked, "b" never.
+    records = ([{"n_candidates": 2, "item_ids": ["a"], "propensities": [0.75],
+                 "explored": [False], "rewards": [1.0]}] * 3 +
+               [{"n_candidates": 2, "item_ids": ["b"], "propensities": [0.25],
+                 "explored": [True], "rewards": [0.0]}])
+    est = evaluate_slate_log(records)
+    assert est["logging"]["IPS"].value == pytest.approx(0.75)        # on-policy CTR
+    assert est["greedy"]["IPS"].value == pytest.approx(3 / 0.75 / 4)   # = 1.0: always "a"
+    assert est["greedy"]["SNIPS"].value == pytest.approx(1.0)
+    uniform = est["uniform"]["IPS"].value
+    assert uniform == pytest.approx((3 * 0.5 / 0.75) / 4)             # = 0.5

@@ -127,3 +127,17 @@ async def test_unreachable_redis_raises_store_unavailable():
     with pytest.raises(StoreUnavailable):
         await s.record_feedback("r", "u", "i", "click", None, 1.0, 0.0, 60, 10)
     await s.close()
+
+
+async def test_evaluation_log_is_bounded_ordered_and_erasable(store):
+    records = [{"request_id": f"r{n}", "user_id": "gone" if n % 2 else "kept",
+                "item_ids": ["a"], "propensities": [0.9], "rewards": [float(n)]}
+               for n in range(6)]
+    await store.append_log(records[:4], max_len=5)
+    await store.append_log(records[4:], max_len=5)
+    got = await store.read_log(100)
+    assert [r["request_id"] for r in got] == ["r1", "r2", "r3", "r4", "r5"]
+    assert got[-1]["rewards"] == [5.0]
+    assert [r["request_id"] for r in await store.read_log(2)] == ["r4", "r5"]
+    await store.delete_user("gone")
+    assert [r["request_id"] for r in await store.read_log(100)] == ["r2", "r4"]

@@ -36,7 +36,8 @@ class Impression:
     item_ids: list[str]
     propensities: list[float]
     explored: list[bool] = field(default_factory=list)
-    features: list[list[float]] = field(default_factory=list)  # exposure features per slot
+    features: list[list[float]] = field(default_factory=list)  # per-candidate features per slot
+    n_candidates: int = 0  # how many candidates the slate was chosen from (for OPE)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_user(self, user_id: str) -> None:
-        """Erase history, shown items and logged impressions of the user."""
+        """Erase history, shown items, logged impressions and evaluation-log records."""
 
     # -- impressions and feedback ----------------------------------------------------
     @abc.abstractmethod
@@ -109,6 +110,16 @@ class Store(abc.ABC):
         """Deduplicate on (request_id, item_id, event), then append to the user's history
         and the stream. Returns ``(accepted, reward)``; a duplicate returns
         ``(False, reward of the first delivery)`` and writes nothing."""
+
+    # -- the evaluation log -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def append_log(self, records: list[dict], max_len: int) -> None:
+        """Append closed impressions (slate, propensities, rewards) to a bounded log
+        kept for off-policy evaluation; each record carries its ``user_id``."""
+
+    @abc.abstractmethod
+    async def read_log(self, limit: int) -> list[dict]:
+        """The newest ``limit`` records, oldest first."""
 
     # -- the event stream (consumer-group semantics) ---------------------------------
     @abc.abstractmethod

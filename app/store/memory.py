@@ -30,6 +30,7 @@ class MemoryStore(Store):
         self._weights: dict[int, bytes] = {}
         self._version = 0
         self._stats: dict[str, float] = {}
+        self._log: deque[dict] = deque()
 
     async def ping(self) -> bool:
         return True
@@ -82,6 +83,7 @@ class MemoryStore(Store):
             del self._entries[entry_id]
             self._pending.pop(entry_id, None)
         self._undelivered = deque(e for e in self._undelivered if e not in doomed)
+        self._log = deque(r for r in self._log if r.get("user_id") != user_id)
 
     # impressions and feedback
     def _append(self, fields: dict[str, str]) -> None:
@@ -121,6 +123,15 @@ class MemoryStore(Store):
                       "item_id": item_id, "event": event, "reward": repr(reward),
                       "ts": repr(ts)})
         return True, reward
+
+    # evaluation log
+    async def append_log(self, records: list[dict], max_len: int) -> None:
+        self._log.extend(dict(r) for r in records)
+        while len(self._log) > max_len:
+            self._log.popleft()
+
+    async def read_log(self, limit: int) -> list[dict]:
+        return [dict(r) for r in list(self._log)[-limit:]] if limit > 0 else []
 
     # stream
     async def read_stream(self, consumer: str, count: int,

@@ -10,6 +10,7 @@ Redis Cluster works:
   {p}:imp:{rid}                 logged impression (TTL)
   {p}:fb:{rid}:{item}:{event}   feedback dedupe marker holding the reward (TTL)
   {p}:events                    stream of impressions and feedback, consumer group "learners"
+  {p}:log                       capped stream of closed impressions, for off-policy evaluation
   {p}:{model}:version|w:N|stats weights versions and learner counters
 
 Acknowledged stream entries are deleted, so the stream holds only unprocessed
@@ -65,6 +66,10 @@ class RedisStore(Store):
     @property
     def _stream(self) -> str:
         return f"{self.p}:events"
+
+    @property
+    def _log(self) -> str:
+        return f"{self.p}:log"
 
     def _model(self, part: str) -> str:
         return f"{self.p}:{{model}}:{part}"
@@ -159,22 +164,25 @@ class RedisStore(Store):
             for rid in rids:
                 pipe.delete(self._imp(rid))
             await pipe.execute()
-        # Logged events of the user still waiting in the stream are erased too.
+        # Logged events of the user still waiting in the stream are erased too,
+        # and so are the user's records in the evaluation log.
         await self._ensure_group()
-        doomed = []
-        async for entry_id, fields in self._scan_stream():
-            if fields.get(b"user_id", b"").decode() == user_id:
-                doomed.append(entry_id)
+        doomed = [e async for e, f in self._scan_stream(self._stream)
+                  if f.get(b"user_id", b"").decode() == user_id]
+        logged = [e async for e, f in self._scan_stream(self._log)
+                  if f.get(b"user_id", b"").decode() == user_id]
+        pipe = self.r.pipeline(transaction=False)
         if doomed:
-            pipe = self.r.pipeline(transaction=False)
             pipe.xack(self._stream, GROUP, *doomed)
             pipe.xdel(self._stream, *doomed)
-            await pipe.execute()
+        if logged:
+            pipe.xdel(self._log, *logged)
+        await pipe.execute()
 
-    async def _scan_stream(self, batch: int = 1000):
+    async def _scan_stream(self, key: str, batch: int = 1000):
         start = "-"
         while True:
-            chunk = await self.r.xrange(self._stream, min=start, max="+", count=batch)
+            chunk = await self.r.xrange(key, min=start, max="+", count=batch)
             if not chunk:
                 return
             for entry_id, fields in chunk:
@@ -194,7 +202,7 @@ class RedisStore(Store):
             "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
             "state": imp.state, "items": orjson.dumps(imp.item_ids),
             "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
-            "features": orjson.dumps(imp.features)})
+            "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates})
         pipe.expire(self._imp(imp.request_id), ttl_s)
         if imp.item_ids:
             pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
@@ -218,7 +226,8 @@ class RedisStore(Store):
                 out[rid] = Impression(rid, h[b"user_id"].decode(), float(h[b"ts"]),
                                       int(h[b"version"]), h[b"state"], orjson.loads(h[b"items"]),
                                       orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]),
-                                      orjson.loads(h.get(b"features", b"[]")))
+                                      orjson.loads(h.get(b"features", b"[]")),
+                                      int(h.get(b"n_cand", 0)))
         return out
 
     @_guard
@@ -247,6 +256,24 @@ class RedisStore(Store):
             finally:
                 raise
         return True, reward
+
+    # evaluation log
+    @_guard
+    async def append_log(self, records: list[dict], max_len: int) -> None:
+        if not records:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for rec in records:
+            pipe.xadd(self._log, {"user_id": rec["user_id"], "json": orjson.dumps(rec)},
+                      maxlen=max_len, approximate=False)
+        await pipe.execute()
+
+    @_guard
+    async def read_log(self, limit: int) -> list[dict]:
+        if limit <= 0:
+            return []
+        entries = await self.r.xrevrange(self._log, count=limit)
+        return [orjson.loads(f[b"json"]) for _, f in reversed(entries)]
 
     # stream
     async def _ensure_group(self) -> None:

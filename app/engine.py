@@ -249,7 +249,7 @@ class Engine:
                                            [banned])[0]
         touched = {h["item_id"] for h in user_data.history}
         feats = candidate_features(ids, user_data.shown, touched, now, self.index.stats_of(ids),
-                                   items, positive, negative)
+                                   items, positive, negative, s.exposure_recent_s)
         scores = Scorer.score(query[0], float(value[0]), items, feats)
         with self._rng_lock:
             choice = epsilon_greedy_slate(scores, k, epsilon, self._rng)

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = 256
     history_len: int = Field(50, description="history entries kept per user")
     history_decay: float = Field(0.8, description="recency weight per step back in history")
+    exposure_recent_s: float = Field(1800.0, description="scale of the shown-ignored penalty")
     epsilon_start: float = 0.2
     epsilon_end: float = 0.05
     epsilon_decay: float = Field(20_000.0, description="events per 1/e decay")

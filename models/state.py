@@ -147,9 +147,10 @@ def affinity_features(items: np.ndarray, positive: np.ndarray,
 
 def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
                        touched: set[str], now: float, stats: np.ndarray, items: np.ndarray,
-                       positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+                       positive: np.ndarray, negative: np.ndarray,
+                       recent_s: float = 1800.0) -> np.ndarray:
     """All per-candidate features: exposure to this user, item popularity, and
     similarity to the user's latest positive and negative interactions."""
-    return np.concatenate([exposure_features(candidate_ids, shown, touched, now),
+    return np.concatenate([exposure_features(candidate_ids, shown, touched, now, recent_s),
                            popularity_features(stats),
                            affinity_features(items, positive, negative)], 1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import httpx
 
 
@@ -37,3 +40,17 @@ class Client:
 
     def model(self) -> dict:
         return self._ok(self.http.get("/v1/model"))
+
+
+def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float = 90.0) -> bool:
+    """Poll ``url/readyz`` until it answers 200. False as soon as ``alive()`` turns
+    false (the server process died) or when ``timeout_s`` runs out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and alive():
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False

@@ -14,6 +14,8 @@ without a click are learned from through the reward window).
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from dataclasses import asdict, replace
 
@@ -227,9 +229,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"seed {seed} {name:12s} CTR {r['ctr']:.4f}  last-20% {r['last20']:.4f}",
                   flush=True)
     section = report(results, args.seeds, base, args.variant, command)
-    png = f"docs/quality-{args.variant}.png"
+    # the recorded figure in docs/ is replaced only by a run that also writes the table
+    folder = "docs" if args.write_docs else tempfile.gettempdir()
+    png = os.path.join(folder, f"quality-{args.variant}.png")
     plot(results, png, f"Learning curves, variant {args.variant}")
-    section += f"\n\n![learning curves]({png.removeprefix('docs/')})"
+    print(f"plot: {png}")
+    section += f"\n\n![learning curves](quality-{args.variant}.png)"
     print(section)
     print(f"\ntotal {time.time() - started:.0f}s")
     if args.write_docs:

@@ -8,9 +8,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-import httpx
+from app.client import wait_ready
 
 
 def free_port() -> int:
@@ -29,17 +28,9 @@ def running_service(env: dict[str, str] | None = None, startup_s: float = 120.0)
                                 env={**os.environ, **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + startup_s
-            while True:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"service did not start:\n{log.read()}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+            if not wait_ready(url, lambda: proc.poll() is None, startup_s):
+                log.seek(0)
+                raise RuntimeError(f"service did not start:\n{log.read()}")
             yield url
         finally:
             proc.terminate()

@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from app.client import wait_ready
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -27,19 +28,9 @@ def server(backend, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp_path / "serve.log").read_text())
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
+    if not wait_ready(url, lambda: proc.poll() is None, 90):
         proc.kill()
-        raise TimeoutError((tmp_path / "serve.log").read_text())
+        raise RuntimeError((tmp_path / "serve.log").read_text())
     with httpx.Client(base_url=url, headers={"X-API-Key": "e2e-key"}, timeout=30) as client:
         client.tmp_path = tmp_path
         yield client, proc

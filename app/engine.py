@@ -223,7 +223,7 @@ class Engine:
                          feats[choice.indices].tolist(), len(ids))
         try:
             await self.store.log_impression(imp, self.settings.impression_ttl_s,
-                                            self.settings.history_len)
+                                            self.settings.shown_len)
         except StoreUnavailable:
             log.warning("store unreachable: impression %s not logged", slate.request_id)
         self.index.record(slate.item_ids)

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     hnsw_m: int = 32
     hnsw_ef_search: int = 256
     history_len: int = Field(50, description="history entries kept per user")
+    shown_len: int = Field(200, description="recently shown items remembered per user")
     history_decay: float = Field(0.8, description="recency weight per step back in history")
     exposure_recent_s: float = Field(1800.0, description="scale of the shown-ignored penalty")
     epsilon_start: float = 0.2

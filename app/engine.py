@@ -124,7 +124,11 @@ class Engine:
         blob = await self.store.get_weights(latest)
         if blob is None:
             return
-        net = await self.run(weights_from_bytes, blob, self.device)
+        try:
+            net = await self.run(weights_from_bytes, blob, self.device)
+        except ValueError as exc:  # weights of another architecture: keep what we serve
+            log.error("not serving weights version %d: %s", latest, exc)
+            return
         self.scorer = Scorer(net, latest, self.device)
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)

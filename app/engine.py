@@ -124,11 +124,7 @@ class Engine:
         blob = await self.store.get_weights(latest)
         if blob is None:
             return
-        try:
-            net = await self.run(weights_from_bytes, blob, self.device)
-        except ValueError as exc:  # weights of another architecture: keep what we serve
-            log.error("not serving weights version %d: %s", latest, exc)
-            return
+        net = await self.run(weights_from_bytes, blob, self.device)
         self.scorer = Scorer(net, latest, self.device)
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)

@@ -102,10 +102,7 @@ class LearnerWorker:
             if self.version:
                 blob = await self.store.get_weights(self.version)
                 if blob is not None:
-                    try:
-                        await self.run(self.learner.load_weights, blob)
-                    except ValueError as exc:  # another architecture: learn afresh
-                        log.error("not resuming from version %d: %s", self.version, exc)
+                    await self.run(self.learner.load_weights, blob)
             self.feedback_learned = int(stats.get("feedback_learned", 0))
             self.learner.updates = int(stats.get("updates", 0))
             await self.process(await self.store.read_stream(self.consumer, 10_000, pending=True))

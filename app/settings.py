@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
 
     # learning
-    gamma: float = Field(0.0, description="discount of the Q-learning target")
+    gamma: float = 0.3
     learning_rate: float = 1e-3
     batch_size: int = 64
     replay_size: int = 50_000

@@ -34,13 +34,6 @@ VARIANTS = {
     "no-fatigue": {"fatigue": 0.0, "ignore_decay": 1.0},
     "strong-position-bias": {"position_eta": 1.0},
 }
-# The benchmark replays 10,000 requests in a few minutes: about 2,000 times faster
-# than users click (seconds between a session's requests instead of a minute, and
-# seconds between one user's sessions instead of hours). The service's two time
-# constants are scaled the same way, or every earlier session would look like the
-# current one: the reward window (30 s in production) and the memory of shown and
-# ignored items (30 min). --service-env overrides them.
-TIME_SCALED_ENV = {"RECSVC_REWARD_WAIT_S": "1", "RECSVC_EXPOSURE_RECENT_S": "1"}
 PEERS = ["random", "popularity", "vw-epsilon", "vw-squarecb"]
 ALL = ["service", *PEERS, "oracle"]
 
@@ -85,8 +78,7 @@ def run_service(world: World, requests: list[Request], env: dict[str, str]) -> n
     seed = world.config.seed
     index = {item_id: i for i, item_id in enumerate(world.item_ids)}
     users = world.data.users
-    with running_service({"RECSVC_DEVICE": "cpu", "RECSVC_SEED": str(seed),
-                          **TIME_SCALED_ENV, **env}) as url, \
+    with running_service({"RECSVC_DEVICE": "cpu", "RECSVC_SEED": str(seed), **env}) as url, \
             httpx.Client(base_url=url, timeout=60) as c:
         items = [{"item_id": iid, "text": m.text, "tags": [g.lower() for g in m.genres]}
                  for iid, m in zip(world.item_ids, world.data.movies, strict=True)]
@@ -217,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", choices=list(VARIANTS), default="default")
     ap.add_argument("--policies", nargs="+", choices=ALL, default=ALL)
     ap.add_argument("--service-env", nargs="*", default=[],
-                    help="extra RECSVC_ settings for the service, NAME=VALUE "
-                         f"(time-scaled defaults: {TIME_SCALED_ENV})")
+                    help="extra RECSVC_ settings for the service, NAME=VALUE")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.service_env)

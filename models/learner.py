@@ -27,7 +27,7 @@ NextActionFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class DQNConfig:
-    gamma: float = 0.0
+    gamma: float = 0.3
     lr: float = 1e-3
     batch_size: int = 64
     buffer_size: int = 50_000

@@ -1,28 +1,18 @@
 """The Q-network: a state tower whose output is a query in item-embedding space.
 
-    Q(s, a) = V(s) + exp(l(s, a)),   l(s, a) = c(s) + q(s) . e_a + w(s) . f_a
-
-e_a is the item's (frozen, unit-norm) transformer embedding and f_a a few
-per-candidate features (``models.state.candidate_features``: was it just shown
-and ignored, how popular is it, how close is it to what the user just clicked or
-passed over). q(s), w(s), c(s) and V(s) come from an MLP with a linear skip over
-the state.
-
-Why a log link for the item term: a user's interest in an item moves by
-*factors* (an item scrolled past is a fraction as attractive as before, a tired
-genre half as attractive), whatever its base appeal. In log space those are
-additive and the same for every item, so a handful of feature weights learn
-them; an additive Q would have to learn a penalty as large as the best item's
-value, and regression on rare clicks fits the average item's instead. V(s)
-carries the item-independent part of the return (dueling-style), so Q can still
-take any sign.
-
-Serving stays cheap: scoring N candidates is one ``(N, d) @ (d,)`` product, a
-``(N, f) @ (f,)`` one and an ``exp``. Because ``exp`` is monotone, the top
-candidates by Q without features are the top ones by ``q(s) . e_a``, so the same
-q(s) is the FAISS retrieval query: retrieval and ranking agree. New items are
-scored from their embedding alone (no item-id parameters), so they are
+Q(s, a) = V(s) + q(s) . e_a + w(s) . f_a, where e_a is the item's (frozen,
+unit-norm) transformer embedding, f_a are a few user-item exposure features
+(``models.state.exposure_features``: was it just shown and ignored?) and q(s),
+w(s) are produced by an MLP with a linear skip over the state. The item side is
+the precomputed embedding itself, so scoring N candidates is one ``(N, d) @ (d,)``
+product after one small MLP pass (plus an ``(N, 2) @ (2,)`` one), and the same
+q(s) is the FAISS retrieval query: retrieval and ranking agree. New items
+are scored from their embedding alone (no item-id parameters), so they are
 recommendable as soon as they are upserted.
+
+V(s) is a dueling-style state value: it carries the part of the return that does
+not depend on the item, which keeps the advantage term q(s) . e_a small and
+well conditioned.
 """
 
 from __future__ import annotations
@@ -37,17 +27,6 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from models.state import N_ITEM_FEATURES
-
-# the log-scale item term starts near a typical per-item click rate
-INITIAL_LOG_SCALE = -3.0
-# bound on l(s, a): exp(8) ~ 3000 is far above any per-item reward
-MAX_LOG = 8.0
-# feature weights are learned on this scale: with one shared Adam learning rate they
-# must reach log-factors of order 1 (an ignored item at a third of its appeal) within
-# a few hundred updates, while the 384-wide query moves slowly (measured in bench/quality)
-FEATURE_GAIN = 30.0
-# stored with the weights; weights of another architecture are refused, not misread
-ARCHITECTURE = "log-link-v2"
 
 
 class QNetwork(nn.Module):
@@ -65,7 +44,6 @@ class QNetwork(nn.Module):
         self.query_head = nn.Linear(hidden, item_dim)
         self.value_head = nn.Linear(hidden, 1)
         self.feature_head = nn.Linear(hidden, item_features)
-        self.scale_head = nn.Linear(hidden, 1)
         self.skip = nn.Linear(state_dim, item_dim, bias=False)
         nn.init.zeros_(self.query_head.weight)
         nn.init.zeros_(self.query_head.bias)
@@ -73,20 +51,16 @@ class QNetwork(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         nn.init.zeros_(self.feature_head.weight)
         nn.init.zeros_(self.feature_head.bias)
-        nn.init.zeros_(self.scale_head.weight)
-        nn.init.constant_(self.scale_head.bias, INITIAL_LOG_SCALE)
         self.reset_content_prior()
 
     @torch.no_grad()
-    def reset_content_prior(self, scale: float = 1.0) -> None:
+    def reset_content_prior(self, scale: float = 0.1) -> None:
         """Start as a content-based recommender instead of a constant.
 
         Before any feedback the query is a blend of the context embedding and the
         pooled embeddings of what the user engaged with, minus what they ignored,
-        so a new deployment already ranks related items first (in log space: a
-        cosine of 0.5 makes an item ``exp(0.5 * scale)`` times as attractive).
-        Learning moves away from this prior as rewards arrive. Requires the
-        StateLayout ordering.
+        so a new deployment already ranks related items first. Learning moves away
+        from this prior as rewards arrive. Requires the StateLayout ordering.
         """
         d = self.item_dim
         w = torch.zeros(d, self.state_dim)
@@ -99,54 +73,41 @@ class QNetwork(nn.Module):
 
     @property
     def action_dim(self) -> int:
-        """Width of an action: item embedding, then per-candidate features."""
+        """Width of an action: item embedding, then exposure features."""
         return self.item_dim + self.item_features
 
-    @property
-    def query_dim(self) -> int:
-        """Width of a query: q(s), w(s), then the log scale c(s)."""
-        return self.action_dim + 1
-
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(query, value)``: ``(B, query_dim)`` and ``(B,)``.
+        """Return ``(query, value)``: ``(B, action_dim)`` and ``(B,)``.
 
         The query's first ``item_dim`` entries weigh the item embedding (and are the
-        retrieval query), the next ``item_features`` weigh the per-candidate
-        features, and the last is the log scale c(s).
+        retrieval query), the rest weigh the exposure features.
         """
         h = self.trunk(state)
         query = self.query_head(h) + self.skip(state)
-        return (torch.cat([query, FEATURE_GAIN * self.feature_head(h), self.scale_head(h)], -1),
-                self.value_head(h).squeeze(-1))
+        return torch.cat([query, self.feature_head(h)], -1), self.value_head(h).squeeze(-1)
 
     def q_values(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q for states against per-state candidates ``(B, N, action_dim)`` -> ``(B, N)``."""
         query, value = self(state)
-        logits = torch.einsum("bd,bnd->bn", query[:, :-1], actions) + query[:, -1:]
-        return torch.exp(logits.clamp(max=MAX_LOG)) + value.unsqueeze(-1)
+        return torch.einsum("bd,bnd->bn", query, actions) + value.unsqueeze(-1)
 
     def q_of_actions(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q of one action per state: ``(B, action_dim)`` actions -> ``(B,)``."""
         query, value = self(state)
-        logits = (query[:, :-1] * actions).sum(-1) + query[:, -1]
-        return torch.exp(logits.clamp(max=MAX_LOG)) + value
+        return (query * actions).sum(-1) + value
 
 
 def weights_to_bytes(net: QNetwork) -> bytes:
     """Serialise weights as safetensors (never pickle: weights come from a shared store)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
-            "hidden": str(net.hidden), "item_features": str(net.item_features),
-            "architecture": ARCHITECTURE}
+            "hidden": str(net.hidden), "item_features": str(net.item_features)}
     return st_save(tensors, metadata=meta)
 
 
 def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
     """Rebuild a QNetwork from ``weights_to_bytes`` output."""
     meta = _metadata(blob)
-    if meta.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"weights are for architecture {meta.get('architecture')!r}, "
-                         f"this build serves {ARCHITECTURE!r}")
     net = QNetwork(int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
                    int(meta.get("item_features", N_ITEM_FEATURES)))
     net.load_state_dict(st_load(blob))
@@ -174,7 +135,7 @@ class Scorer:
 
     @torch.inference_mode()
     def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(B, state_dim)`` -> queries ``(B, query_dim)`` and state values ``(B,)``.
+        """``(B, state_dim)`` -> queries ``(B, action_dim)`` and state values ``(B,)``.
 
         ``query[:, :item_dim]`` is the retrieval query in item-embedding space.
         """
@@ -186,9 +147,9 @@ class Scorer:
     def score(query: np.ndarray, value: float, items: np.ndarray,
               features: np.ndarray | None = None) -> np.ndarray:
         """Q of every candidate: one matrix-vector product over item embeddings, plus
-        the features' small product (zero features when none are given), then exp."""
+        the exposure features' small product (zero features when none are given)."""
         d = items.shape[1]
-        logits = items @ query[:d] + query[-1]
+        scores = items @ query[:d] + value
         if features is not None and len(features):
-            logits += features @ query[d:-1]
-        return np.exp(np.minimum(logits, MAX_LOG)) + value
+            scores += features @ query[d:]
+        return scores

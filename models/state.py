@@ -86,24 +86,22 @@ def build_state(layout: StateLayout, context: np.ndarray | None,
 
 def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
                       touched: set[str], now: float, recent_s: float = 1800.0) -> np.ndarray:
-    """Per candidate: how recently, and how often lately, it was shown to this user
-    and ignored.
+    """Per candidate: how recently, and how often, it was shown to this user and ignored.
 
-    ``[exp(-(now - last_shown) / recent_s), log1p(sum of exp(-age / recent_s)) / log1p(10)]``
-    over the user's remembered shown items that they did not interact with
-    (``touched`` excludes those). Both fade on the ``recent_s`` scale, so an item
-    passed over in this session counts and one passed over last week does not.
-    Users rarely click what they just scrolled past; with these features the
-    Q-network learns how much re-showing costs instead of a hard rule. Vectorised
-    over the candidates: only the (at most ``shown_len``) shown items are looped over.
+    ``[exp(-(now - last_shown) / recent_s), log1p(times_shown) / log1p(10)]`` over
+    the user's recently shown items that they did not interact with (``touched``
+    excludes those). Users rarely click what they just scrolled past; with these
+    per-candidate features the Q-network learns how much re-showing costs instead
+    of a hard rule. Vectorised over the candidates: only the (at most
+    ``history_len``) shown items are looped over.
     """
     feats = np.zeros((len(candidate_ids), N_EXPOSURE_FEATURES), dtype=np.float32)
     last: dict[str, float] = {}
-    weight: dict[str, float] = {}
+    count: dict[str, int] = {}
     for item_id, ts in shown:
         if item_id not in touched:
             last[item_id] = max(last.get(item_id, ts), ts)
-            weight[item_id] = weight.get(item_id, 0.0) + math.exp(-max(now - ts, 0.0) / recent_s)
+            count[item_id] = count.get(item_id, 0) + 1
     if not last or not len(candidate_ids):
         return feats
     ids = np.asarray(candidate_ids, dtype=object)
@@ -111,7 +109,7 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
     for j in hits:
         item_id = ids[j]
         feats[j, 0] = math.exp(-max(now - last[item_id], 0.0) / recent_s)
-        feats[j, 1] = math.log1p(weight[item_id]) / math.log1p(10.0)
+        feats[j, 1] = math.log1p(count[item_id]) / math.log1p(10.0)
     return feats
 
 

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         query, _ = learner.online(states)
     d = learner.item_dim
     w = query[:, d: d + N_ITEM_FEATURES].numpy()
-    print("learned feature weights w(s) (log-factors), mean ± sd over 5,000 replayed states:")
+    print("learned feature weights w(s), mean ± sd over 5,000 replayed states:")
     for name, mean, sd in zip(FEATURES, w.mean(0), w.std(0), strict=True):
         print(f"  {name:14s} {mean:+.3f} ± {sd:.3f}")
 

@@ -7,7 +7,7 @@ run the learner can be inspected. It prints what the quality table cannot show:
 - per session step, the share of the slate that was already shown earlier in the
   same session (re-shown items are what sank the service's later steps), and the
   true attraction of the chosen items against the catalog mean;
-- the learned per-candidate feature weights w(s) (log-factors), averaged over
+- the learned per-candidate feature weights w(s), averaged over
   5,000 states of the replay buffer.
 
     python -m bench.probe [--seed 0] [--requests 5000] [--variant default]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -52,47 +51,31 @@ def main(argv: list[str] | None = None) -> None:
 
     @contextlib.contextmanager
     def in_process(service_env: dict[str, str]):
+        """The service in this process, with ``service_env`` over the process's own
+        RECSVC_ settings (as a subprocess would have them), kept in ``apps`` so that
+        its learner can be inspected after the run."""
         from fastapi.testclient import TestClient
 
         from app.api import create_app
         from app.settings import Settings
 
-        saved = dict(os.environ)
-        os.environ.update(service_env)
-        try:
-            apps["app"] = create_app(Settings())
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        fields = {k.removeprefix("RECSVC_").lower(): v for k, v in service_env.items()}
+        apps["app"] = create_app(Settings(**fields))
         with TestClient(apps["app"], base_url="http://probe") as client:
-            apps["client"] = client
-            yield "http://probe"
+            yield client
 
     rows: list[tuple[int, float, float, float]] = []
-    drive = quality.simulate
+    shown: dict[int, set[int]] = {}
 
-    def simulate(world, reqs, choose, learn, desc):
-        shown: dict[int, set[int]] = {}
+    def observe(r, session, seen, items) -> None:
+        before = shown.setdefault(r.session, set())
+        reshown = float(np.isin(items, list(before)).mean()) if before else 0.0
+        everything = session.attraction(np.arange(world.base.shape[1]), seen)
+        rows.append((min(r.step, 5), reshown, float(session.attraction(items, seen).mean()),
+                     float(everything.mean())))
+        before.update(items.tolist())
 
-        def observed_choose(r, session, seen):
-            items = choose(r, session, seen)
-            before = shown.setdefault(r.session, set())
-            reshown = float(np.isin(items, list(before)).mean()) if before else 0.0
-            everything = session.attraction(np.arange(world.base.shape[1]), seen)
-            rows.append((min(r.step, 5), reshown, float(session.attraction(items, seen).mean()),
-                         float(everything.mean())))
-            before.update(items.tolist())
-            return items
-        return drive(world, reqs, observed_choose, learn, desc)
-
-    original = (quality.running_service, quality.httpx.Client, quality.simulate)
-    quality.running_service = in_process
-    quality.httpx.Client = lambda base_url, timeout: contextlib.nullcontext(apps["client"])
-    quality.simulate = simulate
-    try:
-        clicks = quality.run_service(world, requests, env)
-    finally:
-        quality.running_service, quality.httpx.Client, quality.simulate = original
+    clicks = quality.run_service(world, requests, env, connect=in_process, observe=observe)
     s = quality.summarise(clicks, requests, config.slate)
     print(f"\nCTR {s['ctr']:.4f}  last-20% {s['last20']:.4f}")
     a = np.array(rows)

@@ -14,6 +14,7 @@ without a click are learned from through the reward window).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -38,8 +39,12 @@ PEERS = ["random", "popularity", "vw-epsilon", "vw-squarecb"]
 ALL = ["service", *PEERS, "oracle"]
 
 
-def simulate(world: World, requests: list[Request], choose, learn, desc: str) -> np.ndarray:
-    """Run one policy over the request stream; returns clicks per request."""
+def simulate(world: World, requests: list[Request], choose, learn, desc: str,
+             observe=None) -> np.ndarray:
+    """Run one policy over the request stream; returns clicks per request.
+
+    ``observe(request, session, consumed, items)``, if given, sees each slate before
+    the user reacts to it (``bench.probe`` uses it to diagnose a policy)."""
     clicks = np.zeros(len(requests))
     consumed: dict[int, set[int]] = {}
     session: Session | None = None
@@ -51,6 +56,8 @@ def simulate(world: World, requests: list[Request], choose, learn, desc: str) ->
             session_id = r.session
         seen = consumed.setdefault(r.user, set())
         items = choose(r, session, seen)
+        if observe is not None:
+            observe(r, session, seen, items)
         p = session.click_probs(items, seen)
         clicked = r.draws[: len(items)] < p
         session.observe(items, clicked)
@@ -74,12 +81,20 @@ def run_peer(name: str, world: World, requests: list[Request]) -> np.ndarray:
                     f"{name} seed {seed}")
 
 
-def run_service(world: World, requests: list[Request], env: dict[str, str]) -> np.ndarray:
+@contextlib.contextmanager
+def service_subprocess(env: dict[str, str]):
+    """An HTTP client of a fresh ``recsvc serve`` process started with ``env``."""
+    with running_service(env) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def run_service(world: World, requests: list[Request], env: dict[str, str],
+                connect=service_subprocess, observe=None) -> np.ndarray:
+    """Drive the service over HTTP; ``connect(env)`` yields the client to drive it with."""
     seed = world.config.seed
     index = {item_id: i for i, item_id in enumerate(world.item_ids)}
     users = world.data.users
-    with running_service({"RECSVC_DEVICE": "cpu", "RECSVC_SEED": str(seed), **env}) as url, \
-            httpx.Client(base_url=url, timeout=60) as c:
+    with connect({"RECSVC_DEVICE": "cpu", "RECSVC_SEED": str(seed), **env}) as c:
         items = [{"item_id": iid, "text": m.text, "tags": [g.lower() for g in m.genres]}
                  for iid, m in zip(world.item_ids, world.data.movies, strict=True)]
         for s in range(0, len(items), 500):
@@ -102,7 +117,7 @@ def run_service(world: World, requests: list[Request], env: dict[str, str]) -> n
                                              "item_id": world.item_ids[int(i)],
                                              "event": "click"}).raise_for_status()
 
-        clicks = simulate(world, requests, choose, learn, f"service seed {seed}")
+        clicks = simulate(world, requests, choose, learn, f"service seed {seed}", observe)
         model = c.get("/v1/model").json()
     print(f"service seed {seed}: {model}")
     return clicks

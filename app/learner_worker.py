@@ -48,11 +48,11 @@ class Transition:
     item_id: str
     reward: float
     context: np.ndarray | None
-    features: np.ndarray  # the item's exposure features when it was shown
+    features: np.ndarray  # the item's per-candidate features when it was shown
 
 
 def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
-    """Exposure features the item had when it was placed in this slate."""
+    """Per-candidate features the item had when it was placed in this slate."""
     if imp.features:
         return np.asarray(imp.features[imp.item_ids.index(item_id)], dtype=np.float32)
     return np.zeros(N_ITEM_FEATURES, dtype=np.float32)

@@ -120,7 +120,9 @@ class DQNLearner:
         with torch.no_grad():
             online_query, _ = self.online(s2)
             next_items, valid = next_action_fn(online_query[:, : self.item_dim].cpu().numpy())
-            # a fresh retrieval at s' has not been shown yet: its exposure features are zero
+            # the next action is valued on its embedding alone: it has not been shown yet
+            # (exposure 0), and its popularity and affinity features are left at 0 too,
+            # an approximation that keeps the target one retrieval per transition
             a2 = torch.zeros(len(s2), self.online.action_dim, device=self.device)
             a2[:, : self.item_dim] = t(next_items.astype(np.float32))
             bootstrap = self.target.q_of_actions(s2, a2) * t(valid.astype(np.float32))

@@ -1,11 +1,12 @@
 """The Q-network: a state tower whose output is a query in item-embedding space.
 
 Q(s, a) = V(s) + q(s) . e_a + w(s) . f_a, where e_a is the item's (frozen,
-unit-norm) transformer embedding, f_a are a few user-item exposure features
-(``models.state.exposure_features``: was it just shown and ignored?) and q(s),
+unit-norm) transformer embedding, f_a are a few per-candidate features
+(``models.state.candidate_features``: was it just shown and ignored, how popular
+is it, how close is it to what the user just clicked or passed over) and q(s),
 w(s) are produced by an MLP with a linear skip over the state. The item side is
 the precomputed embedding itself, so scoring N candidates is one ``(N, d) @ (d,)``
-product after one small MLP pass (plus an ``(N, 2) @ (2,)`` one), and the same
+product after one small MLP pass (plus an ``(N, f) @ (f,)`` one), and the same
 q(s) is the FAISS retrieval query: retrieval and ranking agree. New items
 are scored from their embedding alone (no item-id parameters), so they are
 recommendable as soon as they are upserted.
@@ -73,14 +74,14 @@ class QNetwork(nn.Module):
 
     @property
     def action_dim(self) -> int:
-        """Width of an action: item embedding, then exposure features."""
+        """Width of an action: item embedding, then per-candidate features."""
         return self.item_dim + self.item_features
 
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(query, value)``: ``(B, action_dim)`` and ``(B,)``.
 
         The query's first ``item_dim`` entries weigh the item embedding (and are the
-        retrieval query), the rest weigh the exposure features.
+        retrieval query), the rest weigh the per-candidate features.
         """
         h = self.trunk(state)
         query = self.query_head(h) + self.skip(state)
@@ -147,7 +148,7 @@ class Scorer:
     def score(query: np.ndarray, value: float, items: np.ndarray,
               features: np.ndarray | None = None) -> np.ndarray:
         """Q of every candidate: one matrix-vector product over item embeddings, plus
-        the exposure features' small product (zero features when none are given)."""
+        the per-candidate features' small product (zero features when none are given)."""
         d = items.shape[1]
         scores = items @ query[:d] + value
         if features is not None and len(features):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.auth import KeyRing, authenticate, rate_limit, require_admin
 from app.engine import Engine
 from app.errors import APIError, FastJSONResponse, install_error_handlers
 from app.learner_worker import LearnerWorker
@@ -30,6 +30,7 @@ from app.schemas import (
     ModelOut,
     RecommendIn,
     RecommendOut,
+    RollbackOut,
     SlateItem,
     UpsertOut,
     UserOut,
@@ -39,7 +40,9 @@ from app.store import Store, StoreUnavailable, make_store
 
 log = logging.getLogger("recsvc.api")
 
-_ERRORS = {s: {"model": ErrorOut} for s in (401, 404, 413, 422, 503)}
+_ERRORS = {s: {"model": ErrorOut} for s in (401, 404, 413, 422, 429, 503)}
+_ADMIN = [Depends(require_admin)]
+_ADMIN_ERRORS = {403: {"model": ErrorOut, "description": "the key is not an admin key"}}
 
 
 def _engine(request: Request) -> Engine:
@@ -47,19 +50,6 @@ def _engine(request: Request) -> Engine:
     if not engine.ready:
         raise APIError(503, "not_ready", "the service is starting", {"Retry-After": "1"})
     return engine
-
-
-def _require_key(request: Request) -> None:
-    keys: list[str] = request.app.state.settings.key_list
-    if not keys:
-        return
-    given = request.headers.get("x-api-key", "")
-    # compare against every key so timing does not reveal which one matched
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    if not ok:
-        raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None,
@@ -96,14 +86,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_key)], responses=_ERRORS)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate), Depends(rate_limit)],
+                   responses=_ERRORS)
 
     # -- catalog -------------------------------------------------------------------------
-    @v1.post("/items", response_model=UpsertOut)
+    @v1.post("/items", response_model=UpsertOut, dependencies=_ADMIN, responses=_ADMIN_ERRORS)
     async def upsert_items(body: ItemsIn, engine: Engine = Depends(_engine)):
         size = await engine.upsert_items(body.items)
         return {"upserted": len({it.item_id for it in body.items}), "catalog_size": size}
@@ -116,7 +108,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         return {"item_id": found.item_id, "text": found.text, "tags": found.tags,
                 "available": found.available}
 
-    @v1.delete("/items/{item_id}", status_code=204, response_class=Response)
+    @v1.delete("/items/{item_id}", status_code=204, response_class=Response,
+               dependencies=_ADMIN, responses=_ADMIN_ERRORS)
     async def delete_item(item_id: str, engine: Engine = Depends(_engine)):
         if not await engine.delete_item(item_id):
             raise APIError(404, "item_not_found", f"no item {item_id!r}")
@@ -174,7 +167,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         data = await engine.store.get_user(user_id)
         return UserOut(user_id=user_id, history=[HistoryEntry(**h) for h in data.history])
 
-    @v1.delete("/users/{user_id}", status_code=204, response_class=Response)
+    @v1.delete("/users/{user_id}", status_code=204, response_class=Response,
+               dependencies=_ADMIN, responses=_ADMIN_ERRORS)
     async def delete_user(user_id: str, engine: Engine = Depends(_engine)):
         await engine.store.delete_user(user_id)
         return Response(status_code=204)
@@ -192,7 +186,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
                         pending_impressions=int(stats.get("pending_impressions", 0)),
                         device=engine.device)
 
-    @v1.get("/log", response_model=LogOut)
+    @v1.post("/model/rollback", response_model=RollbackOut, dependencies=_ADMIN,
+             responses={**_ADMIN_ERRORS, 409: {"model": ErrorOut,
+                                               "description": "no earlier version kept"}})
+    async def rollback(engine: Engine = Depends(_engine)):
+        """Serve again the weights the current version replaced. They are published as
+        a new version, so every replica follows; the learner continues from them."""
+        version, restored = await engine.rollback()
+        return RollbackOut(version=version, restored_from=restored)
+
+    @v1.get("/log", response_model=LogOut, dependencies=_ADMIN, responses=_ADMIN_ERRORS)
     async def evaluation_log(engine: Engine = Depends(_engine),
                              limit: int = Query(10_000, ge=1, le=1_000_000)):
         """Closed impressions (slate, logged propensities, rewards) for off-policy

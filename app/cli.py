@@ -20,8 +20,12 @@ def _serve(args: argparse.Namespace) -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM: uvicorn stops accepting, drains in-flight requests (up to the grace
+    # period), then the app's lifespan flushes held impressions and the learner's
+    # unpublished weights before the process exits.
     uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop",
-                http="httptools", log_level="warning", access_log=False)
+                http="httptools", log_level="warning", access_log=False,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
 
 
 def read_items(path: Path):

@@ -12,12 +12,14 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from app.batching import MicroBatcher
+from app.errors import APIError
 from app.features import user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
@@ -29,7 +31,7 @@ from models.encoder import TextEncoder, text_key
 from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import CandidateIndex
 from models.lru import LRUCache
-from models.qnet import QNetwork, Scorer, weights_from_bytes
+from models.qnet import QNetwork, Scorer, all_finite, weights_from_bytes
 from models.state import StateLayout, candidate_features
 
 log = logging.getLogger("recsvc.engine")
@@ -63,6 +65,7 @@ class Engine:
         self._rng_lock = threading.Lock()
         self._batcher: MicroBatcher[str, np.ndarray] | None = None
         self._follower: PeriodicLoop | None = None
+        self._unlogged: deque[Impression] = deque(maxlen=settings.unlogged_max)
 
     async def run(self, fn, *args):
         """Run blocking work on the compute pool."""
@@ -92,6 +95,12 @@ class Engine:
     async def stop(self) -> None:
         if self._follower:
             await self._follower.stop()
+        if self._unlogged:
+            try:
+                await self.flush_unlogged()
+            except StoreUnavailable:
+                log.error("store unreachable at shutdown: %d impressions were not logged",
+                          len(self._unlogged))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _load_catalog(self) -> None:
@@ -125,13 +134,59 @@ class Engine:
         if blob is None:
             return
         net = await self.run(weights_from_bytes, blob, self.device)
+        if not all_finite(net):  # the learner never publishes these; a store might
+            log.error("weights version %d are not finite: version %d keeps serving",
+                      latest, self.scorer.version)
+            return
         self.scorer = Scorer(net, latest, self.device)
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)
 
+    async def rollback(self) -> tuple[int, int]:
+        """Serve again the weights the current version replaced, as a new version (every
+        replica follows versions forward). Returns ``(new version, restored version)``.
+        The learner sees the newer version and continues from it."""
+        latest = await self.store.latest_version()
+        parent = await self.store.weights_parent(latest) if latest else 0
+        blob = await self.store.get_weights(parent) if parent else None
+        if blob is None:
+            raise APIError(409, "no_previous_version",
+                           f"version {latest} has no earlier weights kept to return to")
+        stats = await self.store.get_stats()
+        version = latest + 1
+        await self.store.publish_weights(
+            version, blob, {**stats, "version": version},
+            parent=await self.store.weights_parent(parent), keep=self.settings.weights_kept)
+        await self.refresh_weights()
+        log.warning("rollback: version %d serves the weights of version %d", version, parent)
+        return version, parent
+
     async def _follow_weights(self) -> None:
         with contextlib.suppress(StoreUnavailable):  # keep serving what we have
+            await self.flush_unlogged()
             await self.refresh_weights()
+
+    # -- impressions served while the store was down ------------------------------------
+    def _keep_unlogged(self, imp: Impression) -> None:
+        """Hold the impression in memory (bounded) to log it once the store is back, so
+        slates served during an outage can still get feedback and be learned from."""
+        if len(self._unlogged) == self._unlogged.maxlen:
+            self.metrics.impressions_dropped.inc()
+        self._unlogged.append(imp)
+        if len(self._unlogged) == 1:
+            log.warning("store unreachable: holding impressions in memory until it is back")
+
+    async def flush_unlogged(self) -> int:
+        """Log held impressions, oldest first; stops (keeping the rest) if the store fails."""
+        done = 0
+        while self._unlogged:
+            await self.store.log_impression(self._unlogged[0], self.settings.impression_ttl_s,
+                                            self.settings.shown_len)
+            self._unlogged.popleft()
+            done += 1
+        if done:
+            log.info("store is back: logged %d impressions held during the outage", done)
+        return done
 
     @property
     def epsilon(self) -> float:
@@ -225,7 +280,7 @@ class Engine:
             await self.store.log_impression(imp, self.settings.impression_ttl_s,
                                             self.settings.shown_len)
         except StoreUnavailable:
-            log.warning("store unreachable: impression %s not logged", slate.request_id)
+            self._keep_unlogged(imp)
         self.index.record(slate.item_ids)
         self.metrics.recommendations.inc()
         self.metrics.items_served.inc(len(slate.item_ids))

@@ -92,7 +92,14 @@ class LearnerWorker:
         self._loop.start()
 
     async def stop(self) -> None:
+        """Finish the current round, then publish what was learned since the last
+        version, so a SIGTERM loses no learning (unacknowledged events stay pending)."""
         await self._loop.stop()
+        try:
+            await self.maybe_publish(force=True)
+        except StoreUnavailable:
+            log.warning("store unreachable at shutdown: unpublished learning is lost; "
+                        "its events stay pending and are learned again")
 
     async def _resume(self) -> None:
         """Continue from the last published weights and counters, then re-read our pending."""
@@ -118,6 +125,7 @@ class LearnerWorker:
     # -- one round ---------------------------------------------------------------------
     async def step(self, now: float | None = None) -> int:
         """Read new events, learn from what is ready, publish; returns transitions learned."""
+        await self.adopt_newer_weights()
         entries = await self.store.read_stream(self.consumer, 1000)
         n = await self.process(entries, now)
         await self.maybe_publish()
@@ -162,8 +170,14 @@ class LearnerWorker:
             learned_feedback += 1
         closed: list[dict] = []
         default = self.settings.rewards.default
-        for rid, p in list(self.pending.items()):
-            if p.deadline > now:
+        closing = [rid for rid, p in self.pending.items() if p.deadline <= now]
+        # An impression erased meanwhile (DELETE /v1/users on any replica) is dropped
+        # unlearned and unlogged.
+        still_stored = await self.store.get_impressions(closing) if closing else {}
+        for rid in closing:
+            p = self.pending.pop(rid)
+            acks.append(p.entry_id)
+            if rid not in still_stored:
                 continue
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
@@ -172,8 +186,6 @@ class LearnerWorker:
                     transitions.append(Transition(p.imp.user_id, state, item_id, default, ctx,
                                                   _slot_features(p.imp, item_id)))
             closed.append(_log_record(p, default))
-            acks.append(p.entry_id)
-            del self.pending[rid]
 
         if transitions:
             users = list({t.user_id for t in transitions})
@@ -235,13 +247,42 @@ class LearnerWorker:
         if not self._dirty or not (due or force):
             await self.store.put_stats(self.stats())
             return False
+        if await self.adopt_newer_weights():
+            return False  # a rollback happened meanwhile: what was learned on top is dropped
         if not all_finite(self.learner.online):
-            log.error("weights are not finite; version %d keeps serving", self.version)
+            log.error("weights are not finite: not published; version %d keeps serving and "
+                      "the learner goes back to it", self.version)
+            self.learner.rejected_updates += 1
+            await self._reload_published()
             self._dirty = False
             return False
         blob = await self.run(self.learner.weights)
-        self.version = max(self.version, await self.store.latest_version()) + 1
-        await self.store.publish_weights(self.version, blob, self.stats())
+        parent = self.version
+        self.version += 1
+        await self.store.publish_weights(self.version, blob, self.stats(), parent=parent,
+                                         keep=self.settings.weights_kept)
         self._dirty = False
         self._last_publish = time.monotonic()
         return True
+
+    async def adopt_newer_weights(self) -> bool:
+        """Follow a version this learner did not publish (a rollback through the API):
+        continue learning from it instead of overwriting it."""
+        latest = await self.store.latest_version()
+        if latest <= self.version:
+            return False
+        blob = await self.store.get_weights(latest)
+        if blob is None:
+            return False
+        await self.run(self.learner.load_weights, blob)
+        log.info("learner continues from version %d (published elsewhere)", latest)
+        self.version = latest
+        self._dirty = False
+        return True
+
+    async def _reload_published(self) -> None:
+        blob = await self.store.get_weights(self.version) if self.version else None
+        if blob is not None:
+            await self.run(self.learner.load_weights, blob)
+        else:
+            await self.run(self.learner.reset_weights)

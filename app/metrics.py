@@ -27,6 +27,12 @@ class Metrics:
                                   "context embeddings served from a cache", registry=r)
         self.cache_misses = Counter("recsvc_encoder_cache_misses_total",
                                     "context embeddings computed by the transformer", registry=r)
+        self.impressions_dropped = Counter(
+            "recsvc_impressions_dropped_total",
+            "impressions lost because the store was down and the in-memory hold was full",
+            registry=r)
+        self.rate_limited = Counter("recsvc_rate_limited_total", "requests answered 429",
+                                    registry=r)
         self.learner_updates = Gauge("recsvc_learner_updates", "gradient steps of the learner",
                                      registry=r)
         self.model_version = Gauge("recsvc_model_version", "weights version being served",

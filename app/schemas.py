@@ -120,6 +120,11 @@ class ModelOut(BaseModel):
     device: str
 
 
+class RollbackOut(BaseModel):
+    version: int = Field(description="the new version now served")
+    restored_from: int = Field(description="the earlier version whose weights it serves")
+
+
 class ErrorInfo(BaseModel):
     code: str
     message: str

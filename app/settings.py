@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import json
 from functools import cached_property
+from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.exploration import EpsilonSchedule
 from models.learner import DQNConfig
 from models.rewards import RewardMap
+
+
+def _keys(inline: SecretStr, path: str | None) -> list[str]:
+    """Keys from a comma-separated setting plus a file (one per line, ``#`` comments),
+    so keys can come from a mounted secret instead of the environment."""
+    keys = [k.strip() for k in inline.get_secret_value().split(",")]
+    if path:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            keys.append(line.split("#", 1)[0].strip())
+    return list(dict.fromkeys(k for k in keys if k))
 
 
 class Settings(BaseSettings):
@@ -23,8 +34,15 @@ class Settings(BaseSettings):
     # store and security
     redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process store")
     key_prefix: str = Field("recsvc", description="prefix of every Redis key")
-    api_keys: str = Field("", description="comma-separated API keys; empty = no auth")
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys")
+    api_keys_file: str | None = Field(None, description="file of API keys, one per line")
+    admin_keys: SecretStr = Field(SecretStr(""),
+                                  description="comma-separated admin keys (catalog, users, model)")
+    admin_keys_file: str | None = Field(None, description="file of admin keys, one per line")
+    rate_limit: int = Field(0, description="requests per key per window; 0 = unlimited")
+    rate_limit_window_s: int = Field(1, description="length of a rate-limit window")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="larger request bodies get 413")
+    shutdown_grace_s: float = Field(30.0, description="SIGTERM: longest wait for in-flight work")
     log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
     # encoder
@@ -61,9 +79,12 @@ class Settings(BaseSettings):
     reward_default: float = Field(0.0, description="reward of shown items with no feedback")
     reward_wait_s: float = Field(30.0, description="reward window after an impression")
     impression_ttl_s: int = Field(86_400, description="feedback accepted this long after recommend")
+    unlogged_max: int = Field(100_000, description="impressions held in memory while the "
+                                                   "store is down")
     ope_log_size: int = Field(100_000, description="closed impressions kept for evaluation")
     learner_poll_s: float = Field(0.2, description="learner loop period")
     publish_interval_s: float = Field(1.0, description="min seconds between weight versions")
+    weights_kept: int = Field(5, description="weight versions kept for rollback")
     weights_poll_s: float = Field(0.5, description="how often servers check for new weights")
 
     @field_validator("device")
@@ -72,6 +93,13 @@ class Settings(BaseSettings):
         if v.lower() not in {"auto", "cpu", "cuda"}:
             raise ValueError("must be auto, cpu or cuda")
         return v.lower()
+
+    @field_validator("rate_limit_window_s", "weights_kept")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
 
     @field_validator("reward_map")
     @classmethod
@@ -89,7 +117,12 @@ class Settings(BaseSettings):
 
     @cached_property
     def key_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        """Every key allowed to call ``/v1`` (admin keys included)."""
+        return _keys(self.api_keys, self.api_keys_file) + self.admin_key_list
+
+    @cached_property
+    def admin_key_list(self) -> list[str]:
+        return _keys(self.admin_keys, self.admin_keys_file)
 
     @property
     def epsilon_schedule(self) -> EpsilonSchedule:

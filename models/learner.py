@@ -51,6 +51,7 @@ class DQNLearner:
         self.target = copy.deepcopy(self.online).eval()
         self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
         self.item_dim = item_dim
+        self.state_dim = state_dim
         self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, self.online.action_dim,
                                    seed=self.config.seed)
         self.updates = 0
@@ -78,6 +79,16 @@ class DQNLearner:
         net = weights_from_bytes(blob, self.device)
         self.online.load_state_dict(net.state_dict())
         self.target.load_state_dict(net.state_dict())
+        self._good = self._checkpoint()
+
+    def reset_weights(self) -> None:
+        """Start over from a fresh network (non-finite weights with no good version to
+        return to); the replay buffer is kept, so learning resumes from the data."""
+        torch.manual_seed(self.config.seed)
+        fresh = QNetwork(self.state_dim, self.item_dim, self.config.hidden).to(self.device)
+        self.online.load_state_dict(fresh.state_dict())
+        self.target.load_state_dict(fresh.state_dict())
+        self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
         self._good = self._checkpoint()
 
     # -- learning ----------------------------------------------------------------

@@ -21,7 +21,7 @@ def server(backend, tmp_path):
     port = free_port()
     env = {**os.environ, "RECSVC_REWARD_WAIT_S": "0.5", "RECSVC_LEARNER_POLL_S": "0.05",
            "RECSVC_PUBLISH_INTERVAL_S": "0.2", "RECSVC_WEIGHTS_POLL_S": "0.2",
-           "RECSVC_API_KEYS": "e2e-key", "RECSVC_DEVICE": "cpu"}
+           "RECSVC_ADMIN_KEYS": "e2e-key", "RECSVC_DEVICE": "cpu"}
     if name == "redis":
         env.update(RECSVC_REDIS_URL=cfg["redis_url"], RECSVC_KEY_PREFIX=cfg["key_prefix"])
     log = (tmp_path / "serve.log").open("w")

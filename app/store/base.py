@@ -132,8 +132,15 @@ class Store(abc.ABC):
 
     # -- model ---------------------------------------------------------------------------
     @abc.abstractmethod
-    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float]) -> None:
-        """Store a weights version and make it the latest."""
+    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
+                              parent: int = 0, keep: int = 5) -> None:
+        """Store a weights version and make it the latest. ``parent`` is the version it
+        replaces in serving (what a rollback returns to); only the newest ``keep``
+        versions are kept."""
+
+    @abc.abstractmethod
+    async def weights_parent(self, version: int) -> int:
+        """The version ``version`` replaced when it was published; 0 when unknown."""
 
     @abc.abstractmethod
     async def latest_version(self) -> int:
@@ -148,3 +155,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_stats(self) -> dict[str, float]: ...
+
+    # -- rate limiting -------------------------------------------------------------------
+    @abc.abstractmethod
+    async def count_request(self, bucket: str, window_start: int, window_s: int) -> int:
+        """Count one request of ``bucket`` in the window starting at ``window_start``;
+        returns the count so far (this one included). Windows expire by themselves."""

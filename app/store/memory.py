@@ -28,6 +28,9 @@ class MemoryStore(Store):
         self._pending: dict[str, str] = {}  # entry id -> consumer it was delivered to
         self._seq = itertools.count(1)
         self._weights: dict[int, bytes] = {}
+        self._parents: dict[int, int] = {}
+        self._window_start = 0
+        self._counts: dict[str, int] = {}
         self._version = 0
         self._stats: dict[str, float] = {}
         self._log: deque[dict] = deque()
@@ -152,12 +155,18 @@ class MemoryStore(Store):
                 self._entries.pop(e, None)
 
     # model
-    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float]) -> None:
+    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
+                              parent: int = 0, keep: int = 5) -> None:
         self._weights[version] = blob
-        for old in [v for v in self._weights if v < version - 1]:
+        self._parents[version] = parent
+        for old in [v for v in self._weights if v <= version - keep]:
             del self._weights[old]
+            self._parents.pop(old, None)
         self._version = max(self._version, version)
         self._stats.update(stats)
+
+    async def weights_parent(self, version: int) -> int:
+        return self._parents.get(version, 0)
 
     async def latest_version(self) -> int:
         return self._version
@@ -170,3 +179,10 @@ class MemoryStore(Store):
 
     async def get_stats(self) -> dict[str, float]:
         return dict(self._stats)
+
+    # rate limiting
+    async def count_request(self, bucket: str, window_start: int, window_s: int) -> int:
+        if window_start != self._window_start:  # a new window: older counts are done with
+            self._window_start, self._counts = window_start, {}
+        self._counts[bucket] = self._counts.get(bucket, 0) + 1
+        return self._counts[bucket]

@@ -11,7 +11,9 @@ Redis Cluster works:
   {p}:fb:{rid}:{item}:{event}   feedback dedupe marker holding the reward (TTL)
   {p}:events                    stream of impressions and feedback, consumer group "learners"
   {p}:log                       capped stream of closed impressions, for off-policy evaluation
-  {p}:{model}:version|w:N|stats weights versions and learner counters
+  {p}:{model}:version|w:N|parent:N|stats   weights versions, the version each replaced
+                                (for rollback), learner counters
+  {p}:rl:{key id}:{window}      per-key request count of one rate-limit window (TTL)
 
 Acknowledged stream entries are deleted, so the stream holds only unprocessed
 work and is never trimmed past it.
@@ -290,8 +292,17 @@ class RedisStore(Store):
     async def read_stream(self, consumer: str, count: int,
                           pending: bool = False) -> list[StreamEntry]:
         await self._ensure_group()
-        resp = await self.r.xreadgroup(GROUP, consumer, {self._stream: "0" if pending else ">"},
-                                       count=count)
+        group_read = functools.partial(self.r.xreadgroup, GROUP, consumer,
+                                       {self._stream: "0" if pending else ">"}, count=count)
+        try:
+            resp = await group_read()
+        except rexc.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis came back without its data (no persistence): recreate the group.
+            self._group_ready = False
+            await self._ensure_group()
+            resp = await group_read()
         out: list[StreamEntry] = []
         for _stream, entries in resp or []:
             for entry_id, fields in entries:
@@ -311,10 +322,12 @@ class RedisStore(Store):
 
     # model
     @_guard
-    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float]) -> None:
+    async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
+                              parent: int = 0, keep: int = 5) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self._model(f"w:{version}"), blob)
-        pipe.delete(self._model(f"w:{version - 2}"))
+        pipe.set(self._model(f"parent:{version}"), parent)
+        pipe.delete(self._model(f"w:{version - keep}"), self._model(f"parent:{version - keep}"))
         pipe.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
         pipe.set(self._model("version"), version)
         await pipe.execute()
@@ -322,6 +335,11 @@ class RedisStore(Store):
     @_guard
     async def latest_version(self) -> int:
         v = await self.r.get(self._model("version"))
+        return int(v) if v is not None else 0
+
+    @_guard
+    async def weights_parent(self, version: int) -> int:
+        v = await self.r.get(self._model(f"parent:{version}"))
         return int(v) if v is not None else 0
 
     @_guard
@@ -336,6 +354,16 @@ class RedisStore(Store):
     async def get_stats(self) -> dict[str, float]:
         raw = await self.r.hgetall(self._model("stats"))
         return {k.decode(): float(v) for k, v in raw.items()}
+
+    # rate limiting
+    @_guard
+    async def count_request(self, bucket: str, window_start: int, window_s: int) -> int:
+        key = f"{self.p}:rl:{bucket}:{window_start}"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, window_s + 1)
+        count, _ = await pipe.execute()
+        return int(count)
 
 
 __all__ = ["RedisStore"]

@@ -1,0 +1,101 @@
+"""API keys, the admin role and the per-key rate limit, as FastAPI dependencies.
+
+Keys are kept only as SHA-256 digests. A presented key is hashed and compared
+with every known digest by ``hmac.compare_digest``, so neither the key's length
+nor which key matched shows in the timing. Logs and rate-limit counters name a
+key by a short digest prefix (``key_id``), never by the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from app.errors import APIError
+from app.store import StoreUnavailable
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: a key (by digest prefix) or, with auth off, a client address."""
+
+    key_id: str
+    admin: bool
+
+
+class KeyRing:
+    """The configured keys. With no key at all, auth is off and everyone is admin
+    (the development default); once any key is set, roles apply."""
+
+    def __init__(self, api_keys: list[str], admin_keys: list[str]) -> None:
+        admin = {_digest(k) for k in admin_keys}
+        self._digests = [(d, d in admin) for d in {_digest(k) for k in api_keys} | admin]
+        self.enabled = bool(self._digests)
+        self.has_admin = bool(admin)
+
+    def identify(self, given: str) -> Principal | None:
+        digest = _digest(given)
+        found: bytes | None = None
+        admin = False
+        for known, is_admin in self._digests:  # no early exit: constant work per key
+            if hmac.compare_digest(digest, known):
+                found, admin = known, is_admin
+        return Principal(found.hex()[:12], admin) if found is not None else None
+
+
+def authenticate(request: Request) -> Principal:
+    """Every ``/v1`` route: ``401`` without a valid ``X-API-Key`` (when keys are set)."""
+    ring: KeyRing = request.app.state.keyring
+    if not ring.enabled:
+        host = request.client.host if request.client else "unknown"
+        principal = Principal(f"ip:{host}", True)
+    else:
+        principal = ring.identify(request.headers.get("x-api-key", ""))
+        if principal is None:
+            raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
+    request.state.principal = principal
+    return principal
+
+
+def require_admin(request: Request) -> None:
+    """Catalog writes, user erasure, the evaluation log and model operations:
+    ``403`` for a valid key that is not an admin key."""
+    principal: Principal = request.state.principal
+    if not principal.admin:
+        ring: KeyRing = request.app.state.keyring
+        hint = "" if ring.has_admin else " (no RECSVC_ADMIN_KEYS are configured)"
+        raise APIError(403, "forbidden", f"this operation needs an admin key{hint}")
+
+
+async def rate_limit(request: Request) -> None:
+    """``429`` with ``Retry-After`` once a key made ``RECSVC_RATE_LIMIT`` requests in
+    the current window. Counted in the store, so with Redis every replica shares
+    the count. If the store is down the request is let through: an outage must
+    not turn into refusing every recommendation."""
+    settings = request.app.state.settings
+    if settings.rate_limit <= 0:
+        return
+    principal: Principal = request.state.principal
+    window = settings.rate_limit_window_s
+    now = time.time()
+    start = math.floor(now / window) * window
+    try:
+        count = await request.app.state.engine.store.count_request(
+            principal.key_id, int(start), window)
+    except StoreUnavailable:
+        return
+    if count > settings.rate_limit:
+        request.app.state.metrics.rate_limited.inc()
+        retry = max(1, math.ceil(start + window - now))
+        raise APIError(429, "rate_limited",
+                       f"more than {settings.rate_limit} requests in {window} s for this key",
+                       {"Retry-After": str(retry)})

@@ -83,7 +83,7 @@ class LearnerWorker:
         self.feedback_learned = 0
         self.transitions = 0
         self._dirty = False
-        self._last_publish = 0.0
+        self._last_publish = float("-inf")  # the first version is due at once
         self._loop = PeriodicLoop("learner", self._iteration, settings.learner_poll_s)
 
     # -- lifecycle -------------------------------------------------------------------

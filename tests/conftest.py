@@ -41,20 +41,31 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """A private redis-server process on a free port, in a temporary directory."""
 
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def __init__(self, persistent: bool = False) -> None:
+        """``persistent``: an append-only file synced on every write, so the server can
+        be killed and started again (``start``) without losing data."""
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
             pytest.exit("redis-server is not installed: the store tests run against a real "
                         "Redis. Install it (Debian/Ubuntu: apt-get install redis-server; "
                         "macOS: brew install redis) or set RECSVC_TEST_REDIS_URL.", returncode=3)
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="recsvc-redis-")
+        self.aof = ["--appendonly", "yes", "--appendfsync", "always"] if persistent \
+            else ["--appendonly", "no"]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *self.aof, "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -40,7 +40,7 @@ from app.store import Store, StoreUnavailable, make_store
 
 log = logging.getLogger("recsvc.api")
 
-_ERRORS = {s: {"model": ErrorOut} for s in (401, 404, 413, 422, 429, 503)}
+_ERRORS = {s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 429, 503)}
 _ADMIN = [Depends(require_admin)]
 _ADMIN_ERRORS = {403: {"model": ErrorOut, "description": "the key is not an admin key"}}
 

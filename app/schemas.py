@@ -68,7 +68,8 @@ class RecommendOut(BaseModel):
 
 class _EventValue(Strict):
     event: Event
-    value: float | None = None
+    # Python's JSON parser accepts NaN and Infinity; they must never reach a reward.
+    value: float | None = Field(None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _value_rules(self) -> _EventValue:

@@ -8,6 +8,7 @@ Plain events (click, purchase, like, dislike, skip) get the mapped reward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 EVENTS = ("click", "purchase", "like", "dislike", "skip", "rating", "dwell")
@@ -30,6 +31,8 @@ class RewardMap:
         unknown = set(self.rewards) - set(EVENTS)
         if unknown:
             raise ValueError(f"reward map names unknown events: {sorted(unknown)}")
+        if not all(math.isfinite(r) for r in [*self.rewards.values(), self.default]):
+            raise ValueError("rewards must be finite numbers")
         if not 0 <= self.rating_centre < 5:
             raise ValueError("rating_centre must lie in [0, 5)")
         if self.dwell_full_s <= 0:
@@ -39,6 +42,8 @@ class RewardMap:
         """Reward of one event; ``value`` is required for rating and dwell."""
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}")
+        if value is not None and not math.isfinite(value):
+            raise ValueError("value must be a finite number")
         base = self.rewards.get(event, DEFAULT_REWARDS[event])
         if event == "rating":
             if value is None or not 0 <= value <= 5:

@@ -29,7 +29,7 @@ def start_server(redis_url: str, prefix: str, log_path) -> tuple[subprocess.Pope
     url = f"http://127.0.0.1:{port}"
     if not wait_ready(url, lambda: proc.poll() is None, 90):
         proc.kill()
-        raise RuntimeError(open(log_path).read())
+        raise RuntimeError(log_path.read_text())
     return proc, url
 
 

@@ -1,0 +1,76 @@
+"""Schemathesis against the service's own OpenAPI spec: generated requests, valid and
+invalid, never get a 5xx, and every error body is API.md's ``{"error": {...}}``."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis import checks
+
+from app.api import create_app
+from app.client import wait_ready
+from app.settings import Settings
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+ADMIN = "fuzz-admin-key"
+MAX_EXAMPLES = int(os.environ.get("RECSVC_FUZZ_EXAMPLES", "40"))
+
+
+@pytest.fixture(scope="module")
+def live_url(tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("fuzz") / "serve.log"
+    env = {**os.environ, "RECSVC_ADMIN_KEYS": ADMIN, "RECSVC_DEVICE": "cpu",
+           "RECSVC_MAX_BODY_BYTES": "65536"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_ready(url, lambda: proc.poll() is None, 90):
+            raise RuntimeError(log_path.read_text())
+        import httpx
+
+        items = [{"item_id": f"m-{n}", "text": f"Film {n}. Drama"} for n in range(30)]
+        httpx.post(f"{url}/v1/items", json={"items": items}, headers={"X-API-Key": ADMIN},
+                   timeout=60).raise_for_status()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        output = log_path.read_text()
+        assert "Traceback" not in output, output
+
+
+# The spec the service serves at /openapi.json, built here so pytest can collect one
+# test per operation before any server runs; the live server gets the requests.
+schema = schemathesis.openapi.from_dict(create_app(Settings(admin_keys=ADMIN)).openapi())
+
+
+def error_body_follows_api_md(ctx, response, case):
+    """API.md: every error body is {"error": {"code": str, "message": str[, "details"]}}."""
+    if response.status_code < 400:
+        return None
+    body = response.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err.get("code"), str) and err["code"], body
+    assert isinstance(err.get("message"), str) and err["message"], body
+    assert set(err) <= {"code", "message", "details"}, body
+    return None
+
+
+@schema.parametrize()
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+def test_generated_requests_get_no_5xx_and_api_md_errors(case, live_url):
+    response = case.call(base_url=live_url, headers={"X-API-Key": ADMIN})
+    case.validate_response(response, checks=[
+        checks.not_a_server_error, checks.status_code_conformance,
+        checks.content_type_conformance, checks.response_schema_conformance,
+        error_body_follows_api_md])

@@ -66,8 +66,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         await engine.start()
         learner = None
         if run_learner:
-            learner = LearnerWorker(settings, st, engine.index, engine.layout, engine.device,
-                                    engine.run)
+            learner = LearnerWorker(settings, st, engine.index, engine.layout, engine.device)
             await learner.start()
         app.state.learner = learner
         try:

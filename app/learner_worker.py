@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,12 +71,16 @@ def _log_record(p: PendingImpression, default: float) -> dict:
 
 class LearnerWorker:
     def __init__(self, settings: Settings, store: Store, index: CandidateIndex,
-                 layout: StateLayout, device: str, run, consumer: str | None = None) -> None:
+                 layout: StateLayout, device: str, run=None, consumer: str | None = None,
+                 ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
         self.layout = layout
-        self.run = run  # coroutine runner for blocking work (the engine's pool)
+        # Blocking work runs on the learner's own thread by default, so a long training
+        # round never holds a slot of the pool that serves recommendations.
+        self._pool = None if run else ThreadPoolExecutor(1, thread_name_prefix="recsvc-learner")
+        self.run = run or self._run_on_own_thread
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
         self.pending: dict[str, PendingImpression] = {}
@@ -91,6 +96,9 @@ class LearnerWorker:
         await self._resume()
         self._loop.start()
 
+    async def _run_on_own_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def stop(self) -> None:
         """Finish the current round, then publish what was learned since the last
         version, so a SIGTERM loses no learning (unacknowledged events stay pending)."""
@@ -100,6 +108,8 @@ class LearnerWorker:
         except StoreUnavailable:
             log.warning("store unreachable at shutdown: unpublished learning is lost; "
                         "its events stay pending and are learned again")
+        if self._pool:
+            self._pool.shutdown(wait=True)
 
     async def _resume(self) -> None:
         """Continue from the last published weights and counters, then re-read our pending."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 from app.client import wait_ready
 
@@ -19,8 +21,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_service(env: dict[str, str] | None = None, startup_s: float = 120.0):
-    """Yield the base URL of a fresh service; its log is printed if it fails to start."""
+def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0):
+    """Yield ``(base URL, process)`` of a fresh service; its log is printed if it fails
+    to start."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+", prefix="recsvc-bench-") as log:
@@ -31,10 +34,44 @@ def running_service(env: dict[str, str] | None = None, startup_s: float = 120.0)
             if not wait_ready(url, lambda: proc.poll() is None, startup_s):
                 log.seek(0)
                 raise RuntimeError(f"service did not start:\n{log.read()}")
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextlib.contextmanager
+def running_service(env: dict[str, str] | None = None, startup_s: float = 120.0):
+    """Yield the base URL of a fresh service."""
+    with running_service_process(env, startup_s) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def private_redis():
+    """Yield the URL of a private ``redis-server`` on a free port (no persistence),
+    stopped and removed afterwards."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="recsvc-bench-redis-") as workdir:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", workdir],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 10
+            while True:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -198,4 +198,6 @@ def test_erasing_a_user_drops_their_pending_impressions(backend, encoder):
         log = wait_for(lambda: (recs := c.get("/v1/log").json()["records"]) and recs)
         assert [r["request_id"] for r in log] == [kept["request_id"]]
         assert gone["request_id"] not in {r["request_id"] for r in log}
-        assert c.get("/v1/model").json()["pending_impressions"] == 0
+        wait_for(lambda: c.get("/v1/model").json()["pending_impressions"] == 0)
+        assert [r["request_id"] for r in c.get("/v1/log").json()["records"]] \
+            == [kept["request_id"]]

@@ -167,14 +167,15 @@ class Engine:
             await self.refresh_weights()
 
     # -- impressions served while the store was down ------------------------------------
-    def _keep_unlogged(self, imp: Impression) -> None:
+    def _keep_unlogged(self, imp: Impression, reason: Exception) -> None:
         """Hold the impression in memory (bounded) to log it once the store is back, so
         slates served during an outage can still get feedback and be learned from."""
         if len(self._unlogged) == self._unlogged.maxlen:
             self.metrics.impressions_dropped.inc()
         self._unlogged.append(imp)
         if len(self._unlogged) == 1:
-            log.warning("store unreachable: holding impressions in memory until it is back")
+            log.warning("store unreachable (%s): holding impressions in memory until it is "
+                        "back", reason)
 
     async def flush_unlogged(self) -> int:
         """Log held impressions, oldest first; stops (keeping the rest) if the store fails."""
@@ -279,8 +280,8 @@ class Engine:
         try:
             await self.store.log_impression(imp, self.settings.impression_ttl_s,
                                             self.settings.shown_len)
-        except StoreUnavailable:
-            self._keep_unlogged(imp)
+        except StoreUnavailable as exc:
+            self._keep_unlogged(imp, exc)
         self.index.record(slate.item_ids)
         self.metrics.recommendations.inc()
         self.metrics.items_served.inc(len(slate.item_ids))

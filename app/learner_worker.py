@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,6 +53,23 @@ class Transition:
     features: np.ndarray  # the item's per-candidate features when it was shown
 
 
+class RecentKeys:
+    """The most recent ``capacity`` keys learned from, so entries delivered again after
+    a failed round (unacknowledged) are not learned twice."""
+
+    def __init__(self, capacity: int) -> None:
+        self._keys: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        self.capacity = capacity
+
+    def add(self, key: tuple[str, ...]) -> None:
+        self._keys[key] = None
+        if len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+    def __contains__(self, key: tuple[str, ...]) -> bool:
+        return key in self._keys
+
+
 def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
     """Per-candidate features the item had when it was placed in this slate."""
     if imp.features:
@@ -59,14 +77,13 @@ def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
     return np.zeros(N_ITEM_FEATURES, dtype=np.float32)
 
 
-def _log_record(p: PendingImpression, default: float) -> dict:
+def _log_record(imp: Impression, rewards: dict[str, float], default: float) -> dict:
     """What off-policy evaluation needs of a closed impression."""
-    imp = p.imp
     return {"request_id": imp.request_id, "user_id": imp.user_id, "ts": imp.ts,
             "model_version": imp.model_version, "n_candidates": imp.n_candidates,
             "item_ids": imp.item_ids, "propensities": imp.propensities,
             "explored": imp.explored,
-            "rewards": [p.rewards.get(i, default) for i in imp.item_ids]}
+            "rewards": [rewards.get(i, default) for i in imp.item_ids]}
 
 
 class LearnerWorker:
@@ -84,6 +101,9 @@ class LearnerWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
         self.pending: dict[str, PendingImpression] = {}
+        self._done = RecentKeys(200_000)
+        self._reread = False
+        self._log_backlog: list[dict] = []
         self.version = 0
         self.feedback_learned = 0
         self.transitions = 0
@@ -128,8 +148,15 @@ class LearnerWorker:
 
     async def _iteration(self) -> None:
         try:
+            if self._reread:
+                # a failed round may have left entries delivered to us but unprocessed
+                await self.process(await self.store.read_stream(self.consumer, 100_000,
+                                                                pending=True))
+                self._reread = False
             await self.step()
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            log.warning("learner: store unreachable (%s); retrying", exc)
+            self._reread = True
             await asyncio.sleep(1.0)  # the store is down: back off, lose nothing
 
     # -- one round ---------------------------------------------------------------------
@@ -142,7 +169,13 @@ class LearnerWorker:
         return n
 
     async def process(self, entries: list, now: float | None = None) -> int:
-        """Turn stream entries into transitions, learn from them, then acknowledge."""
+        """Turn stream entries into transitions, learn from them, then acknowledge.
+
+        Nothing in memory changes until the learning step is done, so a round that
+        fails on the store leaves the learner as it was; the entries it read stay
+        unacknowledged and are read again (``_reread``). Keys of what was learned
+        make the repeat learn nothing twice.
+        """
         now = time.time() if now is None else now
         new_imps: dict[str, str] = {}  # request id -> stream entry id
         feedback = []
@@ -155,56 +188,82 @@ class LearnerWorker:
                                    if f["request_id"] not in self.pending]
         imps = await self.store.get_impressions(list(dict.fromkeys(wanted)))
         acks: list[str] = []
+        arriving: dict[str, PendingImpression] = {}
         for rid, entry_id in new_imps.items():
+            if rid in self.pending:  # read again after a failed round: already waiting
+                continue
             imp = imps.get(rid)
-            if imp is None:  # expired, or erased with its user: nothing to learn
+            if imp is None or (rid,) in self._done:  # expired, erased, or learned already
                 acks.append(entry_id)
                 continue
-            self.pending[rid] = PendingImpression(imp, entry_id,
-                                                  imp.ts + self.settings.reward_wait_s)
+            arriving[rid] = PendingImpression(imp, entry_id, imp.ts + self.settings.reward_wait_s)
+        waiting = {**self.pending, **arriving}
 
         transitions: list[Transition] = []
-        learned_feedback = 0
+        learned_keys: list[tuple[str, ...]] = []  # feedback events and closed impressions
+        rewarded: list[tuple[str, str, float]] = []  # (request id, item id, reward)
         for entry_id, f in feedback:
             acks.append(entry_id)
-            p = self.pending.get(f["request_id"])
+            key = (f["request_id"], f["item_id"], f["event"])
+            if key in self._done:  # read again after a failed round: learned already
+                continue
+            p = waiting.get(f["request_id"])
             imp = p.imp if p else imps.get(f["request_id"])
             if imp is None:
                 continue
             if p:
-                p.rewards[f["item_id"]] = p.rewards.get(f["item_id"], 0.0) + float(f["reward"])
+                rewarded.append((f["request_id"], f["item_id"], float(f["reward"])))
             state = np.frombuffer(imp.state, dtype=np.float32)
             transitions.append(Transition(imp.user_id, state, f["item_id"], float(f["reward"]),
                                           context_of(self.layout, state),
                                           _slot_features(imp, f["item_id"])))
-            learned_feedback += 1
+            learned_keys.append(key)
+
         closed: list[dict] = []
         default = self.settings.rewards.default
-        closing = [rid for rid, p in self.pending.items() if p.deadline <= now]
+        closing = [rid for rid, p in waiting.items() if p.deadline <= now]
         # An impression erased meanwhile (DELETE /v1/users on any replica) is dropped
         # unlearned and unlogged.
         still_stored = await self.store.get_impressions(closing) if closing else {}
         for rid in closing:
-            p = self.pending.pop(rid)
+            p = waiting[rid]
             acks.append(p.entry_id)
             if rid not in still_stored:
                 continue
+            rewards = dict(p.rewards)
+            for r_rid, item_id, reward in rewarded:
+                if r_rid == rid:
+                    rewards[item_id] = rewards.get(item_id, 0.0) + reward
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
             for item_id in p.imp.item_ids:
-                if item_id not in p.rewards:
+                if item_id not in rewards:
                     transitions.append(Transition(p.imp.user_id, state, item_id, default, ctx,
                                                   _slot_features(p.imp, item_id)))
-            closed.append(_log_record(p, default))
+            closed.append(_log_record(p.imp, rewards, default))
+            learned_keys.append((rid,))
 
         if transitions:
-            users = list({t.user_id for t in transitions})
-            data = await asyncio.gather(*(self.store.get_user(u) for u in users))
-            ok = await self.run(self._learn, transitions, dict(zip(users, data, strict=True)), now)
+            users = await self.store.get_users(list({t.user_id for t in transitions}))
+            ok = await self.run(self._learn, transitions, users, now)
             self._dirty = self._dirty or ok
-        self.feedback_learned += learned_feedback
+        # learned: commit to memory; from here on, nothing is learned twice
+        self.pending.update(arriving)
+        for r_rid, item_id, reward in rewarded:
+            if r_rid in self.pending:
+                rw = self.pending[r_rid].rewards
+                rw[item_id] = rw.get(item_id, 0.0) + reward
+        for rid in closing:
+            self.pending.pop(rid, None)
+        for key in learned_keys:
+            self._done.add(key)
+        self.feedback_learned += sum(len(k) == 3 for k in learned_keys)
         self.transitions += len(transitions)
-        await self.store.append_log(closed, self.settings.ope_log_size)
+        # closed impressions wait here until the log has them (a failed append is retried)
+        self._log_backlog.extend(closed)
+        if self._log_backlog:
+            await self.store.append_log(self._log_backlog, self.settings.ope_log_size)
+            self._log_backlog = []
         await self.store.ack(acks)
         return len(transitions)
 

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     # store and security
     redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process store")
     key_prefix: str = Field("recsvc", description="prefix of every Redis key")
+    redis_max_connections: int = Field(64, description="Redis connections per process")
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys")
     api_keys_file: str | None = Field(None, description="file of API keys, one per line")
     admin_keys: SecretStr = Field(SecretStr(""),

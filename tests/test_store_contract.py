@@ -114,6 +114,35 @@ async def test_weights_and_stats(store):
     assert stats["pending_impressions"] == 4
 
 
+async def test_weight_versions_remember_their_parent_and_only_the_newest_are_kept(store):
+    for v in range(1, 6):
+        await store.publish_weights(v, f"w{v}".encode(), {}, parent=v - 1, keep=3)
+    assert [await store.get_weights(v) for v in range(1, 6)] == [None, None, b"w3", b"w4",
+                                                                  b"w5"]
+    assert await store.weights_parent(5) == 4 and await store.weights_parent(3) == 2
+    assert await store.weights_parent(1) == 0 and await store.weights_parent(99) == 0
+
+
+async def test_request_counts_are_per_bucket_and_per_window(store):
+    assert [await store.count_request("k1", 100, 60) for _ in range(3)] == [1, 2, 3]
+    assert await store.count_request("k2", 100, 60) == 1
+    assert await store.count_request("k1", 160, 60) == 1  # the next window starts at 1
+
+
+async def test_stream_survives_losing_its_consumer_group(backend):
+    """Redis restarted without its data: reading recreates the group, nothing raises."""
+    if backend[0] != "redis":
+        pytest.skip("only Redis can lose its consumer group")
+    store = RedisStore(backend[1]["redis_url"], backend[1]["key_prefix"])
+    await store.log_impression(imp("before"), ttl_s=60, shown_max=10)
+    assert len(await store.read_stream("c1", 10)) == 1
+    await store.r.delete(f"{backend[1]['key_prefix']}:events")  # stream and group gone
+    await store.log_impression(imp("after"), ttl_s=60, shown_max=10)
+    entries = await store.read_stream("c1", 10)
+    assert [f["request_id"] for _, f in entries] == ["after"]
+    await store.close()
+
+
 async def test_expired_impressions_are_gone(store):
     await store.log_impression(imp("short"), ttl_s=1, shown_max=10)
     await asyncio.sleep(1.2)

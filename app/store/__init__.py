@@ -10,7 +10,8 @@ def make_store(settings) -> Store:
     if settings.redis_url:
         from app.store.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, prefix=settings.key_prefix)
+        return RedisStore(settings.redis_url, prefix=settings.key_prefix,
+                          max_connections=settings.redis_max_connections)
     from app.store.memory import MemoryStore
 
     return MemoryStore()

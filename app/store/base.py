@@ -87,6 +87,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_user(self, user_id: str) -> UserData: ...
 
+    async def get_users(self, user_ids: list[str]) -> dict[str, UserData]:
+        """Several users at once (the Redis backend answers in one round trip)."""
+        return {u: await self.get_user(u) for u in user_ids}
+
     @abc.abstractmethod
     async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
         """Append an interaction to the user's history (bounded to ``max_len``)."""

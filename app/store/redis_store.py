@@ -41,18 +41,22 @@ def _guard(fn):
         try:
             return await fn(*args, **kwargs)
         except _DOWN as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     return wrapper
 
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, prefix: str = "recsvc") -> None:
+    def __init__(self, url: str, prefix: str = "recsvc", max_connections: int = 64) -> None:
         self.url = url
         self.p = prefix
-        self.r = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=5,
-                                         socket_connect_timeout=2, health_check_interval=10)
+        # A blocking pool: under a burst, a call waits (up to 5 s) for a free connection
+        # instead of failing at once with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5, decode_responses=False,
+            socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self.r = aioredis.Redis(connection_pool=pool)
         self._group_ready = False
 
     # keys
@@ -77,7 +81,7 @@ class RedisStore(Store):
         return f"{self.p}:{{model}}:{part}"
 
     async def close(self) -> None:
-        await self.r.aclose()
+        await self.r.aclose(close_connection_pool=True)
 
     @_guard
     async def ping(self) -> bool:
@@ -138,15 +142,24 @@ class RedisStore(Store):
     # users
     @_guard
     async def get_user(self, user_id: str) -> UserData:
+        return (await self.get_users([user_id]))[user_id]
+
+    @_guard
+    async def get_users(self, user_ids: list[str]) -> dict[str, UserData]:
         pipe = self.r.pipeline(transaction=False)
-        pipe.lrange(self._user(user_id, "hist"), 0, -1)
-        pipe.lrange(self._user(user_id, "shown"), 0, -1)
-        hist, shown = await pipe.execute()
-        shown_pairs = []
-        for raw in shown:
-            item_id, ts = raw.decode().rsplit("|", 1)
-            shown_pairs.append((item_id, float(ts)))
-        return UserData([orjson.loads(h) for h in hist], shown_pairs)
+        for u in user_ids:
+            pipe.lrange(self._user(u, "hist"), 0, -1)
+            pipe.lrange(self._user(u, "shown"), 0, -1)
+        replies = await pipe.execute()
+        out = {}
+        for n, u in enumerate(user_ids):
+            hist, shown = replies[2 * n], replies[2 * n + 1]
+            shown_pairs = []
+            for raw in shown:
+                item_id, ts = raw.decode().rsplit("|", 1)
+                shown_pairs.append((item_id, float(ts)))
+            out[u] = UserData([orjson.loads(h) for h in hist], shown_pairs)
+        return out
 
     @_guard
     async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
@@ -328,7 +341,8 @@ class RedisStore(Store):
         pipe.set(self._model(f"w:{version}"), blob)
         pipe.set(self._model(f"parent:{version}"), parent)
         pipe.delete(self._model(f"w:{version - keep}"), self._model(f"parent:{version - keep}"))
-        pipe.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
+        if stats:
+            pipe.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
         pipe.set(self._model("version"), version)
         await pipe.execute()
 

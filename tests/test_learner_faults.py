@@ -1,0 +1,57 @@
+"""The learner under store failures: a round that fails after reading its events loses
+none of them, and a round that fails after learning does not learn them twice."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api import create_app
+from app.settings import Settings
+from app.store import StoreUnavailable
+from app.store.memory import MemoryStore
+from tests.test_api import FAST, MOVIES, wait_for
+
+
+class FlakyStore(MemoryStore):
+    """The embedded store, failing the chosen call once (as a Redis hiccup would)."""
+
+    def __init__(self, fail: str) -> None:
+        super().__init__()
+        self.fail, self.failed = fail, 0
+
+    async def _maybe_fail(self):
+        if not self.failed:
+            self.failed += 1
+            raise StoreUnavailable("injected")
+
+    async def get_users(self, user_ids):
+        if self.fail == "get_users":  # after reading the events, before learning
+            await self._maybe_fail()
+        return await super().get_users(user_ids)
+
+    async def append_log(self, records, max_len):
+        if self.fail == "append_log" and records:  # after learning, before acknowledging
+            await self._maybe_fail()
+        return await super().append_log(records, max_len)
+
+
+@pytest.mark.parametrize("fail", ["get_users", "append_log"])
+def test_a_failed_round_loses_nothing_and_learns_nothing_twice(encoder, fail):
+    store = FlakyStore(fail)
+    settings = Settings(**FAST)
+    with TestClient(create_app(settings, store=store, encoder=encoder)) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        slates = [c.post("/v1/recommend", json={"user_id": f"u{n}", "k": 3}).json()
+                  for n in range(4)]
+        for slate in slates:
+            r = c.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                             "item_id": slate["items"][0]["item_id"],
+                                             "event": "click"})
+            assert r.status_code == 202
+        wait_for(lambda: store.failed == 1)
+        model = wait_for(lambda: (m := c.get("/v1/model").json())["pending_impressions"] == 0
+                         and m["feedback_learned"] >= 4 and m)
+        assert model["feedback_learned"] == 4
+        log = c.get("/v1/log").json()["records"]
+        assert sorted(r["request_id"] for r in log) == sorted(s["request_id"] for s in slates)
+        assert all(r["rewards"] == [1.0, 0.0, 0.0] for r in log), log  # the click, once
+        assert c.app.state.learner.transitions == 4 * 3  # each slot learned exactly once

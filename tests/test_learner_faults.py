@@ -37,7 +37,7 @@ class FlakyStore(MemoryStore):
 @pytest.mark.parametrize("fail", ["get_users", "append_log"])
 def test_a_failed_round_loses_nothing_and_learns_nothing_twice(encoder, fail):
     store = FlakyStore(fail)
-    settings = Settings(**FAST)
+    settings = Settings(**{**FAST, "reward_wait_s": 2.0})  # every click lands in its window
     with TestClient(create_app(settings, store=store, encoder=encoder)) as c:
         c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
         slates = [c.post("/v1/recommend", json={"user_id": f"u{n}", "k": 3}).json()

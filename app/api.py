@@ -131,6 +131,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     @v1.post("/feedback", response_model=FeedbackOut, status_code=202,
              responses={200: {"model": FeedbackOut, "description": "duplicate"}})
     async def feedback(body: FeedbackIn, engine: Engine = Depends(_engine)):
+        # Slates served while the store was down may still be held in memory: log them
+        # first, so feedback on them is never a 404 (a no-op when nothing is held).
+        await engine.flush_unlogged()
         imp = (await engine.store.get_impressions([body.request_id])).get(body.request_id)
         if imp is None:
             raise APIError(404, "unknown_request",

@@ -66,6 +66,7 @@ class Engine:
         self._batcher: MicroBatcher[str, np.ndarray] | None = None
         self._follower: PeriodicLoop | None = None
         self._unlogged: deque[Impression] = deque(maxlen=settings.unlogged_max)
+        self._flush_lock = asyncio.Lock()
 
     async def run(self, fn, *args):
         """Run blocking work on the compute pool."""
@@ -180,11 +181,15 @@ class Engine:
     async def flush_unlogged(self) -> int:
         """Log held impressions, oldest first; stops (keeping the rest) if the store fails."""
         done = 0
-        while self._unlogged:
-            await self.store.log_impression(self._unlogged[0], self.settings.impression_ttl_s,
-                                            self.settings.shown_len)
-            self._unlogged.popleft()
-            done += 1
+        if not self._unlogged:
+            return 0
+        async with self._flush_lock:  # one flusher at a time: each impression logged once
+            while self._unlogged:
+                await self.store.log_impression(self._unlogged[0],
+                                                self.settings.impression_ttl_s,
+                                                self.settings.shown_len)
+                self._unlogged.popleft()
+                done += 1
         if done:
             log.info("store is back: logged %d impressions held during the outage", done)
         return done

@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
 from models.index import CandidateIndex
 from models.learner import DQNLearner
+from models.lru import LRUCache
 from models.qnet import all_finite
 from models.state import N_ITEM_FEATURES, StateLayout
 
@@ -51,23 +51,6 @@ class Transition:
     reward: float
     context: np.ndarray | None
     features: np.ndarray  # the item's per-candidate features when it was shown
-
-
-class RecentKeys:
-    """The most recent ``capacity`` keys learned from, so entries delivered again after
-    a failed round (unacknowledged) are not learned twice."""
-
-    def __init__(self, capacity: int) -> None:
-        self._keys: OrderedDict[tuple[str, ...], None] = OrderedDict()
-        self.capacity = capacity
-
-    def add(self, key: tuple[str, ...]) -> None:
-        self._keys[key] = None
-        if len(self._keys) > self.capacity:
-            self._keys.popitem(last=False)
-
-    def __contains__(self, key: tuple[str, ...]) -> bool:
-        return key in self._keys
 
 
 def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
@@ -101,7 +84,9 @@ class LearnerWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
         self.pending: dict[str, PendingImpression] = {}
-        self._done = RecentKeys(200_000)
+        # what was learned recently, so entries delivered again after a failed round
+        # (still unacknowledged) are not learned twice
+        self._done: LRUCache[tuple[str, ...], bool] = LRUCache(200_000)
         self._reread = False
         self._log_backlog: list[dict] = []
         self.version = 0
@@ -184,8 +169,8 @@ class LearnerWorker:
                 new_imps[f["request_id"]] = entry_id
             elif f.get("type") == "feedback":
                 feedback.append((entry_id, f))
-        wanted = list(new_imps) + [f["request_id"] for _, f in feedback
-                                   if f["request_id"] not in self.pending]
+        wanted = [rid for rid in new_imps if rid not in self.pending] + [
+            f["request_id"] for _, f in feedback if f["request_id"] not in self.pending]
         imps = await self.store.get_impressions(list(dict.fromkeys(wanted)))
         acks: list[str] = []
         arriving: dict[str, PendingImpression] = {}
@@ -193,7 +178,7 @@ class LearnerWorker:
             if rid in self.pending:  # read again after a failed round: already waiting
                 continue
             imp = imps.get(rid)
-            if imp is None or (rid,) in self._done:  # expired, erased, or learned already
+            if imp is None or self._done.get((rid,)):  # expired, erased, or learned already
                 acks.append(entry_id)
                 continue
             arriving[rid] = PendingImpression(imp, entry_id, imp.ts + self.settings.reward_wait_s)
@@ -205,7 +190,7 @@ class LearnerWorker:
         for entry_id, f in feedback:
             acks.append(entry_id)
             key = (f["request_id"], f["item_id"], f["event"])
-            if key in self._done:  # read again after a failed round: learned already
+            if self._done.get(key):  # read again after a failed round: learned already
                 continue
             p = waiting.get(f["request_id"])
             imp = p.imp if p else imps.get(f["request_id"])
@@ -256,7 +241,7 @@ class LearnerWorker:
         for rid in closing:
             self.pending.pop(rid, None)
         for key in learned_keys:
-            self._done.add(key)
+            self._done.put(key, True)
         self.feedback_learned += sum(len(k) == 3 for k in learned_keys)
         self.transitions += len(transitions)
         # closed impressions wait here until the log has them (a failed append is retried)

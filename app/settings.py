@@ -118,8 +118,8 @@ class Settings(BaseSettings):
 
     @cached_property
     def key_list(self) -> list[str]:
-        """Every key allowed to call ``/v1`` (admin keys included)."""
-        return _keys(self.api_keys, self.api_keys_file) + self.admin_key_list
+        """API keys (admin keys, which may call everything too, are ``admin_key_list``)."""
+        return _keys(self.api_keys, self.api_keys_file)
 
     @cached_property
     def admin_key_list(self) -> list[str]:

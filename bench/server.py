@@ -20,6 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float = 10.0, alive=lambda: True) -> None:
+    """Return once something listens on ``port``; ``TimeoutError`` after ``timeout`` s,
+    or at once when ``alive()`` turns false (the process meant to listen died)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
 @contextlib.contextmanager
 def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0):
     """Yield ``(base URL, process)`` of a fresh service; its log is printed if it fails
@@ -63,14 +75,7 @@ def private_redis():
                                  "--save", "", "--appendonly", "no", "--dir", workdir],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.time() + 10
-            while True:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
+            wait_port(port, alive=lambda: proc.poll() is None)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             proc.terminate()

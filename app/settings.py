@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     learning_rate: float = 1e-3
     batch_size: int = 64
     replay_size: int = 50_000
+    replay_prefault: bool = Field(True, description="commit the replay buffer's memory at "
+                                  "start, so resident memory is flat from the first request")
     steps_per_batch: int = 2
     target_tau: float = 0.01
     grad_clip: float = 5.0
@@ -134,4 +136,5 @@ class Settings(BaseSettings):
         return DQNConfig(gamma=self.gamma, lr=self.learning_rate, batch_size=self.batch_size,
                          buffer_size=self.replay_size, steps_per_batch=self.steps_per_batch,
                          grad_clip=self.grad_clip, target_tau=self.target_tau,
-                         hidden=self.hidden, seed=self.seed or 0)
+                         hidden=self.hidden, seed=self.seed or 0,
+                         prefault_buffer=self.replay_prefault)

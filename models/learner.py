@@ -37,6 +37,7 @@ class DQNConfig:
     target_tau: float = 0.01
     hidden: int = 256
     seed: int = 0
+    prefault_buffer: bool = False
 
 
 class DQNLearner:
@@ -54,6 +55,8 @@ class DQNLearner:
         self.state_dim = state_dim
         self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, self.online.action_dim,
                                    seed=self.config.seed)
+        if self.config.prefault_buffer:
+            self.buffer.prefault()
         self.updates = 0
         self.rejected_updates = 0
         self.last_loss = float("nan")

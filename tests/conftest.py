@@ -20,6 +20,9 @@ from bench.server import free_port, wait_port  # noqa: F401 - tests import them 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Each test service would otherwise commit ~0.5 GB of replay buffer (1.4 s) at start;
+# tests/test_qnet_learner.py covers prefaulting itself.
+os.environ.setdefault("RECSVC_REPLAY_PREFAULT", "false")
 
 
 class RedisServer:
@@ -100,4 +103,4 @@ def backend(request):
 def encoder():
     from models.encoder import TextEncoder
 
-    return TextEncoder()
+    return TextEncoder(os.environ.get("RECSVC_ENCODER_PATH") or None)  # a model of your own

@@ -104,12 +104,14 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
             count[item_id] = count.get(item_id, 0) + 1
     if not last or not len(candidate_ids):
         return feats
-    ids = np.asarray(candidate_ids, dtype=object)
-    hits = np.flatnonzero(np.isin(ids, list(last)))
-    for j in hits:
-        item_id = ids[j]
-        feats[j, 0] = math.exp(-max(now - last[item_id], 0.0) / recent_s)
-        feats[j, 1] = math.log1p(count[item_id]) / math.log1p(10.0)
+    # membership through the dict's hash (np.isin sorts object arrays: 100x slower)
+    hit = np.fromiter((c in last for c in candidate_ids), dtype=bool, count=len(candidate_ids))
+    hits = np.flatnonzero(hit)
+    if len(hits):
+        shown_ids = [candidate_ids[j] for j in hits]
+        age = np.maximum(now - np.array([last[i] for i in shown_ids]), 0.0)
+        feats[hits, 0] = np.exp(-age / recent_s)
+        feats[hits, 1] = np.log1p([count[i] for i in shown_ids]) / math.log1p(10.0)
     return feats
 
 

@@ -59,7 +59,10 @@ class TextEncoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+        # float32 whatever the checkpoint's dtype: a half-precision checkpoint would
+        # otherwise run in half on the CPU (slow) and give other vectors per device
+        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True,
+                                               dtype=torch.float32)
         self.model.eval().to(device)
         self.dim = int(self.model.config.hidden_size)
         self.model_id = self._identity()

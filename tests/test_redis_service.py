@@ -3,7 +3,6 @@ without re-embedding, and an outage degrades the way DESIGN.md says."""
 
 import time
 
-import pytest
 from fastapi.testclient import TestClient
 
 from app.api import create_app
@@ -104,25 +103,3 @@ def test_redis_outage_degrades_and_recovers(encoder):
         if server.proc.poll() is None:
             server.proc.kill()
         server.stop()
-
-
-@pytest.mark.gpu
-def test_cuda_encoder_and_scorer_match_cpu(encoder):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    import numpy as np
-
-    from models.encoder import TextEncoder
-    from models.qnet import QNetwork, Scorer
-    from models.state import StateLayout
-
-    texts = ["Toy Story (1995). Animation", "a 30 year old engineer"]
-    gpu = TextEncoder(device="cuda")
-    assert np.allclose(gpu.encode(texts), encoder.encode(texts), atol=1e-4)
-    layout = StateLayout(384)
-    net = QNetwork(layout.size, 384)
-    state = np.random.default_rng(0).standard_normal((4, layout.size)).astype(np.float32)
-    q_cpu, v_cpu = Scorer(net, 0, "cpu").query(state)
-    q_gpu, v_gpu = Scorer(net, 0, "cuda").query(state)
-    assert np.allclose(q_cpu, q_gpu, atol=1e-4) and np.allclose(v_cpu, v_gpu, atol=1e-4)

@@ -18,18 +18,21 @@ Out = TypeVar("Out")
 
 class MicroBatcher(Generic[In, Out]):
     def __init__(self, fn: Callable[[list[In]], Sequence[Out]], executor: Executor,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, concurrency: int = 1) -> None:
+        """``concurrency`` batches may compute at once (one per core the work can use:
+        the GIL is released inside numpy, torch and FAISS)."""
         self.fn = fn
         self.executor = executor
         self.max_batch = max_batch
+        self.concurrency = concurrency
         self._queue: list[tuple[In, asyncio.Future]] = []
-        self._running = False
+        self._running = 0
 
     async def submit(self, value: In) -> Out:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.append((value, fut))
-        if not self._running:
-            self._running = True
+        if self._running < self.concurrency:
+            self._running += 1
             asyncio.get_running_loop().create_task(self._drain())
         return await fut
 
@@ -50,4 +53,4 @@ class MicroBatcher(Generic[In, Out]):
                     if not fut.done():
                         fut.set_result(res)
         finally:
-            self._running = False
+            self._running -= 1

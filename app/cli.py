@@ -47,6 +47,11 @@ def read_items(path: Path):
 
 
 def _load_items(args: argparse.Namespace) -> None:
+    """Upsert a file's items in batches, with progress. Resumable: the count of items the
+    service confirmed is kept beside the file (``<file>.loaded``, with the file's size
+    and mtime), so a rerun after a crash or Ctrl-C continues where it stopped."""
+    import json as _json
+
     from tqdm import tqdm
 
     from app.client import Client
@@ -54,20 +59,37 @@ def _load_items(args: argparse.Namespace) -> None:
     path = Path(args.file)
     with path.open("rb") as fh:
         total = sum(1 for line in fh if line.strip()) - (path.suffix.lower() == ".csv")
+    marker = path.with_name(path.name + ".loaded")
+    stat = path.stat()
+    fingerprint = {"size": stat.st_size, "mtime": stat.st_mtime}
+    done = 0
+    if marker.exists() and not args.from_start:
+        saved = _json.loads(marker.read_text())
+        if {k: saved.get(k) for k in fingerprint} == fingerprint:
+            done = int(saved["done"])
     client = Client(args.url, args.api_key)
     batch: list[dict] = []
-    size = 0
-    with tqdm(total=total, desc="loading items", unit="item") as bar:
-        for item in read_items(path):
+    size = None
+
+    def send() -> None:
+        nonlocal size, done
+        size = client.upsert(batch)["catalog_size"]
+        done += len(batch)
+        marker.write_text(_json.dumps({**fingerprint, "done": done}))
+        bar.update(len(batch))
+        batch.clear()
+
+    with tqdm(total=total, initial=done, desc="loading items", unit="item") as bar:
+        for i, item in enumerate(read_items(path)):
+            if i < done:
+                continue  # confirmed by an earlier run
             batch.append(item)
             if len(batch) == args.batch:
-                size = client.upsert(batch)["catalog_size"]
-                bar.update(len(batch))
-                batch = []
+                send()
         if batch:
-            size = client.upsert(batch)["catalog_size"]
-            bar.update(len(batch))
-    print(f"catalog size: {size}")
+            send()
+    print("nothing left to load: every item was confirmed by an earlier run"
+          if size is None else f"catalog size: {size}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -127,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("load-items", help="bulk upsert items from a JSONL or CSV file")
     p.add_argument("file")
     p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--from-start", action="store_true",
+                   help="ignore <file>.loaded and load every item again")
     client_args(p)
     p.set_defaults(fn=_load_items)
 

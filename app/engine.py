@@ -29,12 +29,28 @@ from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
 from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
 from models.exploration import SlateChoice, epsilon_greedy_slate
-from models.index import CandidateIndex
+from models.index import CandidateIndex, set_search_threads
 from models.lru import LRUCache
 from models.qnet import QNetwork, Scorer, all_finite, weights_from_bytes
 from models.state import StateLayout, candidate_features
 
 log = logging.getLogger("recsvc.engine")
+
+
+@dataclass
+class Pick:
+    """One request's inputs to the batched slate chooser."""
+    user_data: UserData
+    ctx: np.ndarray | None
+    banned: set[str]
+    candidates: list[str] | None
+    k: int
+    epsilon: float
+    now: float
+
+
+# (weights version, state, candidate ids, scores, candidate features, choice)
+Chosen = tuple[int, np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]
 
 
 @dataclass
@@ -53,7 +69,9 @@ class Engine:
         self.store = store
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="recsvc-compute")
+        self.compute_threads = 2
+        self.executor = ThreadPoolExecutor(max_workers=self.compute_threads,
+                                           thread_name_prefix="recsvc-compute")
         self.encoder = encoder
         self.index: CandidateIndex | None = None
         self.layout: StateLayout | None = None
@@ -64,6 +82,7 @@ class Engine:
         self._rng = np.random.default_rng(settings.seed)
         self._rng_lock = threading.Lock()
         self._batcher: MicroBatcher[str, np.ndarray] | None = None
+        self._chooser: MicroBatcher[Pick, Chosen] | None = None
         self._follower: PeriodicLoop | None = None
         self._unlogged: deque[Impression] = deque(maxlen=settings.unlogged_max)
         self._flush_lock = asyncio.Lock()
@@ -79,13 +98,19 @@ class Engine:
             self.encoder = await self.run(
                 lambda: TextEncoder(s.encoder_path, self.device, batch_size=s.encoder_batch_size))
         self.layout = StateLayout(self.encoder.dim)
-        self.index = CandidateIndex(self.encoder.dim, exact_threshold=self.settings.exact_index_max,
-                                    hnsw_m=self.settings.hnsw_m,
-                                    ef_search=self.settings.hnsw_ef_search, device=self.device)
+        s = self.settings
+        set_search_threads(s.search_threads)
+        self.index = CandidateIndex(self.encoder.dim, exact_threshold=s.exact_index_max,
+                                    approximate_kind=s.approximate_index, hnsw_m=s.hnsw_m,
+                                    ef_search=s.hnsw_ef_search, ivf_nprobe=s.ivf_nprobe,
+                                    device=self.device)
         self.scorer = Scorer(QNetwork(self.layout.size, self.encoder.dim, self.settings.hidden),
                              0, self.device)
         self._batcher = MicroBatcher(self._encode_batch, self.executor,
                                      max_batch=self.settings.encoder_batch_size)
+        self._chooser = MicroBatcher(self.choose_batch, self.executor,
+                                     max_batch=self.settings.recommend_batch_size,
+                                     concurrency=self.compute_threads)
         await self._load_catalog()
         await self.refresh_weights()
         self._follower = PeriodicLoop("weights-follower", self._follow_weights,
@@ -272,14 +297,13 @@ class Engine:
         banned = set(exclude)
         if exclude_seen:
             banned.update(h["item_id"] for h in user_data.history)
-        epsilon = self.epsilon if explore else 0.0
         now = time.time()
-        scorer = self.scorer
-        state, ids, scores, feats, choice = await self.run(
-            self._choose, scorer, user_data, ctx, banned, candidates, k, epsilon, now)
-        slate = Slate(new_ulid(), scorer.version, [ids[i] for i in choice.indices],
+        pick = Pick(user_data, ctx, banned, candidates, k,
+                    self.epsilon if explore else 0.0, now)
+        version, state, ids, scores, feats, choice = await self._chooser.submit(pick)
+        slate = Slate(new_ulid(), version, [ids[i] for i in choice.indices],
                       scores[choice.indices], choice)
-        imp = Impression(slate.request_id, user_id, now, scorer.version, state.tobytes(),
+        imp = Impression(slate.request_id, user_id, now, version, state.tobytes(),
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
                          feats[choice.indices].tolist(), len(ids))
         try:
@@ -293,25 +317,37 @@ class Engine:
         self.metrics.items_explored.inc(int(choice.explored.sum()))
         return slate
 
-    def _choose(self, scorer: Scorer, user_data: UserData, ctx: np.ndarray | None,
-                banned: set[str], candidates: list[str] | None, k: int, epsilon: float,
-                now: float) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]:
+    def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
+        """Slates for concurrent requests with one Q-network call and one index search.
+
+        Per request only its state and its candidates' features are built in Python;
+        the network forward pass and the FAISS search (one GPU kernel on CUDA) are
+        shared, which is what keeps cost per request low under load.
+        """
         s = self.settings
-        state, positive, negative = user_state_and_history(
-            self.layout, user_data, ctx, self.index, s.rewards, s.history_len, s.history_decay,
-            now)
-        query, value = scorer.query(state[None])
-        if candidates is not None:
-            wanted = [c for c in dict.fromkeys(candidates)
-                      if c not in banned and self.index.is_recommendable(c)]
-            ids, items = self.index.vectors_of(wanted)
-        else:
-            ids, items = self.index.search(query[:, : self.layout.dim], s.candidates,
-                                           [banned])[0]
-        touched = {h["item_id"] for h in user_data.history}
-        feats = candidate_features(ids, user_data.shown, touched, now, self.index.stats_of(ids),
-                                   items, positive, negative, s.exposure_recent_s)
-        scores = Scorer.score(query[0], float(value[0]), items, feats)
-        with self._rng_lock:
-            choice = epsilon_greedy_slate(scores, k, epsilon, self._rng)
-        return state, ids, scores, feats, choice
+        scorer = self.scorer  # one weights version for the whole batch
+        built = [user_state_and_history(self.layout, p.user_data, p.ctx, self.index, s.rewards,
+                                        s.history_len, s.history_decay, p.now) for p in picks]
+        queries, values = scorer.query(np.stack([b[0] for b in built]))
+        to_search = [i for i, p in enumerate(picks) if p.candidates is None]
+        found = dict(zip(to_search, self.index.search(
+            queries[to_search, : self.layout.dim], s.candidates,
+            [picks[i].banned for i in to_search]), strict=True)) if to_search else {}
+        out: list[Chosen] = []
+        for i, p in enumerate(picks):
+            state, positive, negative = built[i]
+            if p.candidates is None:
+                ids, items = found[i]
+            else:
+                wanted = [c for c in dict.fromkeys(p.candidates)
+                          if c not in p.banned and self.index.is_recommendable(c)]
+                ids, items = self.index.vectors_of(wanted)
+            touched = {h["item_id"] for h in p.user_data.history}
+            feats = candidate_features(ids, p.user_data.shown, touched, p.now,
+                                       self.index.stats_of(ids), items, positive, negative,
+                                       s.exposure_recent_s)
+            scores = Scorer.score(queries[i], float(values[i]), items, feats)
+            with self._rng_lock:
+                choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
+            out.append((scorer.version, state, ids, scores, feats, choice))
+        return out

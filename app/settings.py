@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,9 +56,16 @@ class Settings(BaseSettings):
 
     # retrieval and policy
     candidates: int = Field(200, description="candidates retrieved per request")
-    exact_index_max: int = Field(50_000, description="above this many items the index is HNSW")
+    exact_index_max: int = Field(50_000, description="from this many items the CPU index is "
+                                 "approximate (on CUDA it stays exact)")
+    approximate_index: Literal["ivf", "hnsw"] = "ivf"
+    ivf_nprobe: int = Field(48, ge=1, description="IVF lists scanned per query")
     hnsw_m: int = 32
     hnsw_ef_search: int = 256
+    search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per search "
+                                "(requests already search in parallel)")
+    recommend_batch_size: int = Field(32, ge=1, description="concurrent recommend requests "
+                                      "scored in one Q-network call and one index search")
     history_len: int = Field(50, description="history entries kept per user")
     shown_len: int = Field(200, description="recently shown items remembered per user")
     history_decay: float = Field(0.8, description="recency weight per step back in history")

@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -311,3 +312,28 @@ def test_closed_impressions_reach_the_evaluation_log(client):
     assert client.delete("/v1/users/ope-user").status_code == 204
     assert all(r["user_id"] != "ope-user" for r in client.get("/v1/log").json()["records"])
     assert_error(client.get("/v1/log", params={"limit": 0}), 422)
+
+
+def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):
+    """Concurrent requests share one Q-network call and one index search; each gets the
+    slate and scores it would get alone."""
+    from app.engine import Pick
+    from app.store import UserData
+    with make_client(backend, encoder) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        engine = c.app.state.engine
+        now = time.time()
+        ctx = encoder.encode(["family evening, kids", "late night thriller", "romance"])
+        history = [{"item_id": "m-2", "event": "click", "ts": now - 5}]
+        picks = [Pick(UserData([], []), ctx[0], set(), None, 5, 0.0, now),
+                 Pick(UserData(history, [("m-3", now - 5)]), ctx[1], {"m-6"}, None, 4, 0.0, now),
+                 Pick(UserData(history, []), None, set(), ["m-1", "m-8", "m-9", "zz"], 3, 0.0, now),
+                 Pick(UserData([], []), ctx[2], set(), None, 10, 0.0, now)]
+        together = engine.choose_batch(picks)
+        for pick, batched in zip(picks, together, strict=True):
+            alone = engine.choose_batch([pick])[0]
+            assert batched[2] == alone[2]  # candidate ids
+            assert np.allclose(batched[3], alone[3], atol=1e-5)  # scores
+            assert batched[5].indices.tolist() == alone[5].indices.tolist()
+        assert "m-6" not in together[1][2] and "zz" not in together[2][2]
+        assert len(together[3][5].indices) == 10

@@ -2,9 +2,11 @@
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from app.batching import MicroBatcher
 from app.cli import read_items
@@ -38,6 +40,23 @@ async def test_a_failing_batch_fails_its_callers_only():
         assert await batcher.submit("ok") == "ok"
 
 
+async def test_batches_compute_in_parallel_up_to_the_concurrency():
+    """Two cores: two batches at once, each answered to its own callers."""
+    barrier = threading.Barrier(2, timeout=10)
+
+    def fn(values):
+        barrier.wait()  # raises unless a second batch runs at the same time
+        return [v * 10 for v in values]
+
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(fn, pool, max_batch=4, concurrency=2)
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)  # the first batch is now waiting at the barrier
+        got = await asyncio.gather(first, *(batcher.submit(v) for v in (2, 3, 4)))
+    assert got == [10, 20, 30, 40]
+    assert batcher._running == 0
+
+
 def test_read_items_jsonl_and_csv(tmp_path):
     jsonl = tmp_path / "items.jsonl"
     jsonl.write_text(json.dumps({"item_id": "a", "text": "A", "tags": ["x"]}) + "\n\n" +
@@ -51,3 +70,40 @@ def test_read_items_jsonl_and_csv(tmp_path):
     assert items[0] == {"item_id": "a", "text": "Heat (1995). Action, Crime",
                         "tags": ["action", "crime"], "available": True}
     assert items[1] == {"item_id": "b", "text": "Babe", "available": False}
+
+
+def test_load_items_resumes_after_a_failure_without_resending(tmp_path, monkeypatch, capsys):
+    """A 1M-item load that dies part-way continues where the service last confirmed."""
+    import app.client
+    from app.cli import main
+
+    sent: list[str] = []
+    fail_at = {"call": 3}
+
+    class FlakyClient:
+        def __init__(self, url, api_key=None):
+            self.calls = 0
+
+        def upsert(self, items):
+            self.calls += 1
+            if self.calls == fail_at["call"]:
+                raise ConnectionError("service went away")
+            sent.extend(i["item_id"] for i in items)
+            return {"catalog_size": len(set(sent))}
+
+    monkeypatch.setattr(app.client, "Client", FlakyClient)
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"item_id": f"i{n}", "text": f"item {n}"}) + "\n"
+                             for n in range(25)))
+    argv = ["load-items", str(items), "--batch", "5", "--url", "http://unused"]
+    with pytest.raises(ConnectionError):
+        main(argv)
+    assert sent == [f"i{n}" for n in range(10)]  # two batches confirmed, the third failed
+    fail_at["call"] = -1
+    main(argv)
+    assert sent == [f"i{n}" for n in range(25)]  # each item sent once
+    assert "catalog size: 25" in capsys.readouterr().out
+    main(argv)
+    assert "nothing left to load" in capsys.readouterr().out
+    main([*argv, "--from-start"])
+    assert len(sent) == 50

@@ -63,20 +63,28 @@ def running_service(env: dict[str, str] | None = None, startup_s: float = 120.0)
 
 
 @contextlib.contextmanager
-def private_redis():
-    """Yield the URL of a private ``redis-server`` on a free port (no persistence),
-    stopped and removed afterwards."""
+def private_redis(workdir: str | None = None):
+    """Yield the URL of a private ``redis-server`` on a free port, stopped afterwards.
+
+    With no ``workdir`` it persists nothing and its files are removed. With one, it
+    loads ``workdir/dump.rdb`` if there is one and writes one when sent ``SAVE``
+    (never on its own), so a benchmark can keep an expensive state, such as an
+    embedded catalog, between runs."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="recsvc-bench-redis-") as workdir:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="recsvc-bench-redis-"))
+        os.makedirs(workdir, exist_ok=True)
         proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
                                  "--save", "", "--appendonly", "no", "--dir", workdir],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_port(port, alive=lambda: proc.poll() is None)
+            wait_port(port, timeout=120, alive=lambda: proc.poll() is None)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             proc.terminate()
-            proc.wait(10)
+            proc.wait(30)

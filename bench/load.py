@@ -1,0 +1,160 @@
+"""HTTP load: ``POST /v1/recommend`` against the floor of the same web stack.
+
+Starts a private ``redis-server`` and one ``recsvc serve`` process against it (the
+production store), then:
+
+1. loads ``--items`` catalog items through ``POST /v1/items`` (MovieLens-100k
+   titles and variants) and reports the ingestion rate. The embedded catalog is
+   kept in ``--cache-dir`` (a Redis snapshot) so later runs skip re-embedding;
+2. gives ``--users`` users a history of ``--events`` interactions each through
+   ``POST /v1/events``;
+3. warms the context cache (contexts repeat, as real traffic does), then runs
+   ``wrk -t2 -c16`` for ``--seconds`` with ``bench/wrk/traffic.lua``, varying users
+   and contexts, recommend only;
+4. stops the service, starts the floor (``bench.floor``: the same FastAPI and
+   uvicorn stack parsing the same body and returning a slate of the same shape,
+   doing no work) and runs the same ``wrk`` against it;
+5. prints both, the throughput ratio and the p99 ratio.
+
+    python -m bench.load [--items 100000] [--users 5000] [--seconds 30]
+
+Needs ``wrk`` (Debian: apt-get install wrk) and ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+from tqdm import tqdm
+
+from app.client import wait_ready
+from bench.latency import catalog
+from bench.server import free_port, private_redis, running_service_process
+from bench.soak import wrk
+
+
+def wait_redis(url: str, timeout: float = 300.0) -> None:
+    """Wait until Redis has loaded its snapshot (it answers LOADING until then)."""
+    deadline = time.time() + timeout
+    client = redis.Redis.from_url(url)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.exceptions.BusyLoadingError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def load_catalog(url: str, n: int, redis_url: str, cached: bool) -> str:
+    items = catalog(n)
+    with httpx.Client(base_url=url, timeout=600) as c:
+        if cached and c.get(f"/v1/items/{items[-1]['item_id']}").status_code == 200:
+            return f"catalog of {n:,} items restored from the cache (not re-embedded)"
+        t = time.perf_counter()
+        with tqdm(total=n, desc="catalog", unit="item") as bar:
+            for start in range(0, n, 1000):
+                c.post("/v1/items", json={"items": items[start:start + 1000]}).raise_for_status()
+                bar.update(len(items[start:start + 1000]))
+        rate = n / (time.perf_counter() - t)
+    redis.Redis.from_url(redis_url).save()
+    return f"ingestion: {n:,} items at {rate:.0f} items/s (CPU encoder, through HTTP)"
+
+
+def give_histories(url: str, users: int, events: int, items: int, seed: int) -> float:
+    """``events`` interactions per user through POST /v1/events; returns events/s."""
+    rng = np.random.default_rng(seed)
+    ids = [it["item_id"] for it in catalog(min(items, 20_000))]
+    kinds = ["click", "click", "purchase", "like", "skip"]
+    jobs = [(f"u-{u}", ids[int(rng.integers(len(ids)))], kinds[int(rng.integers(len(kinds)))])
+            for u in range(1, users + 1) for _ in range(events)]
+    with httpx.Client(base_url=url, timeout=60,
+                      limits=httpx.Limits(max_connections=16)) as c, \
+            tqdm(total=len(jobs), desc="histories", unit="event") as bar:
+        def send(job):
+            r = c.post("/v1/events", json={"user_id": job[0], "item_id": job[1],
+                                           "event": job[2]})
+            r.raise_for_status()
+            bar.update(1)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(send, jobs))
+        return len(jobs) / (time.perf_counter() - t)
+
+
+def run_floor(seconds: int, connections: int, traffic: dict) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port", str(port)])
+    try:
+        if not wait_ready(url, lambda: proc.poll() is None, 60):
+            raise RuntimeError("the floor did not start")
+        wrk(url, 3, connections, 2, traffic)
+        return wrk(url, seconds, connections, 2, traffic)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def line(name: str, res: dict) -> str:
+    return (f"{name:<28} {res['rate']:9.0f} {res['p50_us'] / 1000:8.2f} "
+            f"{res['p99_us'] / 1000:8.2f} {res['errors']:7d}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--users", type=int, default=5000)
+    ap.add_argument("--events", type=int, default=8, help="history events per user")
+    ap.add_argument("--contexts", type=int, default=50, help="distinct context texts")
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "recsvc" / "bench-load"),
+                    help="keeps the embedded catalog between runs ('' to start empty)")
+    ap.add_argument("--service-env", nargs="*", default=[], metavar="RECSVC_X=V")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+    extra = dict(kv.split("=", 1) for kv in args.service_env)
+    workdir = os.path.join(args.cache_dir, f"items-{args.items}") if args.cache_dir else None
+    traffic = {"SOAK_USERS": str(args.users), "SOAK_CONTEXTS": str(args.contexts)}
+
+    print(f"load benchmark: {args.items:,} items, {args.users:,} users with "
+          f"{args.events} events each, {args.contexts} contexts, wrk -t2 -c{args.connections} "
+          f"{args.seconds}s, one service process", flush=True)
+    with private_redis(workdir) as redis_url:
+        wait_redis(redis_url)
+        with running_service_process({"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load",
+                                      "RECSVC_DEVICE": "cpu", **extra}, 600) as (url, _):
+            print(load_catalog(url, args.items, redis_url, workdir is not None), flush=True)
+            rate = give_histories(url, args.users, args.events, args.items, args.seed)
+            print(f"histories: {args.users * args.events:,} events at {rate:.0f} events/s",
+                  flush=True)
+            wrk(url, 10, args.connections, 2, traffic)  # every context cached
+            service = wrk(url, args.seconds, args.connections, 2, traffic)
+    floor = run_floor(args.seconds, args.connections, traffic)
+
+    print(f"\n{'POST /v1/recommend':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(line("floor (same stack, no work)", floor))
+    print(line("recsvc", service))
+    print(f"\nthroughput ratio recsvc / floor: {service['rate'] / floor['rate']:.3f} "
+          f"(target >= 0.5)")
+    print(f"p99 ratio recsvc / floor: {service['p99_us'] / floor['p99_us']:.2f} "
+          f"(target <= 3)")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from app.batching import MicroBatcher
 from app.errors import APIError
@@ -100,6 +101,9 @@ class Engine:
         self.layout = StateLayout(self.encoder.dim)
         s = self.settings
         set_search_threads(s.search_threads)
+        # numpy's BLAS too: per-request products are small, and a BLAS thread pool per
+        # compute thread only fights the others for the cores
+        threadpool_limits(s.search_threads, user_api="blas")
         self.index = CandidateIndex(self.encoder.dim, exact_threshold=s.exact_index_max,
                                     approximate_kind=s.approximate_index, hnsw_m=s.hnsw_m,
                                     ef_search=s.hnsw_ef_search, ivf_nprobe=s.ivf_nprobe,

@@ -59,11 +59,11 @@ class Settings(BaseSettings):
     exact_index_max: int = Field(50_000, description="from this many items the CPU index is "
                                  "approximate (on CUDA it stays exact)")
     approximate_index: Literal["ivf", "hnsw"] = "ivf"
-    ivf_nprobe: int = Field(48, ge=1, description="IVF lists scanned per query")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query")
     hnsw_m: int = 32
     hnsw_ef_search: int = 256
-    search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per search "
-                                "(requests already search in parallel)")
+    search_threads: int = Field(1, ge=1, description="FAISS OpenMP and numpy BLAS threads "
+                                "per call (requests already compute in parallel)")
     recommend_batch_size: int = Field(32, ge=1, description="concurrent recommend requests "
                                       "scored in one Q-network call and one index search")
     history_len: int = Field(50, description="history entries kept per user")

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--n", type=int, default=100, help="recall@n and results per query")
     ap.add_argument("--kinds", default="ivf", help="approximate kinds to build: ivf,hnsw")
-    ap.add_argument("--nprobe", default="48", help="IVF nprobe values to sweep; first builds")
+    ap.add_argument("--nprobe", default="16,32,48", help="IVF nprobe values to sweep; first builds")
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--batch", default="1,16", help="query batch sizes")

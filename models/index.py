@@ -60,7 +60,7 @@ class CandidateIndex:
 
     def __init__(self, dim: int, exact_threshold: int = 50_000, approximate_kind: str = "ivf",
                  hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 256,
-                 ivf_nprobe: int = 48, device: str = "cpu", seed: int = 0) -> None:
+                 ivf_nprobe: int = 16, device: str = "cpu", seed: int = 0) -> None:
         if approximate_kind not in APPROXIMATE_KINDS:
             raise ValueError(f"approximate_kind must be one of {APPROXIMATE_KINDS}")
         self.dim = dim

@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from app.batching import MicroBatcher
 from app.errors import APIError
-from app.features import user_state_and_history
+from app.features import resting_items, user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
 from app.metrics import Metrics
@@ -301,6 +301,12 @@ class Engine:
         banned = set(exclude)
         if exclude_seen:
             banned.update(h["item_id"] for h in user_data.history)
+        resting = resting_items(user_data, self.settings.rest_shown)
+        if resting:  # unless too few would be left: a short slate is worse than a repeat
+            left = (len(set(candidates) - banned - resting) if candidates is not None
+                    else self.index.recommendable_count() - len(banned | resting))
+            if left >= k:
+                banned |= resting
         now = time.time()
         pick = Pick(user_data, ctx, banned, candidates, k,
                     self.epsilon if explore else 0.0, now)

@@ -63,3 +63,17 @@ def context_of(layout: StateLayout, state: np.ndarray) -> np.ndarray | None:
     """The context embedding stored in a state, or None when it had no context."""
     has_context = state[3 * layout.dim] > 0.5
     return layout.context(state).copy() if has_context else None
+
+
+def resting_items(user: UserData, latest: int) -> set[str]:
+    """Items among the user's ``latest`` shown that they did not act on.
+
+    Showing a user again what they just scrolled past is the commonest way a
+    recommender wastes a slate: an ignored item is much less likely to be taken on
+    its next showing. These items rest (are not retrieved) until newer slates push
+    them out of the window; any interaction with an item ends its rest.
+    """
+    if latest <= 0 or not user.shown:
+        return set()
+    touched = {h["item_id"] for h in user.history}
+    return {item_id for item_id, _ in user.shown[-latest:] if item_id not in touched}

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
                                       "scored in one Q-network call and one index search")
     history_len: int = Field(50, description="history entries kept per user")
     shown_len: int = Field(200, description="recently shown items remembered per user")
+    rest_shown: int = Field(200, ge=0, description="items of the user's latest slates that "
+                            "are not shown again while ignored (0: off)")
     history_decay: float = Field(0.8, description="recency weight per step back in history")
     exposure_recent_s: float = Field(1800.0, description="scale of the shown-ignored penalty")
     epsilon_start: float = 0.2

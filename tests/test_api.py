@@ -215,6 +215,27 @@ def test_feedback_is_seen_by_the_next_request(client):
     assert first in [i["item_id"] for i in keep["items"]]
 
 
+def test_items_a_user_ignored_rest_unless_the_slate_would_be_short(client):
+    first = recommend(client, k=3, explore=False)
+    ignored = [i["item_id"] for i in first["items"]]
+    others = [m for m, _ in MOVIES if m not in ignored][:3]
+    again = recommend(client, k=3, explore=False, candidates=ignored + others)
+    assert sorted(i["item_id"] for i in again["items"]) == sorted(others)
+    short = recommend(client, k=3, explore=False, candidates=ignored + others[:1])
+    assert len(short["items"]) == 3  # too few fresh items: ignored ones come back
+
+    # an item the user acted on does not rest
+    slate = recommend(client, user="u-2", k=3, explore=False)
+    shown = [i["item_id"] for i in slate["items"]]
+    fresh = [m for m, _ in MOVIES if m not in shown][:2]
+    r = client.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                          "item_id": shown[0], "event": "click"})
+    assert r.status_code == 202
+    after = recommend(client, user="u-2", k=3, explore=False, exclude_seen=False,
+                      candidates=shown + fresh)
+    assert sorted(i["item_id"] for i in after["items"]) == sorted([shown[0], *fresh])
+
+
 def test_events_endpoint(client):
     r = client.post("/v1/events", json={"user_id": "u-9", "item_id": "m-3",
                                         "event": "purchase", "value": None})

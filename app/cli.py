@@ -50,8 +50,6 @@ def _load_items(args: argparse.Namespace) -> None:
     """Upsert a file's items in batches, with progress. Resumable: the count of items the
     service confirmed is kept beside the file (``<file>.loaded``, with the file's size
     and mtime), so a rerun after a crash or Ctrl-C continues where it stopped."""
-    import json as _json
-
     from tqdm import tqdm
 
     from app.client import Client
@@ -64,7 +62,7 @@ def _load_items(args: argparse.Namespace) -> None:
     fingerprint = {"size": stat.st_size, "mtime": stat.st_mtime}
     done = 0
     if marker.exists() and not args.from_start:
-        saved = _json.loads(marker.read_text())
+        saved = json.loads(marker.read_text())
         if {k: saved.get(k) for k in fingerprint} == fingerprint:
             done = int(saved["done"])
     client = Client(args.url, args.api_key)
@@ -75,7 +73,7 @@ def _load_items(args: argparse.Namespace) -> None:
         nonlocal size, done
         size = client.upsert(batch)["catalog_size"]
         done += len(batch)
-        marker.write_text(_json.dumps({**fingerprint, "done": done}))
+        marker.write_text(json.dumps({**fingerprint, "done": done}))
         bar.update(len(batch))
         batch.clear()
 

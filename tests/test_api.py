@@ -319,20 +319,26 @@ def test_unknown_route_and_method_use_the_error_body(client):
     assert_error(client.put("/v1/recommend", json={}), 405, "method_not_allowed")
 
 
-def test_closed_impressions_reach_the_evaluation_log(client):
-    slate = recommend(client, user="ope-user", k=3)
-    clicked = slate["items"][1]["item_id"]
-    client.post("/v1/feedback", json={"request_id": slate["request_id"], "item_id": clicked,
-                                      "event": "click"})
-    record = wait_for(lambda: next((r for r in client.get("/v1/log").json()["records"]
-                                    if r["request_id"] == slate["request_id"]), None))
-    assert record["user_id"] == "ope-user" and record["n_candidates"] == 10
-    assert record["item_ids"] == [i["item_id"] for i in slate["items"]]
-    assert record["propensities"] == [i["propensity"] for i in slate["items"]]
-    assert record["rewards"] == [0.0, 1.0, 0.0]
-    assert client.delete("/v1/users/ope-user").status_code == 204
-    assert all(r["user_id"] != "ope-user" for r in client.get("/v1/log").json()["records"])
-    assert_error(client.get("/v1/log", params={"limit": 0}), 422)
+def test_closed_impressions_reach_the_evaluation_log(backend, encoder):
+    # a reward window long enough that a slow machine's feedback still lands inside it
+    with make_client(backend, encoder, reward_wait_s=2.0) as client:
+        r = client.post("/v1/items", json={"items": [{"item_id": i, "text": t}
+                                                     for i, t in MOVIES]})
+        assert r.status_code == 200
+        slate = recommend(client, user="ope-user", k=3)
+        clicked = slate["items"][1]["item_id"]
+        fb = client.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                               "item_id": clicked, "event": "click"})
+        assert fb.status_code == 202
+        record = wait_for(lambda: next((r for r in client.get("/v1/log").json()["records"]
+                                        if r["request_id"] == slate["request_id"]), None))
+        assert record["user_id"] == "ope-user" and record["n_candidates"] == 10
+        assert record["item_ids"] == [i["item_id"] for i in slate["items"]]
+        assert record["propensities"] == [i["propensity"] for i in slate["items"]]
+        assert record["rewards"] == [0.0, 1.0, 0.0]
+        assert client.delete("/v1/users/ope-user").status_code == 204
+        assert all(r["user_id"] != "ope-user" for r in client.get("/v1/log").json()["records"])
+        assert_error(client.get("/v1/log", params={"limit": 0}), 422)
 
 
 def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):

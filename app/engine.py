@@ -300,7 +300,7 @@ class Engine:
         user_data, ctx = await asyncio.gather(user(), context())
         banned = set(exclude)
         if exclude_seen:
-            banned.update(h["item_id"] for h in user_data.history)
+            banned.update(user_data.touched)
         resting = resting_items(user_data, self.settings.rest_shown)
         if resting:  # unless too few would be left: a short slate is worse than a repeat
             left = (len(set(candidates) - banned - resting) if candidates is not None
@@ -352,8 +352,7 @@ class Engine:
                 wanted = [c for c in dict.fromkeys(p.candidates)
                           if c not in p.banned and self.index.is_recommendable(c)]
                 ids, items = self.index.vectors_of(wanted)
-            touched = {h["item_id"] for h in p.user_data.history}
-            feats = candidate_features(ids, p.user_data.shown, touched, p.now,
+            feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
                                        self.index.stats_of(ids), items, positive, negative,
                                        s.exposure_recent_s)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)

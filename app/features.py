@@ -75,5 +75,4 @@ def resting_items(user: UserData, latest: int) -> set[str]:
     """
     if latest <= 0 or not user.shown:
         return set()
-    touched = {h["item_id"] for h in user.history}
-    return {item_id for item_id, _ in user.shown[-latest:] if item_id not in touched}
+    return {item_id for item_id, _ in user.shown[-latest:] if item_id not in user.touched}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 class StoreUnavailable(Exception):
@@ -44,6 +45,12 @@ class Impression:
 class UserData:
     history: list[dict]  # {item_id, event, ts, value}, oldest first
     shown: list[tuple[str, float]] = field(default_factory=list)  # (item_id, ts), oldest first
+
+    @cached_property
+    def touched(self) -> set[str]:
+        """Ids of the items the user interacted with: exclude_seen, resting and the
+        exposure features all ask, so one request computes it once."""
+        return {h["item_id"] for h in self.history}
 
 
 StreamEntry = tuple[str, dict[str, str]]

@@ -230,10 +230,13 @@ class CandidateIndex:
         live = len(self._row_of)
         want = (self.approximate_kind if live >= self.exact_threshold and self.device != "cuda"
                 else "flat")
-        outgrown = self._kind == "ivf" and live > IVF_RETRAIN_GROWTH * self._trained_on
         if self._n_rows and (self._n_dead > COMPACT_FRACTION * self._n_rows
-                             or want != self._kind or outgrown):
+                             or want != self._kind or self._ivf_outgrown(live)):
             self._rebuild(want)
+
+    def _ivf_outgrown(self, live: int) -> bool:
+        """An IVF index whose catalog grew past IVF_RETRAIN_GROWTH x what trained it."""
+        return self._kind == "ivf" and live > IVF_RETRAIN_GROWTH * self._trained_on
 
     def _rebuild(self, kind: str) -> None:
         """Compact retired rows away and rebuild the FAISS structure.
@@ -253,8 +256,7 @@ class CandidateIndex:
         self._stats[: len(rows)] = stats
         self._n_rows = len(rows)
         self._row_of = {item_id: i for i, item_id in enumerate(ids.tolist())}
-        if (kind == "ivf" and self._kind == "ivf"
-                and len(rows) <= IVF_RETRAIN_GROWTH * self._trained_on):
+        if kind == "ivf" and self._kind == "ivf" and not self._ivf_outgrown(len(rows)):
             self._index.reset()
         else:
             self._index = self._new_index(kind, vectors)

@@ -41,13 +41,16 @@ class ReplayBuffer:
         replica's footprint flat from start-up, lets a memory leak show as growth,
         and makes an undersized container fail at start rather than after an hour.
         """
-        for array in (self.states, self.actions, self.rewards, self.next_states, self.done):
+        for array in self._arrays:
             array.fill(0.0)
 
     @property
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return self.states, self.actions, self.rewards, self.next_states, self.done
+
+    @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.states, self.actions, self.rewards,
-                                       self.next_states, self.done))
+        return sum(a.nbytes for a in self._arrays)
 
     def __len__(self) -> int:
         return self._size

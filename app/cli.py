@@ -1,4 +1,4 @@
-"""The ``recsvc`` command: serve, load-items, demo, export-log, ope."""
+"""The ``recsvc`` command: serve, learner, load-items, demo, export-log, ope."""
 
 from __future__ import annotations
 
@@ -11,21 +11,41 @@ import sys
 from pathlib import Path
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from app.api import create_app
+def _settings():
     from app.settings import Settings
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
+
+
+def _uvicorn(app, args: argparse.Namespace, grace_s: float) -> None:
+    import uvicorn
+
     # SIGTERM: uvicorn stops accepting, drains in-flight requests (up to the grace
     # period), then the app's lifespan flushes held impressions and the learner's
-    # unpublished weights before the process exits.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop",
-                http="httptools", log_level="warning", access_log=False,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+    # uncommitted learning before the process exits.
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from app.api import create_app
+
+    settings = _settings()
+    if settings.role == "api" and not settings.redis_url:
+        sys.exit("RECSVC_ROLE=api needs RECSVC_REDIS_URL: API replicas and `recsvc learner` "
+                 "share the store")
+    _uvicorn(create_app(settings, run_learner=settings.role == "all"), args,
+             settings.shutdown_grace_s)
+
+
+def _learner(args: argparse.Namespace) -> None:
+    from app.learner_process import create_learner_app
+
+    settings = _settings()
+    _uvicorn(create_learner_app(settings), args, settings.shutdown_grace_s)
 
 
 def read_items(path: Path):
@@ -139,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(fn=_serve)
+
+    p = sub.add_parser("learner", help="run the learner alone, beside RECSVC_ROLE=api "
+                       "replicas (needs RECSVC_REDIS_URL); --port serves its probes")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.set_defaults(fn=_learner)
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", default=os.environ.get("RECSVC_URL", "http://127.0.0.1:8000"))

@@ -1,8 +1,9 @@
 """The serving engine: embeds, retrieves, scores and picks slates; owns the index.
 
 All blocking work (transformer, FAISS, torch) runs in a thread pool, never on the
-event loop. The engine follows new weight versions from the store by polling,
-so every serving process picks up a new version within ``weights_poll_s``.
+event loop. The engine follows new weight versions and catalog changes from the
+store by polling, so every serving process picks up a new version, and a change
+made through another replica, within ``weights_poll_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from app.batching import MicroBatcher
+from app.catalog import CatalogReplica, index_records
 from app.errors import APIError
 from app.features import resting_items, user_state_and_history
 from app.ids import new_ulid
@@ -75,6 +77,7 @@ class Engine:
                                            thread_name_prefix="recsvc-compute")
         self.encoder = encoder
         self.index: CandidateIndex | None = None
+        self.catalog: CatalogReplica | None = None
         self.layout: StateLayout | None = None
         self.scorer: Scorer | None = None
         self.cache: LRUCache[str, np.ndarray] = LRUCache(settings.embedding_cache_size)
@@ -115,9 +118,11 @@ class Engine:
         self._chooser = MicroBatcher(self.choose_batch, self.executor,
                                      max_batch=self.settings.recommend_batch_size,
                                      concurrency=self.compute_threads)
-        await self._load_catalog()
+        self.catalog = CatalogReplica(self.store, self.index, self.run)
+        await self.catalog.try_load()
+        self.metrics.catalog_size.set(len(self.index))
         await self.refresh_weights()
-        self._follower = PeriodicLoop("weights-follower", self._follow_weights,
+        self._follower = PeriodicLoop("store-follower", self._follow_store,
                                       self.settings.weights_poll_s)
         self._follower.start()
         self.ready = True
@@ -132,25 +137,6 @@ class Engine:
                 log.error("store unreachable at shutdown: %d impressions were not logged",
                           len(self._unlogged))
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _load_catalog(self) -> None:
-        """Build the index from stored embeddings: a restart re-embeds nothing."""
-        try:
-            ids = await self.store.all_item_ids()
-        except StoreUnavailable:
-            log.warning("store unreachable at start-up: starting with an empty catalog")
-            return
-        for start in range(0, len(ids), 5000):
-            records = await self.store.get_items(ids[start:start + 5000])
-            await self.run(self._index_records, list(records.values()))
-            log.info("catalog: indexed %d/%d items", min(start + 5000, len(ids)), len(ids))
-        self.metrics.catalog_size.set(len(self.index))
-
-    def _index_records(self, records: list[ItemRecord]) -> None:
-        if not records:
-            return
-        vectors = np.stack([np.frombuffer(r.embedding, dtype=np.float32) for r in records])
-        self.index.upsert([r.item_id for r in records], vectors, [r.available for r in records])
 
     # -- weights -----------------------------------------------------------------------
     async def refresh_weights(self) -> None:
@@ -191,10 +177,12 @@ class Engine:
         log.warning("rollback: version %d serves the weights of version %d", version, parent)
         return version, parent
 
-    async def _follow_weights(self) -> None:
+    async def _follow_store(self) -> None:
         with contextlib.suppress(StoreUnavailable):  # keep serving what we have
             await self.flush_unlogged()
             await self.refresh_weights()
+            if await self.catalog.follow():
+                self.metrics.catalog_size.set(len(self.index))
 
     # -- impressions served while the store was down ------------------------------------
     def _keep_unlogged(self, imp: Impression, reason: Exception) -> None:
@@ -266,20 +254,20 @@ class Engine:
         records = [ItemRecord(i, it.text, list(it.tags), it.available,
                               fresh[i].tobytes() if i in fresh else existing[i].embedding, keys[i])
                    for i, it in latest.items()]
-        size = await self.store.put_items(records)
+        size = await self.store.put_items(records, origin=self.catalog.origin)
         await self.run(self._apply_upsert, records, set(fresh))
         self.metrics.catalog_size.set(len(self.index))
         return size
 
     def _apply_upsert(self, records: list[ItemRecord], re_embedded: set[str]) -> None:
         changed = [r for r in records if r.item_id in re_embedded or r.item_id not in self.index]
-        self._index_records(changed)
+        index_records(self.index, changed)
         for r in records:
             if r.item_id not in re_embedded:
                 self.index.set_available(r.item_id, r.available)
 
     async def delete_item(self, item_id: str) -> bool:
-        found = await self.store.delete_item(item_id)
+        found = await self.store.delete_item(item_id, origin=self.catalog.origin)
         removed = await self.run(self.index.remove, [item_id])
         self.metrics.catalog_size.set(len(self.index))
         return found or bool(removed)

@@ -3,8 +3,15 @@
 It consumes the store's event stream (consumer-group semantics). A feedback event
 becomes a transition at once; when an impression's reward window closes, every
 slate item that got no feedback becomes a transition with the default reward.
-Stream entries are acknowledged only after their transitions entered learning,
-so a learner that dies loses nothing: its pending entries are read again.
+
+Exactly one learner learns at a time: the one holding the lease in the store; any
+others wait as standbys and take over when the lease expires (``lease_ttl_s``
+after the holder's last renewal, a SIGKILL included). Stream entries are
+acknowledged only in ``Store.commit_learning``, together with the weights version
+that holds their learning and the counters, atomically and only while the lease is
+still this learner's. So learning that was never committed is redone by the next
+holder from the entries still pending (claimed with XAUTOCLAIM), and every event
+is in the published weights exactly once.
 
 New weights are published at most every ``publish_interval_s``, and only when
 finite; serving processes pick them up from the store.
@@ -17,8 +24,9 @@ import logging
 import os
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +34,7 @@ from app.features import context_of, user_state
 from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
+from app.store.base import WeightsUpdate
 from models.index import CandidateIndex
 from models.learner import DQNLearner
 from models.lru import LRUCache
@@ -35,12 +44,14 @@ from models.state import N_ITEM_FEATURES, StateLayout
 log = logging.getLogger("recsvc.learner")
 
 
+CHUNK = 1000  # stream entries learned per round
+
+
 @dataclass
 class PendingImpression:
     imp: Impression
     entry_id: str
     deadline: float
-    rewards: dict[str, float] = field(default_factory=dict)  # item -> sum of its rewards
 
 
 @dataclass
@@ -81,13 +92,20 @@ class LearnerWorker:
         # round never holds a slot of the pool that serves recommendations.
         self._pool = None if run else ThreadPoolExecutor(1, thread_name_prefix="recsvc-learner")
         self.run = run or self._run_on_own_thread
-        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        # unique per process lifetime: the lease names its holder with it
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.active = False  # holds the lease
+        self.takeovers = 0
+        self.claimed = 0  # entries taken over from earlier holders
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
         self.pending: dict[str, PendingImpression] = {}
         # what was learned recently, so entries delivered again after a failed round
         # (still unacknowledged) are not learned twice
         self._done: LRUCache[tuple[str, ...], bool] = LRUCache(200_000)
         self._reread = False
+        # learned but not committed yet: entries to acknowledge and closed impressions
+        # for the evaluation log, written with the next commit
+        self._acks: list[str] = []
         self._log_backlog: list[dict] = []
         self.version = 0
         self.feedback_learned = 0
@@ -98,45 +116,38 @@ class LearnerWorker:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        await self._resume()
+        """Start the loop; its first round takes the lease if it is free."""
         self._loop.start()
 
     async def _run_on_own_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def stop(self) -> None:
-        """Finish the current round, then publish what was learned since the last
-        version, so a SIGTERM loses no learning (unacknowledged events stay pending)."""
+        """Finish the current round, commit what was learned since the last version,
+        then hand the lease over, so a SIGTERM loses no learning and a standby takes
+        over at once (uncommitted events stay pending and are learned again)."""
         await self._loop.stop()
         try:
-            await self.maybe_publish(force=True)
+            if self.active:
+                if await self.commit(force=True):
+                    log.info("learner %s committed version %d at shutdown (%d feedback "
+                             "events learned)", self.consumer, self.version,
+                             self.feedback_learned)
+                await self.store.release_lease(self.consumer)
         except StoreUnavailable:
-            log.warning("store unreachable at shutdown: unpublished learning is lost; "
+            log.warning("store unreachable at shutdown: uncommitted learning is lost; "
                         "its events stay pending and are learned again")
         if self._pool:
             self._pool.shutdown(wait=True)
 
-    async def _resume(self) -> None:
-        """Continue from the last published weights and counters, then re-read our pending."""
-        try:
-            self.version = await self.store.latest_version()
-            stats = await self.store.get_stats()
-            if self.version:
-                blob = await self.store.get_weights(self.version)
-                if blob is not None:
-                    await self.run(self.learner.load_weights, blob)
-            self.feedback_learned = int(stats.get("feedback_learned", 0))
-            self.learner.updates = int(stats.get("updates", 0))
-            await self.process(await self.store.read_stream(self.consumer, 10_000, pending=True))
-        except StoreUnavailable:
-            log.warning("store unreachable at learner start; will retry in the loop")
-
     async def _iteration(self) -> None:
         try:
+            if not await self.hold_lease():
+                return  # a standby: another learner holds the lease
             if self._reread:
                 # a failed round may have left entries delivered to us but unprocessed
-                await self.process(await self.store.read_stream(self.consumer, 100_000,
-                                                                pending=True))
+                await self._process_all(await self.store.read_stream(
+                    self.consumer, 1_000_000, pending=True))
                 self._reread = False
             await self.step()
         except StoreUnavailable as exc:
@@ -144,17 +155,73 @@ class LearnerWorker:
             self._reread = True
             await asyncio.sleep(1.0)  # the store is down: back off, lose nothing
 
+    # -- the lease ---------------------------------------------------------------------
+    async def hold_lease(self) -> bool:
+        """Renew the lease (or take it when free); take over or step down on a change."""
+        held = await self.store.hold_lease(self.consumer, self.settings.lease_ttl_s)
+        if held and not self.active:
+            await self._take_over()
+        elif not held and self.active:
+            self._step_down("another learner holds the lease")
+        return held
+
+    async def _take_over(self) -> None:
+        """Continue from the published weights and counters, then learn what the previous
+        holder read but never committed: its entries are still pending, so claim them."""
+        self._forget()
+        self.version = await self.store.latest_version()
+        stats = await self.store.get_stats()
+        if self.version:
+            blob = await self.store.get_weights(self.version)
+            if blob is not None:
+                await self.run(self.learner.load_weights, blob)
+        self.feedback_learned = int(stats.get("feedback_learned", 0))
+        self.transitions = int(stats.get("transitions", 0))
+        self.learner.updates = int(stats.get("updates", 0))
+        self.active = True
+        self.takeovers += 1
+        claimed = await self.store.claim_stream(self.consumer, 0.0, 1_000_000)
+        self.claimed += len(claimed)
+        log.info("learner %s holds the lease: continues from version %d, %d pending "
+                 "entries claimed", self.consumer, self.version, len(claimed))
+        await self._process_all(claimed)
+
+    def _step_down(self, why: str) -> None:
+        log.warning("learner %s stops learning: %s; uncommitted learning is left to the "
+                    "holder", self.consumer, why)
+        self.active = False
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was learned but not committed (the lease holder redoes it)."""
+        self.pending.clear()
+        self._done.clear()
+        self._acks = []
+        self._log_backlog = []
+        self._dirty = False
+        self._reread = False
+
+    async def _process_all(self, entries: list) -> None:
+        """Learn a backlog in rounds of CHUNK entries, renewing the lease and committing
+        between rounds, so a long backlog neither loses the lease nor holds its acks."""
+        for start in range(0, len(entries), CHUNK):
+            if not self.active or not await self.hold_lease():
+                return
+            await self.process(entries[start:start + CHUNK])
+            await self.commit()
+
     # -- one round ---------------------------------------------------------------------
     async def step(self, now: float | None = None) -> int:
         """Read new events, learn from what is ready, publish; returns transitions learned."""
         await self.adopt_newer_weights()
-        entries = await self.store.read_stream(self.consumer, 1000)
+        entries = await self.store.read_stream(self.consumer, CHUNK)
         n = await self.process(entries, now)
-        await self.maybe_publish()
+        await self.commit()
         return n
 
     async def process(self, entries: list, now: float | None = None) -> int:
-        """Turn stream entries into transitions, learn from them, then acknowledge.
+        """Turn stream entries into transitions and learn from them; their
+        acknowledgements wait for the commit of that learning.
 
         Nothing in memory changes until the learning step is done, so a round that
         fails on the store leaves the learner as it was; the entries it read stay
@@ -186,7 +253,6 @@ class LearnerWorker:
 
         transitions: list[Transition] = []
         learned_keys: list[tuple[str, ...]] = []  # feedback events and closed impressions
-        rewarded: list[tuple[str, str, float]] = []  # (request id, item id, reward)
         for entry_id, f in feedback:
             acks.append(entry_id)
             key = (f["request_id"], f["item_id"], f["event"])
@@ -196,8 +262,6 @@ class LearnerWorker:
             imp = p.imp if p else imps.get(f["request_id"])
             if imp is None:
                 continue
-            if p:
-                rewarded.append((f["request_id"], f["item_id"], float(f["reward"])))
             state = np.frombuffer(imp.state, dtype=np.float32)
             transitions.append(Transition(imp.user_id, state, f["item_id"], float(f["reward"]),
                                           context_of(self.layout, state),
@@ -208,17 +272,15 @@ class LearnerWorker:
         default = self.settings.rewards.default
         closing = [rid for rid, p in waiting.items() if p.deadline <= now]
         # An impression erased meanwhile (DELETE /v1/users on any replica) is dropped
-        # unlearned and unlogged.
+        # unlearned and unlogged. The stored impression carries the rewards of the
+        # feedback accepted for it, whichever learner read that feedback.
         still_stored = await self.store.get_impressions(closing) if closing else {}
         for rid in closing:
             p = waiting[rid]
             acks.append(p.entry_id)
             if rid not in still_stored:
                 continue
-            rewards = dict(p.rewards)
-            for r_rid, item_id, reward in rewarded:
-                if r_rid == rid:
-                    rewards[item_id] = rewards.get(item_id, 0.0) + reward
+            rewards = still_stored[rid].rewards
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
             for item_id in p.imp.item_ids:
@@ -234,22 +296,15 @@ class LearnerWorker:
             self._dirty = self._dirty or ok
         # learned: commit to memory; from here on, nothing is learned twice
         self.pending.update(arriving)
-        for r_rid, item_id, reward in rewarded:
-            if r_rid in self.pending:
-                rw = self.pending[r_rid].rewards
-                rw[item_id] = rw.get(item_id, 0.0) + reward
         for rid in closing:
             self.pending.pop(rid, None)
         for key in learned_keys:
             self._done.put(key, True)
         self.feedback_learned += sum(len(k) == 3 for k in learned_keys)
         self.transitions += len(transitions)
-        # closed impressions wait here until the log has them (a failed append is retried)
+        # closed impressions and acknowledgements wait for the commit of this learning
         self._log_backlog.extend(closed)
-        if self._log_backlog:
-            await self.store.append_log(self._log_backlog, self.settings.ope_log_size)
-            self._log_backlog = []
-        await self.store.ack(acks)
+        self._acks.extend(acks)
         return len(transitions)
 
     def _learn(self, transitions: list[Transition], users: dict[str, UserData],
@@ -295,27 +350,40 @@ class LearnerWorker:
                 "transitions": self.transitions,
                 "rejected_updates": self.learner.rejected_updates}
 
-    async def maybe_publish(self, force: bool = False) -> bool:
-        """Publish a new version if learning changed the weights (and they are finite)."""
+    async def commit(self, force: bool = False) -> bool:
+        """Write what was learned: a new weights version (when learning changed the
+        weights, they are finite and one is due), the counters and closed impressions,
+        and acknowledge the entries they came from, in one step. While a version is
+        not due, learning and its acknowledgements wait. Returns whether a version was
+        published."""
         due = time.monotonic() - self._last_publish >= self.settings.publish_interval_s
-        if not self._dirty or not (due or force):
-            await self.store.put_stats(self.stats())
+        if self._dirty and not (due or force):
             return False
-        if await self.adopt_newer_weights():
-            return False  # a rollback happened meanwhile: what was learned on top is dropped
-        if not all_finite(self.learner.online):
-            log.error("weights are not finite: not published; version %d keeps serving and "
-                      "the learner goes back to it", self.version)
-            self.learner.rejected_updates += 1
+        weights = None
+        # (a rollback meanwhile: what was learned on top of the old version is dropped)
+        if self._dirty and not await self.adopt_newer_weights():
+            if all_finite(self.learner.online):
+                blob = await self.run(self.learner.weights)
+                weights = WeightsUpdate(self.version + 1, blob, parent=self.version,
+                                        keep=self.settings.weights_kept)
+            else:
+                log.error("weights are not finite: not published; version %d keeps "
+                          "serving and the learner goes back to it", self.version)
+                self.learner.rejected_updates += 1
+                await self._reload_published()
+                self._dirty = False
+        acks = list(dict.fromkeys(self._acks))
+        stats = {**self.stats(), "version": weights.version if weights else self.version}
+        if not await self.store.commit_learning(self.consumer, acks, stats, self._log_backlog,
+                                                self.settings.ope_log_size, weights):
+            self._step_down("the lease was lost before the commit")
             await self._reload_published()
-            self._dirty = False
             return False
-        blob = await self.run(self.learner.weights)
-        parent = self.version
-        self.version += 1
-        await self.store.publish_weights(self.version, blob, self.stats(), parent=parent,
-                                         keep=self.settings.weights_kept)
+        self._acks, self._log_backlog = [], []
+        if weights is None:
+            return False
         self._dirty = False
+        self.version = weights.version
         self._last_publish = time.monotonic()
         return True
 

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
 
     # store and security
     redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process store")
+    redis_cluster: bool = Field(False, description="the Redis URL names a node of a Redis "
+                                "Cluster")
+    role: Literal["all", "api"] = Field("all", description="all: `recsvc serve` runs the "
+                                        "learner in-process; api: a pure API replica (run "
+                                        "`recsvc learner` beside it)")
     key_prefix: str = Field("recsvc", description="prefix of every Redis key")
     redis_max_connections: int = Field(64, description="Redis connections per process")
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys")
@@ -96,9 +101,12 @@ class Settings(BaseSettings):
                                                    "store is down")
     ope_log_size: int = Field(100_000, description="closed impressions kept for evaluation")
     learner_poll_s: float = Field(0.2, description="learner loop period")
+    lease_ttl_s: float = Field(5.0, gt=0, description="the learner lease expires this long "
+                               "after its holder's last renewal; a standby takes over then")
     publish_interval_s: float = Field(1.0, description="min seconds between weight versions")
     weights_kept: int = Field(5, description="weight versions kept for rollback")
-    weights_poll_s: float = Field(0.5, description="how often servers check for new weights")
+    weights_poll_s: float = Field(0.5, description="how often servers check for new weights "
+                                  "and catalog changes")
 
     @field_validator("device")
     @classmethod

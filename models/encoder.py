@@ -30,6 +30,14 @@ def default_model_path() -> str:
     raise FileNotFoundError(f"no transformer model directory found under {root}")
 
 
+def embedding_dim(model_path: str | None = None) -> int:
+    """The dimension ``TextEncoder`` produces for this model, from its config alone: a
+    learner process needs it for its state layout, not the transformer itself."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path or default_model_path()).hidden_size)
+
+
 def normalise_text(text: str) -> str:
     """Canonical form used for cache keys: trimmed, inner whitespace collapsed."""
     return " ".join(text.split())

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -58,6 +60,68 @@ class RedisServer:
         self.proc.terminate()
         self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterServers:
+    """A private 3-node Redis Cluster (3 masters, no replicas) on free ports."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.dir = tempfile.mkdtemp(prefix="recsvc-cluster-")
+        self.procs: list[subprocess.Popen] = []
+        self.ports: list[int] = []
+        while len(self.ports) < nodes:
+            port = free_port()
+            if port + 10000 < 65536 and _port_free(port + 10000):  # the cluster bus port
+                self.ports.append(port)
+        for port in self.ports:
+            node_dir = os.path.join(self.dir, str(port))
+            os.mkdir(node_dir)
+            self.procs.append(subprocess.Popen(
+                [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--save", "", "--appendonly", "no", "--dir", node_dir],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_port(port)
+        subprocess.run([shutil.which("redis-cli"), "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.time() + 30
+        while not all(self._ok(p) for p in self.ports):
+            if time.time() > deadline:
+                raise TimeoutError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.2)
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    @staticmethod
+    def _ok(port: int) -> bool:
+        out = subprocess.run([shutil.which("redis-cli"), "-p", str(port), "cluster", "info"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return "cluster_state:ok" in out
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url():
+    """A node of a private 3-node Redis Cluster, started for the session."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.exit("redis-server and redis-cli are needed: the store tests run against a "
+                    "real Redis and a real Redis Cluster (apt-get install redis-server)",
+                    returncode=3)
+    cluster = RedisClusterServers()
+    yield cluster.url
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -28,13 +28,13 @@ class FlakyStore(MemoryStore):
             await self._maybe_fail()
         return await super().get_users(user_ids)
 
-    async def append_log(self, records, max_len):
-        if self.fail == "append_log" and records:  # after learning, before acknowledging
+    async def commit_learning(self, owner, acks, stats, log_records, log_max, weights=None):
+        if self.fail == "commit_learning" and log_records:  # after learning, before the commit
             await self._maybe_fail()
-        return await super().append_log(records, max_len)
+        return await super().commit_learning(owner, acks, stats, log_records, log_max, weights)
 
 
-@pytest.mark.parametrize("fail", ["get_users", "append_log"])
+@pytest.mark.parametrize("fail", ["get_users", "commit_learning"])
 def test_a_failed_round_loses_nothing_and_learns_nothing_twice(encoder, fail):
     store = FlakyStore(fail)
     settings = Settings(**{**FAST, "reward_wait_s": 2.0})  # every click lands in its window

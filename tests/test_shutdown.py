@@ -54,11 +54,11 @@ def test_sigterm_drains_in_flight_requests_and_flushes_learning(redis_url, redis
                     while c.get("/v1/model").json()["version"] < 1:
                         assert time.time() < deadline
                         time.sleep(0.05)
-            deadline = time.time() + 10
-            while c.get("/v1/model").json()["feedback_learned"] < accepted:
-                assert time.time() < deadline
-                time.sleep(0.05)
-            assert c.get("/v1/model").json()["version"] == 1
+            time.sleep(1.0)  # the learner reads and learns the later clicks meanwhile
+            # learned, not committed: the counters are written with the version that holds
+            # the learning, and no version is due
+            model = c.get("/v1/model").json()
+            assert (model["version"], model["feedback_learned"]) == (1, 1), model
 
             # a slow request (embedding 600 new texts) is in flight when SIGTERM arrives
             big = [{"item_id": f"b-{n}", "text": f"A long description of film {n}. " * 8}
@@ -83,6 +83,7 @@ def test_sigterm_drains_in_flight_requests_and_flushes_learning(redis_url, redis
         output = log_path.read_text()
         assert proc.returncode in (0, -signal.SIGTERM), output
         assert "shutdown complete" in output, output
+        assert "committed version 2 at shutdown" in output, output
     finally:
         if proc.poll() is None:
             proc.kill()

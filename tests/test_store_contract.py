@@ -1,21 +1,36 @@
-"""One contract, two backends: the embedded store and a real Redis server."""
+"""One contract, three backends: the embedded store, a real Redis server and a real
+3-node Redis Cluster (every multi-key operation must stay within one hash slot)."""
 
 import asyncio
 import time
+import uuid
 
 import numpy as np
 import pytest
 
 from app.store import Impression, ItemRecord, StoreUnavailable, UserData
+from app.store import memory as memory_backend
+from app.store import redis_store as redis_backend
+from app.store.base import WeightsUpdate
 from app.store.memory import MemoryStore
 from app.store.redis_store import RedisStore
 
 
-@pytest.fixture
-async def store(backend):
-    name, cfg = backend
-    s = MemoryStore() if name == "memory" else RedisStore(cfg["redis_url"], cfg["key_prefix"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def store(request):
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "redis":
+        s = RedisStore(request.getfixturevalue("redis_url"),
+                       request.getfixturevalue("redis_prefix"))
+    else:
+        prefix = f"recsvc-test-{uuid.uuid4().hex[:12]}"
+        s = RedisStore(request.getfixturevalue("redis_cluster_url"), prefix, cluster=True)
     yield s
+    if request.param == "redis-cluster":  # the cluster is private: drop what the test wrote
+        keys = [k async for k in s.r.scan_iter(match=f"{s.p}:*", count=1000)]
+        for k in keys:
+            await s.r.delete(k)
     await s.close()
 
 
@@ -136,7 +151,7 @@ async def test_stream_survives_losing_its_consumer_group(backend):
     store = RedisStore(backend[1]["redis_url"], backend[1]["key_prefix"])
     await store.log_impression(imp("before"), ttl_s=60, shown_max=10)
     assert len(await store.read_stream("c1", 10)) == 1
-    await store.r.delete(f"{backend[1]['key_prefix']}:events")  # stream and group gone
+    await store.r.delete(f"{backend[1]['key_prefix']}:{{model}}:events")  # stream and group gone
     await store.log_impression(imp("after"), ttl_s=60, shown_max=10)
     entries = await store.read_stream("c1", 10)
     assert [f["request_id"] for _, f in entries] == ["after"]
@@ -170,3 +185,95 @@ async def test_evaluation_log_is_bounded_ordered_and_erasable(store):
     assert [r["request_id"] for r in await store.read_log(2)] == ["r4", "r5"]
     await store.delete_user("gone")
     assert [r["request_id"] for r in await store.read_log(100)] == ["r2", "r4"]
+
+
+async def test_an_impression_carries_the_rewards_of_its_feedback(store):
+    await store.log_impression(imp("r1"), 60, 10)
+    await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
+    await store.record_feedback("r1", "u1", "a", "purchase", None, 2.0, 6.0, 60, 10)
+    await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 7.0, 60, 10)  # duplicate
+    got = (await store.get_impressions(["r1"]))["r1"]
+    assert got.rewards == {"a": 3.0}
+    # feedback for an impression that expired creates nothing
+    await store.record_feedback("gone", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
+    assert await store.get_impressions(["gone"]) == {}
+
+
+async def test_catalog_changes_are_announced_with_their_origin(store):
+    before = await store.last_catalog_change()
+    await store.put_items([item("a"), item("b")], origin="replica-1")
+    await store.delete_item("a", origin="replica-2")
+    changes, complete = await store.catalog_changes(before)
+    assert complete
+    assert [(o, ids) for _, o, ids in changes] == [("replica-1", ["a", "b"]),
+                                                  ("replica-2", ["a"])]
+    assert await store.last_catalog_change() == changes[-1][0]
+    assert await store.catalog_changes(changes[-1][0]) == ([], True)
+    after_first, _ = await store.catalog_changes(changes[0][0])
+    assert [c[0] for c in after_first] == [changes[1][0]]
+
+
+async def test_a_replica_that_missed_trimmed_changes_is_told_to_reload(store, monkeypatch):
+    monkeypatch.setattr(memory_backend, "CATALOG_CHANGES_KEPT", 5)
+    monkeypatch.setattr(redis_backend, "CATALOG_CHANGES_KEPT", 5)
+    start = await store.last_catalog_change()
+    for n in range(250):  # Redis trims whole stream nodes (100 entries) at a time
+        await store.put_items([item(f"i{n}")], origin="o")
+    _, complete = await store.catalog_changes(start)
+    assert complete is False
+    latest = await store.last_catalog_change()
+    assert await store.catalog_changes(latest) == ([], True)
+
+
+async def test_one_lease_holder_at_a_time(store):
+    assert await store.lease_holder() is None
+    assert await store.hold_lease("l1", ttl_s=0.5)
+    assert not await store.hold_lease("l2", ttl_s=0.5)
+    assert await store.hold_lease("l1", ttl_s=0.5)  # renewal
+    assert await store.lease_holder() == "l1"
+    await asyncio.sleep(0.7)  # the holder stopped renewing: the lease expires
+    assert await store.hold_lease("l2", ttl_s=5)
+    assert not await store.hold_lease("l1", ttl_s=5)
+    await store.release_lease("l1")  # not the holder: nothing happens
+    assert await store.lease_holder() == "l2"
+    await store.release_lease("l2")
+    assert await store.lease_holder() is None
+
+
+async def test_only_the_lease_holder_commits_and_a_commit_is_whole(store):
+    await store.log_impression(imp("r1"), 60, 10)
+    await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
+    entries = await store.read_stream("dead", 100)
+    assert len(entries) == 2
+    record = {"request_id": "r1", "user_id": "u1", "rewards": [1.0, 0.0]}
+    assert await store.hold_lease("holder", ttl_s=30)
+    # a learner that lost the lease writes nothing at all
+    assert not await store.commit_learning("stale", [e for e, _ in entries],
+                                           {"feedback_learned": 1}, [record], 10,
+                                           WeightsUpdate(1, b"w1"))
+    assert await store.latest_version() == 0 and await store.get_weights(1) is None
+    assert await store.get_stats() == {} and await store.read_log(10) == []
+    # the holder takes over the dead consumer's entries, learns, commits
+    claimed = await store.claim_stream("holder", 0.0, 100)
+    assert [e for e, _ in claimed] == [e for e, _ in entries]
+    assert await store.read_stream("dead", 100, pending=True) == []
+    assert await store.commit_learning("holder", [e for e, _ in claimed],
+                                       {"feedback_learned": 1, "version": 1}, [record], 10,
+                                       WeightsUpdate(1, b"w1", parent=0))
+    assert await store.latest_version() == 1 and await store.get_weights(1) == b"w1"
+    assert (await store.get_stats())["feedback_learned"] == 1
+    assert await store.read_log(10) == [record]
+    assert await store.read_stream("holder", 100, pending=True) == []
+    assert await store.read_stream("holder", 100) == []
+    # a commit without weights: counters and acknowledgements only
+    assert await store.commit_learning("holder", [], {"feedback_learned": 2}, [], 10)
+    assert await store.latest_version() == 1
+    assert (await store.get_stats())["feedback_learned"] == 2
+
+
+async def test_claiming_leaves_entries_that_are_not_idle_long_enough(store):
+    await store.log_impression(imp("r1"), 60, 10)
+    await store.read_stream("busy", 100)
+    assert await store.claim_stream("other", 60.0, 100) == []
+    assert len(await store.claim_stream("other", 0.0, 100)) == 1
+    assert await store.read_stream("busy", 100, pending=True) == []

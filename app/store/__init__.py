@@ -11,7 +11,8 @@ def make_store(settings) -> Store:
         from app.store.redis_store import RedisStore
 
         return RedisStore(settings.redis_url, prefix=settings.key_prefix,
-                          max_connections=settings.redis_max_connections)
+                          max_connections=settings.redis_max_connections,
+                          cluster=settings.redis_cluster)
     from app.store.memory import MemoryStore
 
     return MemoryStore()

@@ -39,6 +39,9 @@ class Impression:
     explored: list[bool] = field(default_factory=list)
     features: list[list[float]] = field(default_factory=list)  # per-candidate features per slot
     n_candidates: int = 0  # how many candidates the slate was chosen from (for OPE)
+    # item -> sum of the rewards its accepted feedback earned, kept with the impression so
+    # that whichever learner closes the reward window knows which items were rewarded
+    rewards: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +57,23 @@ class UserData:
 
 
 StreamEntry = tuple[str, dict[str, str]]
+# (change id, origin replica, item ids): an upsert or a deletion through some replica
+CatalogChange = tuple[str, str, list[str]]
+
+
+@dataclass
+class WeightsUpdate:
+    """A new weights version as ``commit_learning`` publishes it."""
+    version: int
+    blob: bytes
+    parent: int = 0  # the version it replaces in serving (what a rollback returns to)
+    keep: int = 5    # only the newest ``keep`` versions are kept
+
+
+def change_id_key(change_id: str) -> tuple[int, int]:
+    """Stream ids ("ms-seq") in their order; "0" sorts first."""
+    ms, _, seq = change_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class Store(abc.ABC):
@@ -68,14 +88,27 @@ class Store(abc.ABC):
 
     # -- catalog -----------------------------------------------------------------
     @abc.abstractmethod
-    async def put_items(self, items: list[ItemRecord]) -> int:
-        """Upsert; returns the catalog size afterwards."""
+    async def put_items(self, items: list[ItemRecord], origin: str = "") -> int:
+        """Upsert; returns the catalog size afterwards. The change is announced to the
+        other replicas (``catalog_changes``) as made by ``origin``."""
 
     @abc.abstractmethod
     async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]: ...
 
     @abc.abstractmethod
-    async def delete_item(self, item_id: str) -> bool: ...
+    async def delete_item(self, item_id: str, origin: str = "") -> bool:
+        """Remove the item; announced like ``put_items``."""
+
+    @abc.abstractmethod
+    async def last_catalog_change(self) -> str:
+        """Id of the newest catalog change ("0" when none): a replica reads it before
+        loading the catalog, then follows the changes made after it."""
+
+    @abc.abstractmethod
+    async def catalog_changes(self, after: str, count: int = 1000,
+                              ) -> tuple[list[CatalogChange], bool]:
+        """Changes newer than ``after``, oldest first, and whether they are complete:
+        ``False`` when older changes were trimmed away meanwhile (reload the catalog)."""
 
     @abc.abstractmethod
     async def catalog_size(self) -> int: ...
@@ -119,8 +152,9 @@ class Store(abc.ABC):
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:
         """Deduplicate on (request_id, item_id, event), then append to the user's history
-        and the stream. Returns ``(accepted, reward)``; a duplicate returns
-        ``(False, reward of the first delivery)`` and writes nothing."""
+        and the stream, and add the reward to the impression's ``rewards``. Returns
+        ``(accepted, reward)``; a duplicate returns ``(False, reward of the first
+        delivery)`` and writes nothing."""
 
     # -- the evaluation log -----------------------------------------------------------------
     @abc.abstractmethod
@@ -140,6 +174,35 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ack(self, entry_ids: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def claim_stream(self, consumer: str, min_idle_s: float, count: int,
+                           ) -> list[StreamEntry]:
+        """Make ``consumer`` the owner of entries pending on any consumer for at least
+        ``min_idle_s`` and return them (Redis XAUTOCLAIM): a new lease holder takes over
+        what the dead one had read but not committed."""
+
+    # -- the learner lease -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def hold_lease(self, owner: str, ttl_s: float) -> bool:
+        """Take the learner lease when it is free, or extend it when ``owner`` holds it;
+        returns whether ``owner`` holds it now."""
+
+    @abc.abstractmethod
+    async def release_lease(self, owner: str) -> None:
+        """Give the lease up (only when ``owner`` holds it), so a standby takes over now."""
+
+    @abc.abstractmethod
+    async def lease_holder(self) -> str | None: ...
+
+    @abc.abstractmethod
+    async def commit_learning(self, owner: str, acks: list[str], stats: dict[str, float],
+                              log_records: list[dict], log_max: int,
+                              weights: WeightsUpdate | None = None) -> bool:
+        """Atomically, and only while ``owner`` holds the lease: publish ``weights``
+        (when given), store the counters, append closed impressions to the evaluation
+        log and acknowledge the stream entries. Returns ``False``, writing nothing, when
+        the lease is not ``owner``'s."""
 
     # -- model ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,7 +1,8 @@
 """The embedded backend: in-process dictionaries for the single-process mode.
 
 Nothing survives a restart, by design: this is the development default. TTLs are
-honoured lazily on read, so behaviour matches the Redis backend.
+honoured lazily on read, so behaviour matches the Redis backend. Every method runs
+without awaiting, so each is atomic on the event loop (``commit_learning`` included).
 """
 
 from __future__ import annotations
@@ -10,7 +11,18 @@ import itertools
 import time
 from collections import deque
 
-from app.store.base import Impression, ItemRecord, Store, StreamEntry, UserData
+from app.store.base import (
+    CatalogChange,
+    Impression,
+    ItemRecord,
+    Store,
+    StreamEntry,
+    UserData,
+    WeightsUpdate,
+    change_id_key,
+)
+
+CATALOG_CHANGES_KEPT = 10_000
 
 
 class MemoryStore(Store):
@@ -26,6 +38,7 @@ class MemoryStore(Store):
         self._entries: dict[str, dict[str, str]] = {}
         self._undelivered: deque[str] = deque()
         self._pending: dict[str, str] = {}  # entry id -> consumer it was delivered to
+        self._delivered_at: dict[str, float] = {}  # entry id -> when (monotonic clock)
         self._seq = itertools.count(1)
         self._weights: dict[int, bytes] = {}
         self._parents: dict[int, int] = {}
@@ -34,21 +47,43 @@ class MemoryStore(Store):
         self._version = 0
         self._stats: dict[str, float] = {}
         self._log: deque[dict] = deque()
+        self._lease: tuple[str, float] | None = None  # (owner, expiry on the monotonic clock)
+        self._changes: deque[CatalogChange] = deque()
+        self._changes_trimmed = "0"  # the newest change id dropped from ``_changes``
 
     async def ping(self) -> bool:
         return True
 
     # catalog
-    async def put_items(self, items: list[ItemRecord]) -> int:
+    def _new_id(self) -> str:
+        return f"{int(time.time() * 1000)}-{next(self._seq)}"
+
+    def _announce(self, origin: str, item_ids: list[str]) -> None:
+        self._changes.append((self._new_id(), origin, list(item_ids)))
+        while len(self._changes) > CATALOG_CHANGES_KEPT:
+            self._changes_trimmed = self._changes.popleft()[0]
+
+    async def put_items(self, items: list[ItemRecord], origin: str = "") -> int:
         for item in items:
             self._items[item.item_id] = item
+        self._announce(origin, [it.item_id for it in items])
         return len(self._items)
 
     async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
         return {i: self._items[i] for i in item_ids if i in self._items}
 
-    async def delete_item(self, item_id: str) -> bool:
+    async def delete_item(self, item_id: str, origin: str = "") -> bool:
+        self._announce(origin, [item_id])
         return self._items.pop(item_id, None) is not None
+
+    async def last_catalog_change(self) -> str:
+        return self._changes[-1][0] if self._changes else self._changes_trimmed
+
+    async def catalog_changes(self, after: str, count: int = 1000,
+                              ) -> tuple[list[CatalogChange], bool]:
+        complete = change_id_key(after) >= change_id_key(self._changes_trimmed)
+        newer = [c for c in self._changes if change_id_key(c[0]) > change_id_key(after)]
+        return newer[:count], complete
 
     async def catalog_size(self) -> int:
         return len(self._items)
@@ -85,12 +120,13 @@ class MemoryStore(Store):
         for entry_id in doomed:
             del self._entries[entry_id]
             self._pending.pop(entry_id, None)
+            self._delivered_at.pop(entry_id, None)
         self._undelivered = deque(e for e in self._undelivered if e not in doomed)
         self._log = deque(r for r in self._log if r.get("user_id") != user_id)
 
     # impressions and feedback
     def _append(self, fields: dict[str, str]) -> None:
-        entry_id = f"{int(time.time() * 1000)}-{next(self._seq)}"
+        entry_id = self._new_id()
         self._entries[entry_id] = fields
         self._undelivered.append(entry_id)
 
@@ -120,6 +156,9 @@ class MemoryStore(Store):
         if seen is not None and seen[1] >= time.time():
             return False, seen[0]
         self._dedupe[key] = (reward, time.time() + ttl_s)
+        hit = self._imps.get(request_id)
+        if hit is not None:
+            hit[0].rewards[item_id] = hit[0].rewards.get(item_id, 0.0) + reward
         await self.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
                                        "value": value}, history_max)
         self._append({"type": "feedback", "request_id": request_id, "user_id": user_id,
@@ -146,6 +185,7 @@ class MemoryStore(Store):
         while self._undelivered and len(out) < count:
             entry_id = self._undelivered.popleft()
             self._pending[entry_id] = consumer
+            self._delivered_at[entry_id] = time.monotonic()
             out.append((entry_id, self._entries[entry_id]))
         return out
 
@@ -153,6 +193,46 @@ class MemoryStore(Store):
         for e in entry_ids:
             if self._pending.pop(e, None) is not None:
                 self._entries.pop(e, None)
+                self._delivered_at.pop(e, None)
+
+    async def claim_stream(self, consumer: str, min_idle_s: float, count: int,
+                           ) -> list[StreamEntry]:
+        now = time.monotonic()
+        ids = [e for e in self._pending if now - self._delivered_at[e] >= min_idle_s][:count]
+        for e in ids:
+            self._pending[e] = consumer
+            self._delivered_at[e] = now
+        return [(e, self._entries[e]) for e in ids]
+
+    # learner lease
+    async def hold_lease(self, owner: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        if self._lease is None or self._lease[0] == owner or self._lease[1] <= now:
+            self._lease = (owner, now + ttl_s)
+            return True
+        return False
+
+    async def release_lease(self, owner: str) -> None:
+        if self._lease is not None and self._lease[0] == owner:
+            self._lease = None
+
+    async def lease_holder(self) -> str | None:
+        if self._lease is None or self._lease[1] <= time.monotonic():
+            return None
+        return self._lease[0]
+
+    async def commit_learning(self, owner: str, acks: list[str], stats: dict[str, float],
+                              log_records: list[dict], log_max: int,
+                              weights: WeightsUpdate | None = None) -> bool:
+        if await self.lease_holder() != owner:
+            return False
+        if weights is not None:
+            await self.publish_weights(weights.version, weights.blob, {}, weights.parent,
+                                       weights.keep)
+        self._stats.update(stats)
+        await self.append_log(log_records, log_max)
+        await self.ack(acks)
+        return True
 
     # model
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],

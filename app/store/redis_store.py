@@ -1,16 +1,20 @@
-"""The Redis backend (redis-py asyncio with hiredis).
+"""The Redis backend (redis-py asyncio with hiredis), standalone or Redis Cluster.
 
 Key layout, with hash tags wherever several keys are touched together so that
-Redis Cluster works:
+Redis Cluster works (the learner's keys share the tag ``{model}``, so that its
+commit is one script on one node):
 
   {p}:item:{id}                 hash: text, tags, available, emb, text_key
   {p}:items                     set of item ids
+  {p}:catalog                   stream of catalog changes (origin, item ids), trimmed to
+                                about 10,000 entries; replicas follow it
   {p}:emb:{model}:{hash}        cached context embedding (TTL)
   {p}:user:{<uid>}:hist|shown|imps   a user's history, shown items, impression ids
-  {p}:imp:{rid}                 logged impression (TTL)
+  {p}:imp:{rid}                 logged impression, with r:{item} reward sums (TTL)
   {p}:fb:{rid}:{item}:{event}   feedback dedupe marker holding the reward (TTL)
-  {p}:events                    stream of impressions and feedback, consumer group "learners"
-  {p}:log                       capped stream of closed impressions, for off-policy evaluation
+  {p}:{model}:events            stream of impressions and feedback, consumer group "learners"
+  {p}:{model}:log               capped stream of closed impressions, for off-policy evaluation
+  {p}:{model}:lease             the learner lease: holder's id (PX TTL)
   {p}:{model}:version|w:N|parent:N|stats   weights versions, the version each replaced
                                 (for rollback), learner counters
   {p}:rl:{key id}:{window}      per-key request count of one rate-limit window (TTL)
@@ -22,15 +26,83 @@ work and is never trimmed past it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from app.store.base import Impression, ItemRecord, Store, StoreUnavailable, StreamEntry, UserData
+from app.store.base import (
+    CatalogChange,
+    Impression,
+    ItemRecord,
+    Store,
+    StoreUnavailable,
+    StreamEntry,
+    UserData,
+    WeightsUpdate,
+    change_id_key,
+)
 
 GROUP = "learners"
-_DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+CATALOG_CHANGES_KEPT = 10_000
+_DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError,
+         rexc.ClusterDownError, OSError)
+
+_HOLD_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lease, events, stats, log, version, w:N, parent:N, w:N-keep, parent:N-keep
+# ARGV: owner ('' = no lease check: a rollback through the API), group, log max,
+#       n acks, ids..., n stats, k, v..., n log records, uid, json..., has weights, blob, N,
+#       parent
+# Acknowledging comes first: if it fails, nothing else is written.
+_COMMIT = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local i = 4
+local n = tonumber(ARGV[i]); i = i + 1
+for j = i, i + n - 1, 500 do
+  local last = math.min(j + 499, i + n - 1)
+  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, j, last))
+  redis.call('XDEL', KEYS[2], unpack(ARGV, j, last))
+end
+i = i + n
+n = tonumber(ARGV[i]); i = i + 1
+for j = i, i + 2 * n - 1, 2 do redis.call('HSET', KEYS[3], ARGV[j], ARGV[j + 1]) end
+i = i + 2 * n
+n = tonumber(ARGV[i]); i = i + 1
+for j = i, i + 2 * n - 1, 2 do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '=', ARGV[3], '*', 'user_id', ARGV[j], 'json', ARGV[j + 1])
+end
+i = i + 2 * n
+if ARGV[i] == '1' then
+  redis.call('SET', KEYS[6], ARGV[i + 1])
+  redis.call('SET', KEYS[7], ARGV[i + 3])
+  redis.call('DEL', KEYS[8], KEYS[9])
+  redis.call('SET', KEYS[5], ARGV[i + 2])
+end
+return 1
+"""
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _counted(values: Iterable) -> list:
+    values = list(values)
+    return [len(values), *values]
 
 
 def _guard(fn):
@@ -48,15 +120,25 @@ def _guard(fn):
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, prefix: str = "recsvc", max_connections: int = 64) -> None:
+    def __init__(self, url: str, prefix: str = "recsvc", max_connections: int = 64,
+                 cluster: bool = False) -> None:
+        """``cluster``: ``url`` names any node of a Redis Cluster."""
         self.url = url
         self.p = prefix
-        # A blocking pool: under a burst, a call waits (up to 5 s) for a free connection
-        # instead of failing at once with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=5, decode_responses=False,
-            socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
-        self.r = aioredis.Redis(connection_pool=pool)
+        if cluster:
+            self.r = aioredis.RedisCluster.from_url(
+                url, max_connections=max_connections, decode_responses=False,
+                socket_timeout=5, socket_connect_timeout=2)
+        else:
+            # A blocking pool: under a burst, a call waits (up to 5 s) for a free
+            # connection instead of failing at once with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=5, decode_responses=False,
+                socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+            self.r = aioredis.Redis(connection_pool=pool)
+        self._hold = self.r.register_script(_HOLD_LEASE)
+        self._release = self.r.register_script(_RELEASE_LEASE)
+        self._commit = self.r.register_script(_COMMIT)
         self._group_ready = False
 
     # keys
@@ -71,25 +153,36 @@ class RedisStore(Store):
 
     @property
     def _stream(self) -> str:
-        return f"{self.p}:events"
+        return self._model("events")
 
     @property
     def _log(self) -> str:
-        return f"{self.p}:log"
+        return self._model("log")
+
+    @property
+    def _catalog(self) -> str:
+        return f"{self.p}:catalog"
 
     def _model(self, part: str) -> str:
         return f"{self.p}:{{model}}:{part}"
 
     async def close(self) -> None:
-        await self.r.aclose(close_connection_pool=True)
+        if isinstance(self.r, aioredis.RedisCluster):
+            await self.r.aclose()
+        else:
+            await self.r.aclose(close_connection_pool=True)
 
     @_guard
     async def ping(self) -> bool:
         return bool(await self.r.ping())
 
     # catalog
+    def _announce(self, pipe, origin: str, item_ids: list[str]) -> None:
+        pipe.xadd(self._catalog, {"origin": origin, "ids": orjson.dumps(item_ids)},
+                  maxlen=CATALOG_CHANGES_KEPT, approximate=True)
+
     @_guard
-    async def put_items(self, items: list[ItemRecord]) -> int:
+    async def put_items(self, items: list[ItemRecord], origin: str = "") -> int:
         pipe = self.r.pipeline(transaction=False)
         for it in items:
             pipe.hset(self._item(it.item_id), mapping={
@@ -97,7 +190,8 @@ class RedisStore(Store):
                 "emb": it.embedding, "text_key": it.text_key})
         pipe.sadd(f"{self.p}:items", *[it.item_id for it in items])
         pipe.scard(f"{self.p}:items")
-        return int((await pipe.execute())[-1])
+        self._announce(pipe, origin, [it.item_id for it in items])
+        return int((await pipe.execute())[-2])
 
     @_guard
     async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
@@ -115,12 +209,41 @@ class RedisStore(Store):
         return out
 
     @_guard
-    async def delete_item(self, item_id: str) -> bool:
+    async def delete_item(self, item_id: str, origin: str = "") -> bool:
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(self._item(item_id))
         pipe.srem(f"{self.p}:items", item_id)
-        deleted, _ = await pipe.execute()
+        self._announce(pipe, origin, [item_id])
+        deleted, _, _ = await pipe.execute()
         return bool(deleted)
+
+    async def _catalog_info(self) -> dict | None:
+        try:
+            return await self.r.xinfo_stream(self._catalog)
+        except rexc.ResponseError:  # no change was ever made
+            return None
+
+    @_guard
+    async def last_catalog_change(self) -> str:
+        info = await self._catalog_info()
+        return _text(info["last-generated-id"]) if info else "0"
+
+    @_guard
+    async def catalog_changes(self, after: str, count: int = 1000,
+                              ) -> tuple[list[CatalogChange], bool]:
+        info = await self._catalog_info()
+        if info is None:
+            return [], True
+        # Trimming drops the oldest entries: when some were ever dropped and the oldest
+        # left is newer than ``after``, changes after ``after`` may be among them.
+        # (Conservative: a reader exactly at the boundary reloads once for nothing.)
+        trimmed = int(info["entries-added"]) > int(info["length"])
+        first = info.get("first-entry")
+        complete = not trimmed or (first is not None and
+                                   change_id_key(_text(first[0])) <= change_id_key(after))
+        raw = await self.r.xrange(self._catalog, min=f"({after}", max="+", count=count)
+        return [(e.decode(), f[b"origin"].decode(), orjson.loads(f[b"ids"]))
+                for e, f in raw], complete
 
     @_guard
     async def catalog_size(self) -> int:
@@ -164,7 +287,7 @@ class RedisStore(Store):
     @_guard
     async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
         key = self._user(user_id, "hist")
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.r.pipeline(transaction=False)  # one key: the order is kept
         pipe.rpush(key, orjson.dumps(entry))
         pipe.ltrim(key, -max_len, -1)
         await pipe.execute()
@@ -242,7 +365,9 @@ class RedisStore(Store):
                                       int(h[b"version"]), h[b"state"], orjson.loads(h[b"items"]),
                                       orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]),
                                       orjson.loads(h.get(b"features", b"[]")),
-                                      int(h.get(b"n_cand", 0)))
+                                      int(h.get(b"n_cand", 0)),
+                                      {k[2:].decode(): float(v) for k, v in h.items()
+                                       if k.startswith(b"r:")})
         return out
 
     @_guard
@@ -263,6 +388,11 @@ class RedisStore(Store):
             pipe.xadd(self._stream, {"type": "feedback", "request_id": request_id,
                                      "user_id": user_id, "item_id": item_id, "event": event,
                                      "reward": repr(reward), "ts": repr(ts)})
+            imp_key = self._imp(request_id)
+            # only while the impression exists (HINCRBYFLOAT would create it, without TTL)
+            pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
+                      "redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+                      1, imp_key, f"r:{item_id}", repr(reward))
             await pipe.execute()
         except BaseException:
             # Not stored: release the marker so the client's retry is not a "duplicate".
@@ -333,18 +463,66 @@ class RedisStore(Store):
         pipe.xdel(self._stream, *entry_ids)
         await pipe.execute()
 
+    @_guard
+    async def claim_stream(self, consumer: str, min_idle_s: float, count: int,
+                           ) -> list[StreamEntry]:
+        await self._ensure_group()
+        out: list[StreamEntry] = []
+        start = "0-0"
+        while len(out) < count:
+            reply = await self.r.xautoclaim(self._stream, GROUP, consumer,
+                                            int(min_idle_s * 1000), start_id=start,
+                                            count=min(count - len(out), 1000))
+            start, claimed = _text(reply[0]), reply[1]
+            out.extend((e.decode(), {k.decode(): v.decode() for k, v in f.items()})
+                       for e, f in claimed if f)
+            if start == "0-0":
+                break
+        return out
+
+    # learner lease
+    @_guard
+    async def hold_lease(self, owner: str, ttl_s: float) -> bool:
+        return bool(await self._hold(keys=[self._model("lease")],
+                                     args=[owner, max(int(ttl_s * 1000), 1)]))
+
+    @_guard
+    async def release_lease(self, owner: str) -> None:
+        await self._release(keys=[self._model("lease")], args=[owner])
+
+    @_guard
+    async def lease_holder(self) -> str | None:
+        holder = await self.r.get(self._model("lease"))
+        return holder.decode() if holder is not None else None
+
+    async def _run_commit(self, owner: str, acks: list[str], stats: dict[str, float],
+                          log_records: list[dict], log_max: int,
+                          weights: WeightsUpdate | None) -> bool:
+        await self._ensure_group()
+        version = weights.version if weights else 0
+        keep = weights.keep if weights else 1
+        keys = [self._model(k) for k in ("lease", "events", "stats", "log", "version",
+                                         f"w:{version}", f"parent:{version}",
+                                         f"w:{version - keep}", f"parent:{version - keep}")]
+        args: list = [owner, GROUP, max(log_max, 1)]
+        args += _counted(acks)
+        args += [len(stats)] + [x for k, v in stats.items() for x in (k, repr(float(v)))]
+        args += [len(log_records)] + [x for rec in log_records
+                                      for x in (rec["user_id"], orjson.dumps(rec))]
+        args += [1, weights.blob, version, weights.parent] if weights else [0]
+        return bool(await self._commit(keys=keys, args=args))
+
+    @_guard
+    async def commit_learning(self, owner: str, acks: list[str], stats: dict[str, float],
+                              log_records: list[dict], log_max: int,
+                              weights: WeightsUpdate | None = None) -> bool:
+        return await self._run_commit(owner, acks, stats, log_records, log_max, weights)
+
     # model
     @_guard
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
                               parent: int = 0, keep: int = 5) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self._model(f"w:{version}"), blob)
-        pipe.set(self._model(f"parent:{version}"), parent)
-        pipe.delete(self._model(f"w:{version - keep}"), self._model(f"parent:{version - keep}"))
-        if stats:
-            pipe.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
-        pipe.set(self._model("version"), version)
-        await pipe.execute()
+        await self._run_commit("", [], stats, [], 1, WeightsUpdate(version, blob, parent, keep))
 
     @_guard
     async def latest_version(self) -> int:

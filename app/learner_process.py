@@ -1,0 +1,135 @@
+"""``recsvc learner``: the learner as its own process, beside API replicas (RECSVC_ROLE=api).
+
+Run two or more for failover: the one holding the lease learns, the others wait
+and take over within ``lease_ttl_s`` of its death. Each holds the catalog's
+embeddings (it needs them for the next-state targets) and follows catalog
+changes like an API replica. A small HTTP server answers the probes:
+
+  GET /healthz   the process runs
+  GET /readyz    the store answers and the catalog is loaded (503 otherwise)
+  GET /status    consumer id, whether it holds the lease, its counters
+  GET /metrics   Prometheus
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from app.catalog import CatalogReplica
+from app.errors import APIError, install_error_handlers
+from app.learner_worker import LearnerWorker
+from app.loops import PeriodicLoop
+from app.settings import Settings
+from app.store import StoreUnavailable, make_store
+from models.device import resolve_device
+from models.encoder import embedding_dim
+from models.index import CandidateIndex, set_search_threads
+from models.state import StateLayout
+
+log = logging.getLogger("recsvc.learner")
+
+
+def _gauges(registry: CollectorRegistry, app: FastAPI) -> None:
+    def stat(name: str):
+        return lambda: float(getattr(app.state, "learner", None) and
+                             app.state.learner.stats().get(name, 0.0) or 0.0)
+
+    for name, doc in (("version", "last weights version this learner knows"),
+                      ("updates", "gradient steps"),
+                      ("feedback_learned", "feedback events learned"),
+                      ("transitions", "transitions learned"),
+                      ("pending_impressions", "impressions waiting for their reward window")):
+        Gauge(f"recsvc_learner_{name}", doc, registry=registry).set_function(stat(name))
+    Gauge("recsvc_learner_active", "1 while this learner holds the lease",
+          registry=registry).set_function(
+        lambda: float(bool(getattr(app.state, "learner", None) and app.state.learner.active)))
+    Gauge("recsvc_learner_takeovers", "times this learner took the lease",
+          registry=registry).set_function(
+        lambda: float(getattr(app.state, "learner", None) and app.state.learner.takeovers or 0))
+
+
+def create_learner_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if not settings.redis_url:
+        raise SystemExit("recsvc learner needs RECSVC_REDIS_URL: with the embedded store "
+                         "the learner runs inside `recsvc serve`")
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = make_store(settings)
+        device = resolve_device(settings.device)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
+
+        async def run(fn, *args):
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+        dim = await run(embedding_dim, settings.encoder_path)
+        set_search_threads(settings.search_threads)
+        index = CandidateIndex(dim, exact_threshold=settings.exact_index_max,
+                               approximate_kind=settings.approximate_index,
+                               hnsw_m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,
+                               ivf_nprobe=settings.ivf_nprobe, device=device)
+        catalog = CatalogReplica(store, index, run)
+        await catalog.try_load()
+        app.state.catalog = catalog
+        app.state.store = store
+
+        async def follow() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await catalog.follow()
+
+        follower = PeriodicLoop("catalog-follower", follow, settings.weights_poll_s)
+        follower.start()
+        learner = LearnerWorker(settings, store, index, StateLayout(dim), device)
+        app.state.learner = learner
+        await learner.start()
+        log.info("learner %s started (%d items)", learner.consumer, len(index))
+        try:
+            yield
+        finally:
+            await learner.stop()
+            await follower.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            await store.close()
+
+    app = FastAPI(title="recsvc learner", lifespan=lifespan)
+    install_error_handlers(app)
+    _gauges(registry, app)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        catalog: CatalogReplica | None = getattr(request.app.state, "catalog", None)
+        if catalog is None or not catalog.loaded:
+            raise APIError(503, "not_ready", "the catalog is not loaded", {"Retry-After": "1"})
+        try:
+            await request.app.state.store.ping()
+        except StoreUnavailable as exc:
+            raise APIError(503, "store_unavailable", "the store does not answer",
+                           {"Retry-After": "2"}) from exc
+        return {"status": "ready"}
+
+    @app.get("/status")
+    async def status(request: Request):
+        learner: LearnerWorker = request.app.state.learner
+        return {"consumer": learner.consumer, "active": learner.active,
+                "takeovers": learner.takeovers, "claimed": learner.claimed,
+                "lease_holder": await request.app.state.store.lease_holder(),
+                **learner.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

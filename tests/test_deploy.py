@@ -1,0 +1,88 @@
+"""The Kubernetes manifests and the Prometheus config: valid, complete and in step.
+
+Every resource the kustomization lists is validated against the Kubernetes API
+schemas (kubernetes-validate, strict: unknown fields fail), and the settings they
+pass are real RECSVC_ settings. No cluster is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from app.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSION = "1.30.0"
+
+
+def _kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def _documents() -> list[tuple[str, dict]]:
+    docs = []
+    for name in _kustomization()["resources"]:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            if doc:
+                docs.append((name, doc))
+    return docs
+
+
+def _by_kind(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for _, d in _documents() if d["kind"] == kind}
+
+
+def test_every_listed_resource_exists_and_every_manifest_is_listed():
+    listed = set(_kustomization()["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+
+
+@pytest.mark.parametrize("name,doc", _documents(),
+                         ids=[f"{n}:{d['kind']}" for n, d in _documents()])
+def test_manifest_is_valid_against_the_kubernetes_schema(name, doc):
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_settings_passed_to_the_pods_are_real_settings():
+    known = {f"RECSVC_{n.upper()}" for n in Settings.model_fields}
+    passed = set(_by_kind("ConfigMap")["recsvc-settings"]["data"])
+    passed |= set(_by_kind("Secret")["recsvc-keys"]["stringData"])
+    for deployment in _by_kind("Deployment").values():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            passed |= {e["name"] for e in container.get("env", [])}
+    assert passed <= known, passed - known
+
+
+def test_api_and_learner_deployments_have_probes_and_the_roles_they_need():
+    deployments = _by_kind("Deployment")
+    api = deployments["recsvc-api"]["spec"]["template"]["spec"]["containers"][0]
+    learner = deployments["recsvc-learner"]["spec"]["template"]["spec"]["containers"][0]
+    for container in (api, learner):
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"name": "RECSVC_ROLE", "value": "api"} in api["env"]
+    assert learner["args"][:2] == ["recsvc", "learner"]
+    assert deployments["recsvc-learner"]["spec"]["replicas"] == 2  # one active, one standby
+    hpa = _by_kind("HorizontalPodAutoscaler")["recsvc-api"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "recsvc-api"
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+    redis = _by_kind("StatefulSet")["recsvc-redis"]["spec"]
+    assert "--appendonly" in redis["template"]["spec"]["containers"][0]["args"]
+    assert redis["volumeClaimTemplates"]
+
+
+def test_prometheus_config_scrapes_both_roles_and_the_configmap_matches_it():
+    config_text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    config = yaml.safe_load(config_text)
+    jobs = {j["job_name"] for j in config["scrape_configs"]}
+    assert {"recsvc-pods", "recsvc-compose"} <= jobs
+    assert _by_kind("ConfigMap")["recsvc-prometheus"]["data"]["prometheus.yml"] == config_text
+    for deployment in _by_kind("Deployment").values():
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"

@@ -20,6 +20,7 @@ finite; serving processes pick them up from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -44,7 +45,7 @@ from models.state import N_ITEM_FEATURES, StateLayout
 log = logging.getLogger("recsvc.learner")
 
 
-CHUNK = 1000  # stream entries learned per round
+SWEEP_EVERY_S = 10.0  # how often the lease holder claims entries stuck on other consumers
 
 
 @dataclass
@@ -97,6 +98,7 @@ class LearnerWorker:
         self.active = False  # holds the lease
         self.takeovers = 0
         self.claimed = 0  # entries taken over from earlier holders
+        self._next_sweep = 0.0
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
         self.pending: dict[str, PendingImpression] = {}
         # what was learned recently, so entries delivered again after a failed round
@@ -113,11 +115,15 @@ class LearnerWorker:
         self._dirty = False
         self._last_publish = float("-inf")  # the first version is due at once
         self._loop = PeriodicLoop("learner", self._iteration, settings.learner_poll_s)
+        # renews the lease while a long round (a backlog, a big training batch) runs, so
+        # the lease outlives rounds longer than its TTL
+        self._keeper = PeriodicLoop("learner-lease", self._renew, settings.lease_ttl_s / 4)
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         """Start the loop; its first round takes the lease if it is free."""
         self._loop.start()
+        self._keeper.start()
 
     async def _run_on_own_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -127,6 +133,7 @@ class LearnerWorker:
         then hand the lease over, so a SIGTERM loses no learning and a standby takes
         over at once (uncommitted events stay pending and are learned again)."""
         await self._loop.stop()
+        await self._keeper.stop()
         try:
             if self.active:
                 if await self.commit(force=True):
@@ -165,6 +172,13 @@ class LearnerWorker:
             self._step_down("another learner holds the lease")
         return held
 
+    async def _renew(self) -> None:
+        """Extend the lease while active. Losing it is acted on by the next round
+        (``hold_lease`` steps down); meanwhile commits are refused by the store."""
+        if self.active:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.hold_lease(self.consumer, self.settings.lease_ttl_s)
+
     async def _take_over(self) -> None:
         """Continue from the published weights and counters, then learn what the previous
         holder read but never committed: its entries are still pending, so claim them."""
@@ -202,19 +216,33 @@ class LearnerWorker:
         self._reread = False
 
     async def _process_all(self, entries: list) -> None:
-        """Learn a backlog in rounds of CHUNK entries, renewing the lease and committing
-        between rounds, so a long backlog neither loses the lease nor holds its acks."""
-        for start in range(0, len(entries), CHUNK):
+        """Learn a backlog in rounds of ``learner_read_count`` entries, committing between
+        rounds, so a long backlog neither loses the lease nor holds its acks."""
+        chunk = self.settings.learner_read_count
+        for start in range(0, len(entries), chunk):
             if not self.active or not await self.hold_lease():
                 return
-            await self.process(entries[start:start + CHUNK])
+            await self.process(entries[start:start + chunk])
             await self.commit()
+
+    async def _sweep(self) -> list:
+        """Now and then, claim entries stuck on another consumer: a learner that lost the
+        lease may have read entries after the holder's takeover claim and will never
+        commit them. Entries of our own that wait for their reward window come back too
+        and are recognised as waiting."""
+        if time.monotonic() < self._next_sweep:
+            return []
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        s = self.settings
+        stuck_s = s.reward_wait_s + 2 * s.lease_ttl_s + s.publish_interval_s
+        return await self.store.claim_stream(self.consumer, stuck_s, s.learner_read_count)
 
     # -- one round ---------------------------------------------------------------------
     async def step(self, now: float | None = None) -> int:
         """Read new events, learn from what is ready, publish; returns transitions learned."""
         await self.adopt_newer_weights()
-        entries = await self.store.read_stream(self.consumer, CHUNK)
+        entries = await self.store.read_stream(self.consumer, self.settings.learner_read_count)
+        entries += await self._sweep()
         n = await self.process(entries, now)
         await self.commit()
         return n

@@ -101,6 +101,8 @@ class Settings(BaseSettings):
                                                    "store is down")
     ope_log_size: int = Field(100_000, description="closed impressions kept for evaluation")
     learner_poll_s: float = Field(0.2, description="learner loop period")
+    learner_read_count: int = Field(3000, ge=1, description="stream entries read and learned "
+                                    "per round (at most 64 gradient steps per round)")
     lease_ttl_s: float = Field(5.0, gt=0, description="the learner lease expires this long "
                                "after its holder's last renewal; a standby takes over then")
     publish_interval_s: float = Field(1.0, description="min seconds between weight versions")

@@ -33,13 +33,14 @@ def wait_port(port: int, timeout: float = 10.0, alive=lambda: True) -> None:
 
 
 @contextlib.contextmanager
-def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0):
-    """Yield ``(base URL, process)`` of a fresh service; its log is printed if it fails
-    to start."""
+def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0,
+                            command: str = "serve"):
+    """Yield ``(base URL, process)`` of a fresh ``recsvc serve`` (or ``recsvc learner``,
+    whose port answers /readyz too); its log is printed if it fails to start."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+", prefix="recsvc-bench-") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", command, "--port", str(port)],
                                 env={**os.environ, **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:

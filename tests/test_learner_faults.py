@@ -1,6 +1,8 @@
 """The learner under store failures: a round that fails after reading its events loses
 none of them, and a round that fails after learning does not learn them twice."""
 
+import asyncio
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -55,3 +57,40 @@ def test_a_failed_round_loses_nothing_and_learns_nothing_twice(encoder, fail):
         assert sorted(r["request_id"] for r in log) == sorted(s["request_id"] for s in slates)
         assert all(r["rewards"] == [1.0, 0.0, 0.0] for r in log), log  # the click, once
         assert c.app.state.learner.transitions == 4 * 3  # each slot learned exactly once
+
+
+async def test_the_lease_holder_claims_entries_stuck_on_a_deposed_learner(monkeypatch):
+    """A learner that lost the lease may read entries after the holder's takeover claim;
+    it never commits them. The holder's periodic sweep claims and learns them."""
+    import time
+
+    import numpy as np
+
+    from app import learner_worker
+    from app.learner_worker import LearnerWorker
+    from app.store import Impression
+    from models.index import CandidateIndex
+    from models.state import StateLayout
+
+    monkeypatch.setattr(learner_worker, "SWEEP_EVERY_S", 0.0)
+    store = MemoryStore()
+    settings = Settings(reward_wait_s=0.0, lease_ttl_s=0.2, publish_interval_s=0.0,
+                        replay_size=1000, replay_prefault=False, seed=0)
+    layout = StateLayout(8)
+    index = CandidateIndex(8)
+    index.upsert(["a", "b"], np.eye(8, dtype=np.float32)[:2])
+    holder = LearnerWorker(settings, store, index, layout, "cpu", consumer="holder")
+    assert await holder.hold_lease() and holder.active
+    state = np.zeros(layout.size, dtype=np.float32).tobytes()
+    await store.log_impression(Impression("r1", "u1", time.time(), 0, state, ["a", "b"],
+                                          [0.9, 0.9], [False, False]), 60, 10)
+    assert len(await store.read_stream("deposed", 10)) == 1  # read, never to be committed
+    await holder.step()
+    assert holder.transitions == 0  # not idle long enough to be called stuck
+    await asyncio.sleep(0.5)  # > reward window + 2 lease TTLs + publish interval
+    assert await holder.hold_lease()  # as every round of the loop does
+    await holder.step()
+    assert holder.transitions == 2
+    assert [r["request_id"] for r in await store.read_log(10)] == ["r1"]
+    assert await store.read_stream("deposed", 10, pending=True) == []
+    assert await store.read_stream("holder", 10, pending=True) == []  # committed

@@ -56,14 +56,14 @@ def recommend(c, user="u-1", **kw):
     return r.json()
 
 
-def wait_for(predicate, timeout=10.0):
+def wait_for(predicate, timeout=10.0, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+    raise AssertionError(f"{what} not reached within {timeout:.0f} s")
 
 
 # -- operations ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from models.encoder import TextEncoder, text_key
 from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import CandidateIndex, set_search_threads
 from models.lru import LRUCache
-from models.qnet import QNetwork, Scorer, all_finite, weights_from_bytes
+from models.qnet import QNetwork, Scorer, all_finite, weights_from_bytes, weights_shape
 from models.state import StateLayout, candidate_features
 
 log = logging.getLogger("recsvc.engine")
@@ -90,6 +90,7 @@ class Engine:
         self._follower: PeriodicLoop | None = None
         self._unlogged: deque[Impression] = deque(maxlen=settings.unlogged_max)
         self._flush_lock = asyncio.Lock()
+        self._refused_version = 0
 
     async def run(self, fn, *args):
         """Run blocking work on the compute pool."""
@@ -148,6 +149,13 @@ class Engine:
             return
         blob = await self.store.get_weights(latest)
         if blob is None:
+            return
+        if weights_shape(blob) != self.scorer.net.shape:  # another release's layout
+            if latest != self._refused_version:
+                log.error("weights version %d have another shape than this release's "
+                          "Q-network: version %d keeps serving until the learner publishes "
+                          "a compatible one", latest, self.scorer.version)
+                self._refused_version = latest
             return
         net = await self.run(weights_from_bytes, blob, self.device)
         if not all_finite(net):  # the learner never publishes these; a store might

@@ -188,7 +188,7 @@ class LearnerWorker:
         if self.version:
             blob = await self.store.get_weights(self.version)
             if blob is not None:
-                await self.run(self.learner.load_weights, blob)
+                await self._load(blob, self.version)
         self.feedback_learned = int(stats.get("feedback_learned", 0))
         self.transitions = int(stats.get("transitions", 0))
         self.learner.updates = int(stats.get("updates", 0))
@@ -424,15 +424,22 @@ class LearnerWorker:
         blob = await self.store.get_weights(latest)
         if blob is None:
             return False
-        await self.run(self.learner.load_weights, blob)
-        log.info("learner continues from version %d (published elsewhere)", latest)
+        if await self._load(blob, latest):
+            log.info("learner continues from version %d (published elsewhere)", latest)
         self.version = latest
         self._dirty = False
         return True
 
     async def _reload_published(self) -> None:
         blob = await self.store.get_weights(self.version) if self.version else None
-        if blob is not None:
-            await self.run(self.learner.load_weights, blob)
-        else:
+        if blob is None or not await self._load(blob, self.version):
             await self.run(self.learner.reset_weights)
+
+    async def _load(self, blob: bytes, version: int) -> bool:
+        """Continue from published weights, unless their shape is not this release's:
+        then learning starts afresh and its first version replaces them."""
+        if await self.run(self.learner.load_weights, blob):
+            return True
+        log.warning("weights version %d have another shape (another feature layout or "
+                    "encoder): learning starts from fresh weights", version)
+        return False

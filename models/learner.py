@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.qnet import QNetwork, all_finite, weights_from_bytes, weights_to_bytes
+from models.qnet import QNetwork, all_finite, weights_from_bytes, weights_shape, weights_to_bytes
 from models.replay import ReplayBuffer
 
 # (B, d) online retrieval queries -> (B, d) embeddings of the next actions, (B,) valid mask
@@ -77,12 +77,18 @@ class DQNLearner:
         """Safetensors bytes of the online network (the serving policy)."""
         return weights_to_bytes(self.online)
 
-    def load_weights(self, blob: bytes) -> None:
-        """Resume from published weights (a learner restart continues, not restarts)."""
+    def load_weights(self, blob: bytes) -> bool:
+        """Resume from published weights (a learner restart continues, not restarts).
+
+        Returns False, keeping the current weights, when the blob has another shape:
+        weights published by a version with another feature layout cannot continue."""
+        if weights_shape(blob) != self.online.shape:
+            return False
         net = weights_from_bytes(blob, self.device)
         self.online.load_state_dict(net.state_dict())
         self.target.load_state_dict(net.state_dict())
         self._good = self._checkpoint()
+        return True
 
     def reset_weights(self) -> None:
         """Start over from a fresh network (non-finite weights with no good version to

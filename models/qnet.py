@@ -73,6 +73,12 @@ class QNetwork(nn.Module):
         self.skip.weight.copy_(w)
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(state_dim, item_dim, hidden, item_features)``: weights of another shape
+        (an older feature layout, another encoder) cannot be loaded into this one."""
+        return self.state_dim, self.item_dim, self.hidden, self.item_features
+
+    @property
     def action_dim(self) -> int:
         """Width of an action: item embedding, then per-candidate features."""
         return self.item_dim + self.item_features
@@ -113,6 +119,13 @@ def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
                    int(meta.get("item_features", N_ITEM_FEATURES)))
     net.load_state_dict(st_load(blob))
     return net.to(device).eval()
+
+
+def weights_shape(blob: bytes) -> tuple[int, int, int, int]:
+    """The ``QNetwork.shape`` of serialised weights, read from their header alone."""
+    meta = _metadata(blob)
+    return (int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
+            int(meta.get("item_features", N_ITEM_FEATURES)))
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -213,3 +213,18 @@ def test_prefaulted_replay_buffer_is_resident_before_any_transition():
     for array in (eager.buffer.states, eager.buffer.next_states, eager.buffer.actions):
         assert _resident_fraction(array) == 1.0
     assert len(eager.buffer) == 0 and not eager.buffer.states.any()
+
+
+def test_weights_of_another_shape_are_refused_not_loaded():
+    """Weights published by a release with another feature layout: the learner keeps
+    its own instead of failing on them."""
+    layout = StateLayout(8)
+    learner = DQNLearner(layout.size, 8, DQNConfig(hidden=16))
+    before = {k: v.clone() for k, v in learner.online.state_dict().items()}
+    older = QNetwork(layout.size, 8, hidden=16, item_features=N_ITEM_FEATURES - 1)
+    assert not learner.load_weights(weights_to_bytes(older))
+    assert all(torch.equal(learner.online.state_dict()[k], before[k]) for k in before)
+    same = QNetwork(layout.size, 8, hidden=16)
+    torch.nn.init.normal_(same.value_head.bias)
+    assert learner.load_weights(weights_to_bytes(same))
+    assert torch.equal(learner.online.value_head.bias, same.value_head.bias)

@@ -78,8 +78,8 @@ class Settings(BaseSettings):
     history_decay: float = Field(0.8, description="recency weight per step back in history")
     exposure_recent_s: float = Field(1800.0, description="scale of the shown-ignored penalty")
     epsilon_start: float = 0.2
-    epsilon_end: float = 0.05
-    epsilon_decay: float = Field(20_000.0, description="events per 1/e decay")
+    epsilon_end: float = 0.03
+    epsilon_decay: float = Field(2_000.0, description="learned feedback events per 1/e decay")
     seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
 
     # learning

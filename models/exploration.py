@@ -65,8 +65,8 @@ class EpsilonSchedule:
     """
 
     start: float = 0.2
-    end: float = 0.05
-    decay: float = 20_000.0
+    end: float = 0.03
+    decay: float = 2_000.0
 
     def __call__(self, learned: int) -> float:
         if self.decay <= 0:

@@ -11,10 +11,13 @@ production store), then:
 3. warms the context cache (contexts repeat, as real traffic does), then runs
    ``wrk -t2 -c16`` for ``--seconds`` with ``bench/wrk/traffic.lua``, varying users
    and contexts, recommend only;
-4. stops the service, starts the floor (``bench.floor``: the same FastAPI and
+4. serves ``--feedback-slates`` more slates, then runs ``wrk`` with
+   ``bench/wrk/feedback.lua`` for ``--seconds``: ``POST /v1/feedback`` only, a click
+   on each item of those slates in turn (the feedback target is 2,000/s);
+5. stops the service, starts the floor (``bench.floor``: the same FastAPI and
    uvicorn stack parsing the same body and returning a slate of the same shape,
    doing no work) and runs the same ``wrk`` against it;
-5. prints both, the throughput ratio and the p99 ratio.
+6. prints both, the throughput ratio and the p99 ratio, and the feedback rate.
 
     python -m bench.load [--items 100000] [--users 5000] [--seconds 30]
 
@@ -24,10 +27,12 @@ Needs ``wrk`` (Debian: apt-get install wrk) and ``redis-server``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +98,42 @@ def give_histories(url: str, users: int, events: int, items: int, seed: int) -> 
         return len(jobs) / (time.perf_counter() - t)
 
 
+FEEDBACK_LUA = Path(__file__).with_name("wrk") / "feedback.lua"
+
+
+def served_pairs(url: str, slates: int, users: int, path: str) -> int:
+    """Serve ``slates`` slates and write their ``request_id item_id`` pairs to ``path``:
+    the feedback a client could send. Returns the number of pairs."""
+    rng = np.random.default_rng(1)
+    with httpx.Client(base_url=url, timeout=60,
+                      limits=httpx.Limits(max_connections=16)) as c, \
+            tqdm(total=slates, desc="slates for feedback", unit="slate") as bar:
+        def serve(u: int) -> list[str]:
+            r = c.post("/v1/recommend", json={"user_id": f"u-{u}", "k": 10})
+            r.raise_for_status()
+            bar.update(1)
+            body = r.json()
+            return [f"{body['request_id']} {it['item_id']}" for it in body["items"]]
+        with ThreadPoolExecutor(16) as pool:
+            lines = [ln for got in pool.map(serve, rng.integers(1, users + 1, slates))
+                     for ln in got]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def wrk_feedback(url: str, seconds: int, connections: int, pairs_path: str) -> dict:
+    """``wrk`` posting feedback on served slates; the JSON line of feedback.lua."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+         "-s", str(FEEDBACK_LUA), url], env={**os.environ, "FEEDBACK_PAIRS": pairs_path},
+        capture_output=True, text=True, check=True)
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON "))
+    res = json.loads(line.removeprefix("WRKJSON "))
+    res["rate"] = res["accepted"] / (res["duration_us"] / 1e6)
+    res["errors"] = res["other"] + res["connect"] + res["read"] + res["write"] + res["timeout"]
+    return res
+
+
 def run_floor(seconds: int, connections: int, traffic: dict) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -125,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="keeps the embedded catalog between runs ('' to start empty)")
     ap.add_argument("--service-env", nargs="*", default=[], metavar="RECSVC_X=V")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--feedback-slates", type=int, default=10_000,
+                    help="slates served to send feedback on (10 clicks each)")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
@@ -145,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
             wrk(url, 10, args.connections, 2, traffic)  # every context cached
             service = wrk(url, args.seconds, args.connections, 2, traffic)
+            with tempfile.TemporaryDirectory() as tmp:
+                pairs_path = os.path.join(tmp, "pairs.txt")
+                n_pairs = served_pairs(url, args.feedback_slates, args.users, pairs_path)
+                feedback = wrk_feedback(url, args.seconds, args.connections, pairs_path)
     floor = run_floor(args.seconds, args.connections, traffic)
 
     print(f"\n{'POST /v1/recommend':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
@@ -154,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
           f"(target >= 0.5)")
     print(f"p99 ratio recsvc / floor: {service['p99_us'] / floor['p99_us']:.2f} "
           f"(target <= 3)")
+    print(f"\n{'POST /v1/feedback':<28} {'ok/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(line("recsvc", feedback))
+    print(f"(clicks on the {n_pairs:,} items of {args.feedback_slates:,} served slates, "
+          f"{feedback['accepted']:,} accepted; target >= 2,000/s)")
 
 
 if __name__ == "__main__":

@@ -437,9 +437,10 @@ class LearnerWorker:
 
     async def _load(self, blob: bytes, version: int) -> bool:
         """Continue from published weights, unless their shape is not this release's:
-        then learning starts afresh and its first version replaces them."""
+        then they are not loaded, and the next version this learner publishes
+        replaces them."""
         if await self.run(self.learner.load_weights, blob):
             return True
         log.warning("weights version %d have another shape (another feature layout or "
-                    "encoder): learning starts from fresh weights", version)
+                    "encoder): not loaded; the next version published replaces them", version)
         return False

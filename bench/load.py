@@ -27,7 +27,6 @@ Needs ``wrk`` (Debian: apt-get install wrk) and ``redis-server``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -45,7 +44,7 @@ from tqdm import tqdm
 from app.client import wait_ready
 from bench.latency import catalog
 from bench.server import free_port, private_redis, running_service_process
-from bench.soak import wrk
+from bench.soak import run_wrk, wrk
 
 
 def wait_redis(url: str, timeout: float = 300.0) -> None:
@@ -122,13 +121,8 @@ def served_pairs(url: str, slates: int, users: int, path: str) -> int:
 
 
 def wrk_feedback(url: str, seconds: int, connections: int, pairs_path: str) -> dict:
-    """``wrk`` posting feedback on served slates; the JSON line of feedback.lua."""
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-         "-s", str(FEEDBACK_LUA), url], env={**os.environ, "FEEDBACK_PAIRS": pairs_path},
-        capture_output=True, text=True, check=True)
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON "))
-    res = json.loads(line.removeprefix("WRKJSON "))
+    """``wrk`` posting feedback on served slates, with the accepted rate and errors."""
+    res = run_wrk(FEEDBACK_LUA, url, seconds, connections, 2, {"FEEDBACK_PAIRS": pairs_path})
     res["rate"] = res["accepted"] / (res["duration_us"] / 1e6)
     res["errors"] = res["other"] + res["connect"] + res["read"] + res["write"] + res["timeout"]
     return res

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -34,19 +33,10 @@ from app.store import ItemRecord
 from app.store.redis_store import RedisStore
 from bench.retrieval import TopicSpace
 from bench.server import private_redis, running_service_process
+from bench.soak import proc_memory_mb
 
 DIM = 384
 PREFIX = "replica"
-
-
-def proc_memory_mb(pid: int) -> dict[str, float]:
-    """``VmRSS`` (resident now) and ``VmHWM`` (peak resident) of a process, in MB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) / 1024
-    return out
 
 
 async def write_catalog(redis_url: str, n: int, seed: int, chunk: int = 10_000) -> float:

@@ -36,14 +36,20 @@ from bench.server import private_redis, running_service_process
 LUA = Path(__file__).with_name("wrk") / "traffic.lua"
 
 
-def wrk(url: str, seconds: int, connections: int, threads: int, env: dict[str, str]) -> dict:
-    """One wrk run; returns the JSON line its Lua ``done`` printed."""
+def run_wrk(script: Path, url: str, seconds: int, connections: int, threads: int,
+            env: dict[str, str]) -> dict:
+    """One wrk run of a Lua ``script``; returns the JSON line its ``done`` printed."""
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-         "-s", str(LUA), url], env={**os.environ, **env}, capture_output=True, text=True,
+         "-s", str(script), url], env={**os.environ, **env}, capture_output=True, text=True,
         check=True)
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON "))
-    result = json.loads(line.removeprefix("WRKJSON "))
+    return json.loads(line.removeprefix("WRKJSON "))
+
+
+def wrk(url: str, seconds: int, connections: int, threads: int, env: dict[str, str]) -> dict:
+    """One wrk run of ``traffic.lua``, with its request rate and error count."""
+    result = run_wrk(LUA, url, seconds, connections, threads, env)
     result["rate"] = result["requests"] / (result["duration_us"] / 1e6)
     result["errors"] = (result["connect"] + result["read"] + result["write"]
                         + result["timeout"] + result["rec_other"] + result["fb_other"]
@@ -51,11 +57,18 @@ def wrk(url: str, seconds: int, connections: int, threads: int, env: dict[str, s
     return result
 
 
-def rss_mb(pid: int) -> float:
+def proc_memory_mb(pid: int) -> dict[str, float]:
+    """``VmRSS`` (resident now) and ``VmHWM`` (peak resident) of a process, in MB."""
+    out = {"VmRSS": float("nan"), "VmHWM": float("nan")}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        key, _, value = line.partition(":")
+        if key in out:
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    return proc_memory_mb(pid)["VmRSS"]
 
 
 def redis_figures(client: redis.Redis, prefix: str) -> dict:

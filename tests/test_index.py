@@ -145,3 +145,49 @@ def test_engagement_counts_follow_items_through_updates_and_compaction():
     idx.remove(["c"])
     idx._rebuild("flat")
     assert idx.stats_of(["a", "b"]).tolist() == [[2, 1], [1, 0]]
+
+
+def test_bulk_load_builds_once_and_finds_what_upserts_one_by_one_find(monkeypatch):
+    """A start-up load defers the FAISS build to its end: the result searches exactly
+    like an index grown chunk by chunk, is approximate above the threshold, and its
+    storage was sized once (no doubling past the catalog)."""
+    rng = np.random.default_rng(5)
+    vecs = unit(rng, 3000, 16)
+    ids = [f"i{i}" for i in range(3000)]
+    grown = CandidateIndex(16, exact_threshold=1000, ivf_nprobe=64)
+    bulk = CandidateIndex(16, exact_threshold=1000, ivf_nprobe=64)
+    bulk.begin_bulk_load(len(ids))
+    for s in range(0, 3000, 500):
+        grown.upsert(ids[s:s + 500], vecs[s:s + 500])
+        bulk.upsert(ids[s:s + 500], vecs[s:s + 500])
+        assert bulk.kind == "flat"  # nothing is built while loading
+    bulk.finish_bulk_load()
+    assert bulk.kind == grown.kind == "ivf" and len(bulk) == 3000
+    assert len(bulk._live) == 3000
+    q = unit(rng, 5, 16)
+    exact = [[f"i{i}" for i in np.argsort(-(vecs @ qi))[:10]] for qi in q]
+    assert [r[0] for r in bulk.search(q, 10)] == exact
+    assert [r[0] for r in grown.search(q, 10)] == exact
+
+
+def test_compaction_in_place_across_chunks_keeps_vectors_stats_and_availability(monkeypatch):
+    """Compaction moves live rows down in chunks over the same arrays; every surviving
+    item keeps its own vector, counts and availability."""
+    monkeypatch.setattr("models.index.COMPACT_CHUNK", 7)
+    rng = np.random.default_rng(6)
+    vecs = unit(rng, 200, 8)
+    ids = [f"i{i}" for i in range(200)]
+    idx = CandidateIndex(8)
+    idx.upsert(ids, vecs, available=[i % 5 != 0 for i in range(200)])
+    idx.record([f"i{i}" for i in range(0, 200, 3)], [f"i{i}" for i in range(0, 200, 9)])
+    gone = {f"i{i}" for i in rng.choice(200, 120, replace=False)}
+    idx.remove(sorted(gone))
+    assert idx._n_dead == 0  # a fifth retired: compacted
+    kept = [i for i in range(200) if f"i{i}" not in gone]
+    _, got = idx.vectors_of([f"i{i}" for i in kept])
+    assert np.array_equal(got, vecs[kept])
+    stats = idx.stats_of([f"i{i}" for i in kept])
+    assert stats.tolist() == [[float(i % 3 == 0), float(i % 9 == 0)] for i in kept]
+    servable = {f"i{i}" for i in kept if i % 5 != 0}
+    found = idx.search(unit(rng, 1, 8), 200)[0][0]
+    assert set(found) == servable

@@ -134,16 +134,17 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         # Slates served while the store was down may still be held in memory: log them
         # first, so feedback on them is never a 404 (a no-op when nothing is held).
         await engine.flush_unlogged()
-        imp = (await engine.store.get_impressions([body.request_id])).get(body.request_id)
-        if imp is None:
+        slate = await engine.store.slate_of(body.request_id)
+        if slate is None:
             raise APIError(404, "unknown_request",
                            f"request_id {body.request_id!r} is unknown or expired")
-        if body.item_id not in imp.item_ids:
+        user_id, item_ids = slate
+        if body.item_id not in item_ids:
             raise APIError(422, "item_not_in_slate",
                            f"item_id: {body.item_id!r} was not in that slate")
         reward = settings.rewards.reward(body.event, body.value)
         accepted, reward = await engine.store.record_feedback(
-            body.request_id, imp.user_id, body.item_id, body.event, body.value, reward,
+            body.request_id, user_id, body.item_id, body.event, body.value, reward,
             time.time(), settings.impression_ttl_s, settings.history_len)
         if not accepted:
             return FastJSONResponse({"accepted": True, "reward": reward, "duplicate": True},

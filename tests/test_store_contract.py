@@ -81,6 +81,8 @@ async def test_impression_feedback_and_dedupe(store):
     assert got["r1"].propensities == [0.9, 0.5] and got["r1"].model_version == 3
     assert np.frombuffer(got["r1"].state, dtype=np.float32).tolist() == [1.0] * 5
     assert [i for i, _ in (await store.get_user("u1")).shown] == ["a", "b"]
+    assert await store.slate_of("r1") == ("u1", ["a", "b"])
+    assert await store.slate_of("r2") is None
     first = await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
     again = await store.record_feedback("r1", "u1", "a", "click", None, 7.0, 6.0, 60, 10)
     other = await store.record_feedback("r1", "u1", "a", "purchase", None, 2.0, 7.0, 60, 10)
@@ -162,6 +164,7 @@ async def test_expired_impressions_are_gone(store):
     await store.log_impression(imp("short"), ttl_s=1, shown_max=10)
     await asyncio.sleep(1.2)
     assert await store.get_impressions(["short"]) == {}
+    assert await store.slate_of("short") is None
 
 
 async def test_unreachable_redis_raises_store_unavailable():

@@ -147,6 +147,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]: ...
 
+    async def slate_of(self, request_id: str) -> tuple[str, list[str]] | None:
+        """The user and the item ids of an impression, or None when it is unknown or
+        expired: all that feedback needs to be validated, without the stored state."""
+        imp = (await self.get_impressions([request_id])).get(request_id)
+        return None if imp is None else (imp.user_id, imp.item_ids)
+
     @abc.abstractmethod
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
                               value: float | None, reward: float, ts: float,

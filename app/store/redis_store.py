@@ -371,6 +371,14 @@ class RedisStore(Store):
         return out
 
     @_guard
+    async def slate_of(self, request_id: str) -> tuple[str, list[str]] | None:
+        # two fields, not HGETALL: the stored state is ~4.6 KB that feedback never reads
+        user_id, items = await self.r.hmget(self._imp(request_id), ["user_id", "items"])
+        if user_id is None or items is None:
+            return None
+        return user_id.decode(), orjson.loads(items)
+
+    @_guard
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:

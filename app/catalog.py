@@ -28,11 +28,12 @@ Runner = Callable[..., Awaitable]
 
 
 def index_records(index: CandidateIndex, records: list[ItemRecord]) -> None:
-    """Put stored items (embeddings and availability) into the index."""
+    """Put stored items (embeddings, availability and tags) into the index."""
     if not records:
         return
     vectors = np.stack([np.frombuffer(r.embedding, dtype=np.float32) for r in records])
-    index.upsert([r.item_id for r in records], vectors, [r.available for r in records])
+    index.upsert([r.item_id for r in records], vectors, [r.available for r in records],
+                 [r.tags for r in records])
 
 
 class CatalogReplica:

@@ -263,15 +263,18 @@ class Engine:
                               fresh[i].tobytes() if i in fresh else existing[i].embedding, keys[i])
                    for i, it in latest.items()]
         size = await self.store.put_items(records, origin=self.catalog.origin)
-        await self.run(self._apply_upsert, records, set(fresh))
+        retagged = {i for i in latest if i in existing and existing[i].tags != list(latest[i].tags)}
+        await self.run(self._apply_upsert, records, set(fresh) | retagged)
         self.metrics.catalog_size.set(len(self.index))
         return size
 
-    def _apply_upsert(self, records: list[ItemRecord], re_embedded: set[str]) -> None:
-        changed = [r for r in records if r.item_id in re_embedded or r.item_id not in self.index]
+    def _apply_upsert(self, records: list[ItemRecord], changed_ids: set[str]) -> None:
+        """Re-index new items and those whose embedding or tags changed; for the rest only
+        availability can have changed."""
+        changed = [r for r in records if r.item_id in changed_ids or r.item_id not in self.index]
         index_records(self.index, changed)
         for r in records:
-            if r.item_id not in re_embedded:
+            if r.item_id not in changed_ids:
                 self.index.set_available(r.item_id, r.available)
 
     async def delete_item(self, item_id: str) -> bool:
@@ -341,7 +344,7 @@ class Engine:
             [picks[i].banned for i in to_search]), strict=True)) if to_search else {}
         out: list[Chosen] = []
         for i, p in enumerate(picks):
-            state, positive, negative = built[i]
+            state, recent = built[i]
             if p.candidates is None:
                 ids, items = found[i]
             else:
@@ -349,8 +352,8 @@ class Engine:
                           if c not in p.banned and self.index.is_recommendable(c)]
                 ids, items = self.index.vectors_of(wanted)
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
-                                       self.index.stats_of(ids), items, positive, negative,
-                                       s.exposure_recent_s)
+                                       self.index.stats_of(ids), items,
+                                       self.index.tags_of(ids), recent, s.exposure_recent_s)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
             with self._rng_lock:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)

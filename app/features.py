@@ -12,7 +12,7 @@ import numpy as np
 from app.store import UserData
 from models.index import CandidateIndex
 from models.rewards import RewardMap
-from models.state import StateLayout, build_state
+from models.state import RecentItems, StateLayout, build_state
 
 
 def split_history(user: UserData, rewards: RewardMap, limit: int
@@ -48,15 +48,15 @@ def user_state(layout: StateLayout, user: UserData, context: np.ndarray | None,
 
 def user_state_and_history(layout: StateLayout, user: UserData, context: np.ndarray | None,
                            index: CandidateIndex, rewards: RewardMap, limit: int,
-                           decay: float, now: float
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The state, and the embeddings of the positive and negative history (oldest first),
-    which the per-candidate affinity features compare candidates with."""
+                           decay: float, now: float) -> tuple[np.ndarray, RecentItems]:
+    """The state, and the embeddings and tags of the positive and negative history
+    (oldest first), which the per-candidate affinity features compare candidates with."""
     pos_ids, neg_ids, last_ts = split_history(user, rewards, limit)
-    _, pos = index.vectors_of(pos_ids)
-    _, neg = index.vectors_of(neg_ids)
+    pos_known, pos = index.vectors_of(pos_ids)
+    neg_known, neg = index.vectors_of(neg_ids)
     gap = None if last_ts is None else now - last_ts
-    return build_state(layout, context, pos, neg, gap, decay), pos, neg
+    recent = RecentItems(pos, neg, index.tags_of(pos_known), index.tags_of(neg_known))
+    return build_state(layout, context, pos, neg, gap, decay), recent
 
 
 def context_of(layout: StateLayout, state: np.ndarray) -> np.ndarray | None:

@@ -89,7 +89,9 @@ class Settings(BaseSettings):
     replay_size: int = 50_000
     replay_prefault: bool = Field(True, description="commit the replay buffer's memory at "
                                   "start, so resident memory is flat from the first request")
-    steps_per_batch: int = 2
+    steps_per_batch: int = Field(2, description="least gradient steps per learning round")
+    replay_ratio: float = Field(3.0, gt=0, description="gradient steps per new transition, "
+                                "in units of half a minibatch")
     target_tau: float = 0.01
     grad_clip: float = 5.0
     hidden: int = 256
@@ -155,6 +157,7 @@ class Settings(BaseSettings):
     def dqn(self) -> DQNConfig:
         return DQNConfig(gamma=self.gamma, lr=self.learning_rate, batch_size=self.batch_size,
                          buffer_size=self.replay_size, steps_per_batch=self.steps_per_batch,
+                         replay_ratio=self.replay_ratio,
                          grad_clip=self.grad_clip, target_tau=self.target_tau,
                          hidden=self.hidden, seed=self.seed or 0,
                          prefault_buffer=self.replay_prefault)

@@ -31,7 +31,7 @@ from bench.simulator import SimConfig, World, request_stream
 from models.state import N_ITEM_FEATURES
 
 FEATURES = ["shown-recency", "shown-count", "ctr-lift", "impressions", "sim-positive",
-            "sim-ignored"]
+            "sim-ignored", "tag-positive", "tag-ignored"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 import faiss
 import numpy as np
 
+from models.state import TAG_BUCKETS, tag_vectors
+
 COMPACT_FRACTION = 0.2
 APPROXIMATE_KINDS = ("ivf", "hnsw")
 # IVF: retrain the coarse quantiser once the catalog has grown this much since training
@@ -109,6 +111,8 @@ class CandidateIndex:
         self._servable = np.zeros(max(capacity, 1024), dtype=bool)
         # per-row engagement counts [shown, clicked], for the popularity features
         self._stats = np.zeros((max(capacity, 1024), 2), dtype=np.float32)
+        # per-row hashed multi-hot of the item's tags (``models.state.tag_vectors``)
+        self._tags = np.zeros((max(capacity, 1024), TAG_BUCKETS), dtype=np.uint8)
         self._n_rows = 0
         self._row_of: dict[str, int] = {}
         self._n_dead = 0
@@ -136,7 +140,10 @@ class CandidateIndex:
         servable[:n] = self._servable[:n]
         stats = np.zeros((new_cap, 2), dtype=np.float32)
         stats[:n] = self._stats[:n]
+        tags = np.zeros((new_cap, TAG_BUCKETS), dtype=np.uint8)
+        tags[:n] = self._tags[:n]
         self._ids, self._live, self._servable, self._stats = ids, live, servable, stats
+        self._tags = tags
 
     def reserve(self, n: int) -> None:
         """Size the storage for ``n`` rows at once, so that loading a large catalog does
@@ -215,8 +222,10 @@ class CandidateIndex:
 
     # -- mutation --------------------------------------------------------------
     def upsert(self, ids: Sequence[str], vectors: np.ndarray,
-               available: Sequence[bool] | None = None) -> None:
-        """Add or replace items. Unavailable items are stored but never retrieved."""
+               available: Sequence[bool] | None = None,
+               tags: Sequence[Sequence[str]] | None = None) -> None:
+        """Add or replace items. Unavailable items are stored but never retrieved;
+        ``tags`` (per item) feed the per-candidate tag-affinity features."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         avail = np.ones(len(ids), dtype=bool) if available is None else np.asarray(available)
         with self._lock:
@@ -237,6 +246,7 @@ class CandidateIndex:
             self._n_unavailable += int((~self._servable[rows]).sum())
             self._n_rows += len(order)
             self._stats[rows] = 0.0
+            self._tags[rows] = 0 if tags is None else tag_vectors([tags[i] for i in order])
             for row, i in zip(rows.tolist(), order, strict=True):
                 self._row_of[ids[i]] = row
                 if ids[i] in carried:
@@ -310,11 +320,13 @@ class CandidateIndex:
             self._ids[:n] = self._ids[rows]
             self._servable[:n] = self._servable[rows]
             self._stats[:n] = self._stats[rows]
+            self._tags[:n] = self._tags[rows]
             self._live[:n] = True
             self._ids[n: self._n_rows] = None
             self._live[n: self._n_rows] = False
             self._servable[n: self._n_rows] = False
             self._stats[n: self._n_rows] = 0.0
+            self._tags[n: self._n_rows] = 0
             self._vectors[n: self._n_rows] = 0.0
         self._n_rows = n
         self._n_dead = 0
@@ -350,6 +362,15 @@ class CandidateIndex:
                     row = self._row_of.get(item_id)
                     if row is not None:
                         self._stats[row, col] += 1.0
+
+    def tags_of(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids), TAG_BUCKETS)`` float32 tag multi-hots; zeros for unknown ids."""
+        with self._lock:
+            rows = np.fromiter((self._row_of.get(i, -1) for i in ids), dtype=np.int64,
+                               count=len(ids))
+            out = self._tags[np.maximum(rows, 0)].astype(np.float32)
+            out[rows < 0] = 0.0
+            return out
 
     def stats_of(self, ids: Sequence[str]) -> np.ndarray:
         """``(len(ids), 2)`` [shown, clicked] counts; zeros for unknown ids."""

@@ -32,6 +32,9 @@ class DQNConfig:
     batch_size: int = 64
     buffer_size: int = 50_000
     steps_per_batch: int = 2
+    # minibatch draws per new transition (each minibatch is half new data): 1 puts each
+    # new transition in one minibatch; more replays the recent past more per event
+    replay_ratio: float = 1.0
     huber_delta: float = 1.0
     grad_clip: float = 5.0
     target_tau: float = 0.01
@@ -111,7 +114,8 @@ class DQNLearner:
 
         Every new transition enters at least one minibatch (half of each batch is new
         data until all of it was used), so the step count grows with the traffic:
-        ``max(steps_per_batch, ceil(new / (batch/2)))``, capped at ``max_steps``.
+        ``max(steps_per_batch, ceil(replay_ratio * new / (batch/2)))``, capped at
+        ``max_steps``.
         """
         if len(self.buffer) == 0:
             return True
@@ -119,7 +123,8 @@ class DQNLearner:
         new_slots = np.zeros(0, dtype=np.int64) if new_slots is None else new_slots
         half = max(cfg.batch_size // 2, 1)
         if steps is None:
-            steps = min(max(cfg.steps_per_batch, -(-len(new_slots) // half)), max_steps)
+            wanted = int(np.ceil(cfg.replay_ratio * len(new_slots) / half))
+            steps = min(max(cfg.steps_per_batch, wanted), max_steps)
         for step in range(steps):
             include = new_slots[step * half:(step + 1) * half]
             batch = self.buffer.sample(cfg.batch_size, include)

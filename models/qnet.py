@@ -3,8 +3,9 @@
 Q(s, a) = V(s) + q(s) . e_a + w(s) . f_a, where e_a is the item's (frozen,
 unit-norm) transformer embedding, f_a are a few per-candidate features
 (``models.state.candidate_features``: was it just shown and ignored, how popular
-is it, how close is it to what the user just clicked or passed over) and q(s),
-w(s) are produced by an MLP with a linear skip over the state. The item side is
+is it, how close is it, by embedding and by tags, to what the user just clicked or
+passed over) and q(s), w(s) are produced by an MLP with a linear skip over the
+state. The item side is
 the precomputed embedding itself, so scoring N candidates is one ``(N, d) @ (d,)``
 product after one small MLP pass (plus an ``(N, f) @ (f,)`` one), and the same
 q(s) is the FAISS retrieval query: retrieval and ranking agree. New items

@@ -364,3 +364,35 @@ def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):
             assert batched[5].indices.tolist() == alone[5].indices.tolist()
         assert "m-6" not in together[1][2] and "zz" not in together[2][2]
         assert len(together[3][5].indices) == 10
+
+
+def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
+    """Tags feed the per-candidate tag-affinity features: re-sending an item with new tags
+    and the same text re-indexes it (no re-embedding needed), and a user who just
+    clicked a comedy sees comedies' tag affinity rise."""
+    from models.state import tag_vectors
+    with make_client(backend, encoder) as c:
+        items = [{"item_id": i, "text": t, "tags": ["comedy"] if n % 2 else ["drama"]}
+                 for n, (i, t) in enumerate(MOVIES)]
+        c.post("/v1/items", json={"items": items}).raise_for_status()
+        index = c.app.state.engine.index
+        first = MOVIES[0][0]
+        assert np.array_equal(index.tags_of([first])[0], tag_vectors([["drama"]])[0])
+        c.post("/v1/items", json={"items": [{"item_id": first, "text": MOVIES[0][1],
+                                             "tags": ["Horror", "war"]}]}).raise_for_status()
+        assert np.array_equal(index.tags_of([first])[0], tag_vectors([["horror", "war"]])[0])
+        assert c.get(f"/v1/items/{first}").json()["tags"] == ["Horror", "war"]
+
+        # a user who just clicked a comedy: comedies get tag affinity, dramas none
+        from app.engine import Pick
+        from app.store import UserData
+        comedy, drama = MOVIES[1][0], MOVIES[2][0]
+        now = time.time()
+        clicked = UserData([{"item_id": comedy, "event": "click", "ts": now - 5}], [])
+        ids = [i for i, _ in MOVIES[1:]]
+        chosen = c.app.state.engine.choose_batch(
+            [Pick(clicked, None, set(), ids, 3, 0.0, now)])[0]
+        got, feats = chosen[2], chosen[4]
+        tag_positive = dict(zip(got, feats[:, -2].tolist(), strict=True))
+        assert tag_positive[MOVIES[3][0]] > 0.99  # another comedy
+        assert tag_positive[drama] == 0.0

@@ -191,3 +191,18 @@ def test_compaction_in_place_across_chunks_keeps_vectors_stats_and_availability(
     servable = {f"i{i}" for i in kept if i % 5 != 0}
     found = idx.search(unit(rng, 1, 8), 200)[0][0]
     assert set(found) == servable
+
+
+def test_tags_follow_items_through_updates_and_compaction():
+    from models.state import tag_vectors
+
+    idx = CandidateIndex(4)
+    idx.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3],
+               tags=[["comedy"], ["drama", "war"], []])
+    assert np.array_equal(idx.tags_of(["b", "zz", "a"]),
+                          tag_vectors([["drama", "war"], [], ["comedy"]]).astype(np.float32))
+    idx.upsert(["a"], np.eye(4, dtype=np.float32)[3:4], tags=[["horror"]])
+    idx.remove(["c"])
+    idx._rebuild("flat")
+    assert np.array_equal(idx.tags_of(["a", "b"]),
+                          tag_vectors([["horror"], ["drama", "war"]]).astype(np.float32))

@@ -184,6 +184,24 @@ def test_affinity_features_compare_candidates_with_recent_history():
     assert affinity_features(items, items[:0], items[:0]).sum() == 0
 
 
+def test_tag_affinity_features_follow_the_latest_clicks_and_ignores():
+    from models.state import tag_affinity_features, tag_vectors
+
+    cands = tag_vectors([["Comedy"], ["drama"], ["comedy", "Romance"], []]).astype(np.float32)
+    clicked = tag_vectors([["drama"], ["comedy"]]).astype(np.float32)  # comedy is newest
+    ignored = tag_vectors([["romance"]]).astype(np.float32)
+    f = tag_affinity_features(cands, clicked, ignored, decay=0.5)
+    # profile over clicks: comedy weight 1, drama 0.5 -> unit (1, 0.5) / sqrt(1.25)
+    assert np.allclose(f[:, 0], [1 / np.sqrt(1.25), 0.5 / np.sqrt(1.25),
+                                 1 / np.sqrt(2) / np.sqrt(1.25), 0.0], atol=1e-6)
+    assert np.allclose(f[:, 1], [0.0, 0.0, 1 / np.sqrt(2), 0.0], atol=1e-6)
+    assert f[0, 0] > f[1, 0]  # the newer click counts more
+    none = tag_affinity_features(cands, clicked[:0], ignored[:0])
+    assert none.shape == (4, 2) and not none.any()
+    # hashing is case-insensitive and the same in every process
+    assert (tag_vectors([["Comedy"]]) == tag_vectors([["comedy"]])).all()
+
+
 def _resident_fraction(array: np.ndarray) -> float:
     """Fraction of an array's pages that are in memory, asked of the kernel (mincore).
 

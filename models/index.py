@@ -119,7 +119,7 @@ class CandidateIndex:
 
     def _grow(self, needed: int, exact: bool = False) -> None:
         """Make room for ``needed`` rows: double the capacity (amortised appends), or
-        allocate exactly ``needed`` when the final size is known (``reserve``)."""
+        allocate exactly ``needed`` when the final size is known (a bulk load)."""
         capacity = len(self._live)
         if needed <= capacity:
             return
@@ -127,7 +127,9 @@ class CandidateIndex:
 
     def _resize(self, new_cap: int) -> None:
         """Move the first ``_n_rows`` rows into arrays of ``new_cap`` rows. The old and new
-        arrays coexist for a moment: a 1M-item catalog should be sized once, up front."""
+        arrays coexist for a moment: a 1M-item catalog should be sized once, up front
+        (``begin_bulk_load``), not doubled while it grows (1.5 GB of vectors, not 2.4 GB
+        at the last doubling)."""
         n = self._n_rows
         vectors = np.zeros((new_cap, self.dim), dtype=np.float32)
         vectors[:n] = self._vectors[:n]
@@ -144,13 +146,6 @@ class CandidateIndex:
         tags[:n] = self._tags[:n]
         self._ids, self._live, self._servable, self._stats = ids, live, servable, stats
         self._tags = tags
-
-    def reserve(self, n: int) -> None:
-        """Size the storage for ``n`` rows at once, so that loading a large catalog does
-        not double its largest array while it grows (1M x 384-d: 1.5 GB, not 2.4 GB
-        at the last doubling)."""
-        with self._lock:
-            self._grow(n, exact=True)
 
     def begin_bulk_load(self, expected: int = 0) -> None:
         """Start adding many items; the FAISS structure is built once, by

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -44,7 +43,7 @@ from tqdm import tqdm
 from app.client import wait_ready
 from bench.latency import catalog
 from bench.server import free_port, private_redis, running_service_process
-from bench.soak import run_wrk, wrk
+from bench.soak import post_concurrently, run_wrk, wrk
 
 
 def wait_redis(url: str, timeout: float = 300.0) -> None:
@@ -81,20 +80,10 @@ def give_histories(url: str, users: int, events: int, items: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     ids = [it["item_id"] for it in catalog(min(items, 20_000))]
     kinds = ["click", "click", "purchase", "like", "skip"]
-    jobs = [(f"u-{u}", ids[int(rng.integers(len(ids)))], kinds[int(rng.integers(len(kinds)))])
-            for u in range(1, users + 1) for _ in range(events)]
-    with httpx.Client(base_url=url, timeout=60,
-                      limits=httpx.Limits(max_connections=16)) as c, \
-            tqdm(total=len(jobs), desc="histories", unit="event") as bar:
-        def send(job):
-            r = c.post("/v1/events", json={"user_id": job[0], "item_id": job[1],
-                                           "event": job[2]})
-            r.raise_for_status()
-            bar.update(1)
-        t = time.perf_counter()
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(send, jobs))
-        return len(jobs) / (time.perf_counter() - t)
+    posts = [{"user_id": f"u-{u}", "item_id": ids[int(rng.integers(len(ids)))],
+             "event": kinds[int(rng.integers(len(kinds)))]}
+             for u in range(1, users + 1) for _ in range(events)]
+    return post_concurrently(url, "/v1/events", posts, "histories", "event")[1]
 
 
 FEEDBACK_LUA = Path(__file__).with_name("wrk") / "feedback.lua"
@@ -104,18 +93,9 @@ def served_pairs(url: str, slates: int, users: int, path: str) -> int:
     """Serve ``slates`` slates and write their ``request_id item_id`` pairs to ``path``:
     the feedback a client could send. Returns the number of pairs."""
     rng = np.random.default_rng(1)
-    with httpx.Client(base_url=url, timeout=60,
-                      limits=httpx.Limits(max_connections=16)) as c, \
-            tqdm(total=slates, desc="slates for feedback", unit="slate") as bar:
-        def serve(u: int) -> list[str]:
-            r = c.post("/v1/recommend", json={"user_id": f"u-{u}", "k": 10})
-            r.raise_for_status()
-            bar.update(1)
-            body = r.json()
-            return [f"{body['request_id']} {it['item_id']}" for it in body["items"]]
-        with ThreadPoolExecutor(16) as pool:
-            lines = [ln for got in pool.map(serve, rng.integers(1, users + 1, slates))
-                     for ln in got]
+    asks = [{"user_id": f"u-{u}", "k": 10} for u in rng.integers(1, users + 1, slates)]
+    bodies, _ = post_concurrently(url, "/v1/recommend", asks, "slates for feedback", "slate")
+    lines = [f"{b['request_id']} {it['item_id']}" for b in bodies for it in b["items"]]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines)
 

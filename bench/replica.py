@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -33,7 +32,7 @@ from app.store import ItemRecord
 from app.store.redis_store import RedisStore
 from bench.retrieval import TopicSpace
 from bench.server import private_redis, running_service_process
-from bench.soak import proc_memory_mb
+from bench.soak import post_concurrently, proc_memory_mb
 
 DIM = 384
 PREFIX = "replica"
@@ -60,16 +59,8 @@ async def write_catalog(redis_url: str, n: int, seed: int, chunk: int = 10_000) 
 def serve(url: str, requests: int, users: int, seed: int) -> float:
     """``requests`` recommendations from 16 concurrent clients; returns req/s."""
     rng = np.random.default_rng(seed)
-    with httpx.Client(base_url=url, timeout=60,
-                      limits=httpx.Limits(max_connections=16)) as c, \
-            tqdm(total=requests, desc="recommend", unit="req") as bar:
-        def one(u: int) -> None:
-            c.post("/v1/recommend", json={"user_id": f"u-{u}", "k": 10}).raise_for_status()
-            bar.update(1)
-        t = time.perf_counter()
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(one, rng.integers(1, users + 1, requests)))
-        return requests / (time.perf_counter() - t)
+    asks = [{"user_id": f"u-{u}", "k": 10} for u in rng.integers(1, users + 1, requests)]
+    return post_concurrently(url, "/v1/recommend", asks, "recommend", "req")[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -55,6 +57,25 @@ def wrk(url: str, seconds: int, connections: int, threads: int, env: dict[str, s
                         + result["timeout"] + result["rec_other"] + result["fb_other"]
                         + result["unknown"])
     return result
+
+
+def post_concurrently(url: str, path: str, bodies: Sequence[dict], desc: str, unit: str,
+                      clients: int = 16) -> tuple[list[dict], float]:
+    """POST each body to ``path`` from ``clients`` concurrent clients, with a progress
+    bar; returns the JSON responses (in order) and the rate per second. Any non-2xx
+    response raises."""
+    with httpx.Client(base_url=url, timeout=60,
+                      limits=httpx.Limits(max_connections=clients)) as c, \
+            tqdm(total=len(bodies), desc=desc, unit=unit) as bar:
+        def send(body: dict) -> dict:
+            r = c.post(path, json=body)
+            r.raise_for_status()
+            bar.update(1)
+            return r.json()
+        t = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            responses = list(pool.map(send, bodies))
+        return responses, len(bodies) / (time.perf_counter() - t)
 
 
 def proc_memory_mb(pid: int) -> dict[str, float]:

@@ -35,7 +35,10 @@ from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import CandidateIndex, set_search_threads
 from models.lru import LRUCache
 from models.qnet import QNetwork, Scorer, all_finite, weights_from_bytes, weights_shape
-from models.state import StateLayout, candidate_features
+from models.state import RecentItems, StateLayout, candidate_features
+
+# the related-items source searches around this many of the user's latest positive items
+RELATED_SEEDS = 3
 
 log = logging.getLogger("recsvc.engine")
 
@@ -326,6 +329,40 @@ class Engine:
         self.metrics.items_explored.inc(int(choice.explored.sum()))
         return slate
 
+    def _add_sources(self, found: dict[int, tuple[list[str], np.ndarray]],
+                     picks: list[Pick], recent: list[RecentItems]) -> None:
+        """Append to each search result candidates from two more sources, which the
+        query alone would not reach, so the Q-network's per-candidate features can rank
+        them: items nearest to what the user last engaged with ("related", one batched
+        search) and the items with the highest smoothed CTR (``CandidateIndex.engaging``).
+        Each source skips what is banned or already a candidate."""
+        s = self.settings
+
+        def merge(i: int, ids: list[str], items: np.ndarray) -> None:
+            if ids:
+                found[i] = (found[i][0] + ids, np.concatenate([found[i][1], items]))
+
+        def excluded(i: int) -> set[str]:
+            return picks[i].banned.union(found[i][0])
+
+        if s.related_candidates:
+            # one query per recent positive (newest first), all picks in one search
+            seeds = [(i, vec) for i in found
+                     for vec in recent[i].positive[-RELATED_SEEDS:][::-1]]
+            if seeds:
+                results = self.index.search(np.stack([v for _, v in seeds]),
+                                            s.related_candidates,
+                                            [excluded(i) for i, _ in seeds])
+                for (i, _), (ids, items) in zip(seeds, results, strict=True):
+                    have = set(found[i][0])
+                    keep = [j for j, item_id in enumerate(ids) if item_id not in have]
+                    merge(i, [ids[j] for j in keep], items[keep])
+        if s.engaging_candidates:
+            order = list(found)
+            for i, (ids, items) in zip(order, self.index.engaging(
+                    s.engaging_candidates, [excluded(i) for i in order]), strict=True):
+                merge(i, ids, items)
+
     def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
         """Slates for concurrent requests with one Q-network call and one index search.
 
@@ -342,6 +379,8 @@ class Engine:
         found = dict(zip(to_search, self.index.search(
             queries[to_search, : self.layout.dim], s.candidates,
             [picks[i].banned for i in to_search]), strict=True)) if to_search else {}
+        if found:
+            self._add_sources(found, picks, [b[1] for b in built])
         out: list[Chosen] = []
         for i, p in enumerate(picks):
             state, recent = built[i]

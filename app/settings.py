@@ -61,6 +61,12 @@ class Settings(BaseSettings):
 
     # retrieval and policy
     candidates: int = Field(200, description="candidates retrieved per request")
+    related_candidates: int = Field(50, ge=0, description="candidates added per request "
+                                    "from the items nearest to the user's latest positive "
+                                    "item; 0 = none")
+    engaging_candidates: int = Field(0, ge=0, description="candidates added per request "
+                                     "from the items with the highest smoothed CTR, beside "
+                                     "the embedding search; 0 = search only")
     exact_index_max: int = Field(50_000, description="from this many items the CPU index is "
                                  "approximate (on CUDA it stays exact)")
     approximate_index: Literal["ivf", "hnsw"] = "ivf"

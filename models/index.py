@@ -22,12 +22,13 @@ batch concurrent queries into one ``search`` call.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 import faiss
 import numpy as np
 
-from models.state import TAG_BUCKETS, tag_vectors
+from models.state import TAG_BUCKETS, smoothed_ctr, tag_vectors
 
 COMPACT_FRACTION = 0.2
 APPROXIMATE_KINDS = ("ivf", "hnsw")
@@ -42,6 +43,9 @@ BLAS_FROM_QUERIES = 4
 faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
 # rows moved per step when compacting in place: bounds the temporary copy (~30 MB at 384-d)
 COMPACT_CHUNK = 20_000
+# the engagement ranking (``CandidateIndex.engaging``) is recomputed at most this often:
+# one pass over the counts, ~10 ms at 1M items, instead of one per request
+ENGAGING_REFRESH_S = 1.0
 
 
 def ivf_lists(n: int) -> int:
@@ -93,6 +97,8 @@ class CandidateIndex:
         self._trained_on = 0
         self._index = self._new_index("flat", self._vectors[:0])
         self._deferred = False  # in a bulk load: FAISS is built once, at its end
+        # rows ranked by smoothed CTR, with the index version and time they were ranked at
+        self._engaging: tuple[int, float, np.ndarray] = (-1, 0.0, np.zeros(0, dtype=np.int64))
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
 
     @property
@@ -382,6 +388,49 @@ class CandidateIndex:
 
     def recommendable_count(self) -> int:
         return len(self._row_of) - self._n_unavailable
+
+    def engaging(self, n: int, exclude: Sequence[Iterable[str]]
+                 ) -> list[tuple[list[str], np.ndarray]]:
+        """Per entry of ``exclude``, the ``n`` servable items with the highest smoothed
+        CTR (``models.state.smoothed_ctr`` of the counts ``record`` keeps) that it does
+        not name, best first, with their embeddings.
+
+        A second candidate source beside the embedding search: an item that engages
+        users more than its text suggests is far from every query in embedding space,
+        so the search alone would never let the Q-network (whose popularity features
+        value it) see it. The ranking is shared by all queries and refreshed every
+        ``ENGAGING_REFRESH_S``; a query then only filters it.
+        """
+        with self._lock:
+            if n <= 0 or not self._n_rows:
+                return [([], np.zeros((0, self.dim), dtype=np.float32)) for _ in exclude]
+            banned = [np.fromiter((r for r in map(self._row_of.get, ex) if r is not None),
+                                  dtype=np.int64) for ex in exclude]
+            ranked = self._engagement_ranking(n + max((len(b) for b in banned), default=0))
+            out = []
+            for rows in banned:
+                pick = ranked[~np.isin(ranked, rows)][:n] if len(rows) else ranked[:n]
+                out.append((self._ids[pick].tolist(), self._vectors[pick].copy()))
+            return out
+
+    def _engagement_ranking(self, wanted: int) -> np.ndarray:
+        """Servable rows by decreasing smoothed CTR: at least ``wanted`` of them (or all),
+        from the cache unless the index changed, the cache is short, or it is stale."""
+        version, at, rows = self._engaging
+        now = time.monotonic()
+        if (version == self.version and now - at < ENGAGING_REFRESH_S
+                and (len(rows) >= wanted or len(rows) == self.recommendable_count())):
+            return rows
+        servable = np.flatnonzero(self._servable[: self._n_rows])
+        ctr = smoothed_ctr(self._stats[servable])
+        keep = min(len(servable), max(2 * wanted, 256))  # room for the next calls' exclusions
+        if keep < len(servable):
+            top = np.argpartition(-ctr, keep - 1)[:keep]
+        else:
+            top = np.arange(len(servable))
+        rows = servable[top[np.argsort(-ctr[top], kind="stable")]]
+        self._engaging = (self.version, now, rows)
+        return rows
 
     def _rerank(self, queries: np.ndarray, rows: np.ndarray, ok: np.ndarray, n: int,
                 slots: np.ndarray, results: list) -> None:

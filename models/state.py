@@ -120,8 +120,21 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
     return feats
 
 
-def popularity_features(stats: np.ndarray, prior_ctr: float = 0.03,
-                        prior_weight: float = 20.0) -> np.ndarray:
+PRIOR_CTR = 0.03  # an item with no impressions is assumed to engage this often
+PRIOR_WEIGHT = 20.0  # impressions' worth of that assumption
+
+
+def smoothed_ctr(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
+                 prior_weight: float = PRIOR_WEIGHT) -> np.ndarray:
+    """Per row of ``[shown, clicked]`` counts, the CTR shrunk towards ``prior_ctr``
+    (a beta prior worth ``prior_weight`` impressions), so one lucky click on a
+    rarely shown item does not rank it first."""
+    shown, clicked = stats[:, 0], stats[:, 1]
+    return (clicked + prior_ctr * prior_weight) / (shown + prior_weight)
+
+
+def popularity_features(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
+                        prior_weight: float = PRIOR_WEIGHT) -> np.ndarray:
     """Per candidate, from its ``[shown, clicked]`` counts: smoothed log-CTR lift and
     log impressions.
 
@@ -129,9 +142,9 @@ def popularity_features(stats: np.ndarray, prior_ctr: float = 0.03,
     features let it learn that some items simply engage more than their text says.
     A new item starts at the prior: lift 0, no impressions.
     """
-    shown, clicked = stats[:, 0], stats[:, 1]
-    ctr = (clicked + prior_ctr * prior_weight) / (shown + prior_weight)
-    return np.stack([np.log(ctr / prior_ctr), np.log1p(shown) / 10.0], 1).astype(np.float32)
+    ctr = smoothed_ctr(stats, prior_ctr, prior_weight)
+    return np.stack([np.log(ctr / prior_ctr), np.log1p(stats[:, 0]) / 10.0],
+                    1).astype(np.float32)
 
 
 def affinity_features(items: np.ndarray, positive: np.ndarray,

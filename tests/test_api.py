@@ -396,3 +396,26 @@ def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
         tag_positive = dict(zip(got, feats[:, -2].tolist(), strict=True))
         assert tag_positive[MOVIES[3][0]] > 0.99  # another comedy
         assert tag_positive[drama] == 0.0
+
+
+@pytest.mark.parametrize("related", [0, 3])
+def test_a_click_brings_the_items_nearest_to_it_into_the_next_slate(backend, encoder, related):
+    """Beside the two candidates the embedding query retrieves, the related source adds
+    the items nearest to what the user just clicked (not the clicked item itself,
+    which exclude_seen bans, nor the items resting after being ignored)."""
+    with make_client(backend, encoder, candidates=2, related_candidates=related) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        first = recommend(c, k=2, explore=False)
+        clicked, ignored = (i["item_id"] for i in first["items"])
+        r = c.post("/v1/feedback", json={"request_id": first["request_id"],
+                                          "item_id": clicked, "event": "click"})
+        assert r.status_code == 202
+        after = [i["item_id"] for i in recommend(c, k=5, explore=False)["items"]]
+        assert len(after) == 2 + related and not {clicked, ignored} & set(after)
+        if related:
+            index = c.app.state.engine.index
+            others = [m for m, _ in MOVIES if m not in (clicked, ignored)]
+            _, vecs = index.vectors_of(others)
+            sims = vecs @ index.vectors_of([clicked])[1][0]
+            nearest = {others[j] for j in np.argsort(-sims)[:related]}
+            assert nearest <= set(after)

@@ -206,3 +206,34 @@ def test_tags_follow_items_through_updates_and_compaction():
     idx._rebuild("flat")
     assert np.array_equal(idx.tags_of(["a", "b"]),
                           tag_vectors([["horror"], ["drama", "war"]]).astype(np.float32))
+
+
+def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(monkeypatch):
+    """The second candidate source: servable items by smoothed CTR, best first, never an
+    excluded, unavailable or removed one, and re-ranked as the counts change."""
+    import models.index as index_module
+    from models.state import smoothed_ctr
+
+    rng = np.random.default_rng(5)
+    idx = CandidateIndex(8)
+    ids = [f"i{i}" for i in range(30)]
+    vecs = unit(rng, 30, 8)
+    idx.upsert(ids, vecs)
+    idx.record(["i1"] * 100 + ["i2"] * 10 + ["i3"] * 100, ["i1"] * 30 + ["i2"] * 5 + ["i3"] * 1)
+    # closed form: (clicks + 0.03 * 20) / (shown + 20)
+    assert np.allclose(smoothed_ctr(np.array([[100, 30], [10, 5], [0, 0]], np.float32)),
+                       [30.6 / 120, 5.6 / 30, 0.03])
+    (top, emb), (skipping, _) = idx.engaging(2, [set(), {"i1"}])
+    assert top == ["i1", "i2"] and np.allclose(emb, vecs[[1, 2]])
+    assert skipping[0] == "i2" and len(skipping) == 2 and "i1" not in skipping
+    assert "i3" not in idx.engaging(29, [set()])[0][0][:28]  # shown 100x, clicked once: last
+
+    monkeypatch.setattr(index_module, "ENGAGING_REFRESH_S", 0.0)
+    idx.record(["i4"] * 10, ["i4"] * 9)  # (9.6 / 30) beats i1's 0.255
+    assert idx.engaging(1, [set()])[0][0] == ["i4"]
+    monkeypatch.setattr(index_module, "ENGAGING_REFRESH_S", 3600.0)
+    idx.upsert(["i4"], vecs[4:5], available=[False])  # a change to the index: re-ranked
+    idx.remove(["i1"])
+    assert idx.engaging(2, [set()])[0][0][0] == "i2"
+    everything = idx.engaging(100, [set()])[0][0]
+    assert len(everything) == 28 and not {"i1", "i4"} & set(everything)

@@ -364,7 +364,8 @@ class Engine:
                 merge(i, ids, items)
 
     def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
-        """Slates for concurrent requests with one Q-network call and one index search.
+        """Slates for concurrent requests with one Q-network call and one index search
+        per candidate source.
 
         Per request only its state and its candidates' features are built in Python;
         the network forward pass and the FAISS search (one GPU kernel on CUDA) are

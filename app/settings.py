@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     # retrieval and policy
     candidates: int = Field(200, description="candidates retrieved per request")
     related_candidates: int = Field(50, ge=0, description="candidates added per request "
-                                    "from the items nearest to the user's latest positive "
-                                    "item; 0 = none")
+                                    "from the items nearest to each of the user's 3 latest "
+                                    "positive items; 0 = none")
     engaging_candidates: int = Field(0, ge=0, description="candidates added per request "
                                      "from the items with the highest smoothed CTR, beside "
                                      "the embedding search; 0 = search only")

@@ -333,9 +333,10 @@ class Engine:
                      picks: list[Pick], recent: list[RecentItems]) -> None:
         """Append to each search result candidates from two more sources, which the
         query alone would not reach, so the Q-network's per-candidate features can rank
-        them: items nearest to what the user last engaged with ("related", one batched
-        search) and the items with the highest smoothed CTR (``CandidateIndex.engaging``).
-        Each source skips what is banned or already a candidate."""
+        them: the items nearest to what the user last engaged with
+        (``CandidateIndex.related``, from cached neighbour lists) and the items with the
+        highest smoothed CTR (``CandidateIndex.engaging``). Each source skips what is
+        banned or already a candidate."""
         s = self.settings
 
         def merge(i: int, ids: list[str], items: np.ndarray) -> None:
@@ -346,17 +347,12 @@ class Engine:
             return picks[i].banned.union(found[i][0])
 
         if s.related_candidates:
-            # one query per recent positive (newest first), all picks in one search
-            seeds = [(i, vec) for i in found
-                     for vec in recent[i].positive[-RELATED_SEEDS:][::-1]]
-            if seeds:
-                results = self.index.search(np.stack([v for _, v in seeds]),
-                                            s.related_candidates,
-                                            [excluded(i) for i, _ in seeds])
-                for (i, _), (ids, items) in zip(seeds, results, strict=True):
-                    have = set(found[i][0])
-                    keep = [j for j, item_id in enumerate(ids) if item_id not in have]
-                    merge(i, [ids[j] for j in keep], items[keep])
+            # around each of the latest positives, newest first
+            seeded = [i for i in found if recent[i].positive_ids]
+            for i, (ids, items) in zip(seeded, self.index.related(
+                    [recent[i].positive_ids[-RELATED_SEEDS:][::-1] for i in seeded],
+                    s.related_candidates, [excluded(i) for i in seeded]), strict=True):
+                merge(i, ids, items)
         if s.engaging_candidates:
             order = list(found)
             for i, (ids, items) in zip(order, self.index.engaging(

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 import faiss
 import numpy as np
 
+from models.lru import LRUCache
 from models.state import TAG_BUCKETS, smoothed_ctr, tag_vectors
 
 COMPACT_FRACTION = 0.2
@@ -46,6 +47,11 @@ COMPACT_CHUNK = 20_000
 # the engagement ranking (``CandidateIndex.engaging``) is recomputed at most this often:
 # one pass over the counts (18 ms at 1M items on this 2-core machine), not one per request
 ENGAGING_REFRESH_S = 1.0
+# ``CandidateIndex.related``: an item's neighbour list is kept this many rows deeper
+# than asked (what a request excludes is skipped without a new search) ...
+NEIGHBOUR_MARGIN = 512
+# ... for this many items (int32 rows: about 2.5 KB each)
+NEIGHBOURS_KEPT = 20_000
 
 
 def ivf_lists(n: int) -> int:
@@ -99,6 +105,8 @@ class CandidateIndex:
         self._deferred = False  # in a bulk load: FAISS is built once, at its end
         # rows ranked by smoothed CTR, with the index version and time they were ranked at
         self._engaging: tuple[int, float, np.ndarray] = (-1, 0.0, np.zeros(0, dtype=np.int64))
+        # item id -> (index version, its nearest servable rows, whether that is all of them)
+        self._neighbours: LRUCache[str, tuple[int, np.ndarray, bool]] = LRUCache(NEIGHBOURS_KEPT)
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
 
     @property
@@ -388,6 +396,52 @@ class CandidateIndex:
 
     def recommendable_count(self) -> int:
         return len(self._row_of) - self._n_unavailable
+
+    def related(self, seeds: Sequence[Sequence[str]], n: int,
+                exclude: Sequence[Iterable[str]]) -> list[tuple[list[str], np.ndarray]]:
+        """Per entry, the items nearest to each of its seed items (best first within a
+        seed, seeds in the order given), ``n`` per seed, none excluded or repeated.
+
+        The same as one ``search`` per seed with the seed's embedding as the query and
+        the entry's exclusions, then dropping items an earlier seed already gave; but
+        an item's neighbours change only when the catalog does, so each seed's ranked
+        list is kept (``NEIGHBOURS_KEPT`` items, ``NEIGHBOUR_MARGIN`` deeper than asked)
+        until the index changes, and a request only filters it. Unknown seeds are
+        skipped.
+        """
+        with self._lock:
+            out = []
+            for entry_seeds, ex in zip(seeds, exclude, strict=True):
+                banned = np.fromiter((r for r in map(self._row_of.get, ex) if r is not None),
+                                     dtype=np.int64)
+                taken: list[np.ndarray] = []
+                for seed in entry_seeds:
+                    rows = self._neighbour_rows(seed, n, banned)
+                    if taken and len(rows):
+                        rows = rows[~np.isin(rows, np.concatenate(taken))]
+                    taken.append(rows)
+                rows = np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
+                out.append((self._ids[rows].tolist(), self._vectors[rows].copy()))
+            return out
+
+    def _neighbour_rows(self, seed: str, n: int, banned: np.ndarray) -> np.ndarray:
+        """The ``n`` servable rows nearest to ``seed``'s embedding, not in ``banned``."""
+        row = self._row_of.get(seed)
+        if row is None:
+            return np.zeros(0, dtype=np.int64)
+        cached = self._neighbours.get(seed)
+        if cached is None or cached[0] != self.version or \
+                (len(cached[1]) < n + len(banned) and not cached[2]):
+            depth = n + max(len(banned), NEIGHBOUR_MARGIN)
+            ids, _ = self.search(self._vectors[row], depth)[0]
+            rows = np.fromiter(map(self._row_of.__getitem__, ids), dtype=np.int32,
+                               count=len(ids))
+            cached = (self.version, rows, len(rows) < depth)
+            self._neighbours.put(seed, cached)
+        rows = cached[1].astype(np.int64)
+        if len(banned):
+            rows = rows[~np.isin(rows, banned)]
+        return rows[:n]
 
     def engaging(self, n: int, exclude: Sequence[Iterable[str]]
                  ) -> list[tuple[list[str], np.ndarray]]:

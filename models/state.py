@@ -214,6 +214,7 @@ class RecentItems:
     negative: np.ndarray
     positive_tags: np.ndarray
     negative_tags: np.ndarray
+    positive_ids: tuple[str, ...] = ()  # the ids of ``positive``'s rows
 
 
 def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],

@@ -237,3 +237,44 @@ def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(
     assert idx.engaging(2, [set()])[0][0][0] == "i2"
     everything = idx.engaging(100, [set()])[0][0]
     assert len(everything) == 28 and not {"i1", "i4"} & set(everything)
+
+
+def test_related_equals_one_search_per_seed_and_follows_catalog_changes(monkeypatch):
+    """The related source's cached neighbour lists give what a search per seed (with the
+    same exclusions, later seeds dropping what earlier ones gave) gives, also after
+    the catalog changes and when a request excludes more than the lists' margin."""
+    import models.index as index_module
+
+    monkeypatch.setattr(index_module, "NEIGHBOUR_MARGIN", 8)
+    rng = np.random.default_rng(7)
+    n_items = 300
+    ids = [f"i{i}" for i in range(n_items)]
+    vecs = unit(rng, n_items, 16)
+    idx = CandidateIndex(16)
+    idx.upsert(ids, vecs)
+
+    def by_search(seeds, n, ex):
+        got: list[str] = []
+        for seed in seeds:
+            if seed in idx:
+                found = idx.search(idx.vectors_of([seed])[1], n, [ex])[0][0]
+                got += [i for i in found if i not in got]
+        return got
+
+    def check(seeds, n, ex):
+        (got, emb), = idx.related([seeds], n, [ex])
+        assert got == by_search(seeds, n, ex)
+        assert np.allclose(emb, idx.vectors_of(got)[1])
+
+    for _ in range(3):  # the second and third rounds are served from the cache
+        check(["i5", "i9", "nope", "i5"], 10, {"i1", "i2"})
+        check(["i7"], 5, set())
+    assert idx._neighbours.hits >= 4  # rounds two and three searched nothing
+    excluded = set(by_search(["i5"], 40, set())[:30])  # more than the margin: searched again
+    check(["i5"], 10, excluded)
+    idx.upsert(["i200"], vecs[5:6] * 0.99 + 0.01)  # now i5's nearest neighbour
+    idx.set_available(by_search(["i9"], 1, set())[0], False)
+    idx.remove(["i7"])
+    check(["i5", "i9"], 10, {"i1"})
+    assert idx.related([["i7"]], 5, [set()])[0][0] == []  # a removed seed gives nothing
+    assert idx.related([["i5"]], 3, [set()])[0][0][:2] == ["i5", "i200"]

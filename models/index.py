@@ -410,13 +410,14 @@ class CandidateIndex:
         skipped.
         """
         with self._lock:
+            banned = [np.fromiter((r for r in map(self._row_of.get, ex) if r is not None),
+                                  dtype=np.int64) for ex in exclude]
+            self._fill_neighbours(seeds, n, banned)
             out = []
-            for entry_seeds, ex in zip(seeds, exclude, strict=True):
-                banned = np.fromiter((r for r in map(self._row_of.get, ex) if r is not None),
-                                     dtype=np.int64)
+            for entry_seeds, entry_banned in zip(seeds, banned, strict=True):
                 taken: list[np.ndarray] = []
                 for seed in entry_seeds:
-                    rows = self._neighbour_rows(seed, n, banned)
+                    rows = self._neighbour_rows(seed, n, entry_banned)
                     if taken and len(rows):
                         rows = rows[~np.isin(rows, np.concatenate(taken))]
                     taken.append(rows)
@@ -424,20 +425,37 @@ class CandidateIndex:
                 out.append((self._ids[rows].tolist(), self._vectors[rows].copy()))
             return out
 
-    def _neighbour_rows(self, seed: str, n: int, banned: np.ndarray) -> np.ndarray:
-        """The ``n`` servable rows nearest to ``seed``'s embedding, not in ``banned``."""
-        row = self._row_of.get(seed)
-        if row is None:
-            return np.zeros(0, dtype=np.int64)
-        cached = self._neighbours.get(seed)
-        if cached is None or cached[0] != self.version or \
-                (len(cached[1]) < n + len(banned) and not cached[2]):
-            depth = n + max(len(banned), NEIGHBOUR_MARGIN)
-            ids, _ = self.search(self._vectors[row], depth)[0]
+    def _fill_neighbours(self, seeds: Sequence[Sequence[str]], n: int,
+                         banned: list[np.ndarray]) -> None:
+        """Search, in one batched call, the neighbour lists that are missing, stale
+        (the index changed) or too short for a request's exclusions."""
+        depth: dict[str, int] = {}
+        for entry_seeds, entry_banned in zip(seeds, banned, strict=True):
+            for seed in entry_seeds:
+                if seed not in self._row_of:
+                    continue
+                need = n + len(entry_banned)
+                cached = self._neighbours.get(seed)
+                if cached is None or cached[0] != self.version or \
+                        (len(cached[1]) < need and not cached[2]):
+                    depth[seed] = max(depth.get(seed, 0), n + max(len(entry_banned),
+                                                                   NEIGHBOUR_MARGIN))
+        if not depth:
+            return
+        missing = list(depth)
+        deepest = max(depth.values())
+        queries = self._vectors[[self._row_of[seed] for seed in missing]]
+        for seed, (ids, _) in zip(missing, self.search(queries, deepest), strict=True):
             rows = np.fromiter(map(self._row_of.__getitem__, ids), dtype=np.int32,
                                count=len(ids))
-            cached = (self.version, rows, len(rows) < depth)
-            self._neighbours.put(seed, cached)
+            self._neighbours.put(seed, (self.version, rows, len(rows) < deepest))
+
+    def _neighbour_rows(self, seed: str, n: int, banned: np.ndarray) -> np.ndarray:
+        """The ``n`` servable rows nearest to ``seed``'s embedding, not in ``banned``,
+        from its list (``_fill_neighbours`` made it fresh and deep enough)."""
+        cached = self._neighbours.get(seed) if seed in self._row_of else None
+        if cached is None:
+            return np.zeros(0, dtype=np.int64)
         rows = cached[1].astype(np.int64)
         if len(banned):
             rows = rows[~np.isin(rows, banned)]

@@ -372,23 +372,23 @@ class CandidateIndex:
                     if row is not None:
                         self._stats[row, col] += 1.0
 
-    def tags_of(self, ids: Sequence[str]) -> np.ndarray:
-        """``(len(ids), TAG_BUCKETS)`` float32 tag multi-hots; zeros for unknown ids."""
+    def _per_id(self, table: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+        """Rows of a per-row ``table`` for ``ids``, as float32 (a copy); zeros for
+        unknown ids."""
         with self._lock:
             rows = np.fromiter((self._row_of.get(i, -1) for i in ids), dtype=np.int64,
                                count=len(ids))
-            out = self._tags[np.maximum(rows, 0)].astype(np.float32)
+            out = table[np.maximum(rows, 0)].astype(np.float32)
             out[rows < 0] = 0.0
             return out
 
+    def tags_of(self, ids: Sequence[str]) -> np.ndarray:
+        """``(len(ids), TAG_BUCKETS)`` float32 tag multi-hots; zeros for unknown ids."""
+        return self._per_id(self._tags, ids)
+
     def stats_of(self, ids: Sequence[str]) -> np.ndarray:
         """``(len(ids), 2)`` [shown, clicked] counts; zeros for unknown ids."""
-        with self._lock:
-            rows = np.fromiter((self._row_of.get(i, -1) for i in ids), dtype=np.int64,
-                               count=len(ids))
-            out = self._stats[np.maximum(rows, 0)].copy()
-            out[rows < 0] = 0.0
-            return out
+        return self._per_id(self._stats, ids)
 
     def is_recommendable(self, item_id: str) -> bool:
         row = self._row_of.get(item_id)

@@ -177,8 +177,7 @@ def tag_vectors(tags: Sequence[Sequence[str]]) -> np.ndarray:
 
 def tag_profile(tags: np.ndarray, decay: float) -> np.ndarray:
     """Unit-norm recency-weighted sum of tag multi-hots (oldest first); zeros for none."""
-    pooled = recency_pool(tags.astype(np.float32), decay) if len(tags) else \
-        np.zeros(tags.shape[-1], dtype=np.float32)
+    pooled = recency_pool(tags.astype(np.float32), decay)  # zeros when there are none
     norm = float(np.linalg.norm(pooled))
     return pooled / norm if norm > 0 else pooled
 
@@ -214,7 +213,7 @@ class RecentItems:
     negative: np.ndarray
     positive_tags: np.ndarray
     negative_tags: np.ndarray
-    positive_ids: tuple[str, ...] = ()  # the ids of ``positive``'s rows
+    positive_ids: tuple[str, ...]  # the ids of ``positive``'s rows (related-items seeds)
 
 
 def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],

@@ -115,7 +115,8 @@ class Engine:
                                     approximate_kind=s.approximate_index, hnsw_m=s.hnsw_m,
                                     ef_search=s.hnsw_ef_search, ivf_nprobe=s.ivf_nprobe,
                                     device=self.device)
-        self.scorer = Scorer(QNetwork(self.layout.size, self.encoder.dim, self.settings.hidden),
+        self.scorer = Scorer(self._ranking(QNetwork(self.layout.size, self.encoder.dim,
+                                                    s.hidden, heads=max(len(s.heads), 1))),
                              0, self.device)
         self._batcher = MicroBatcher(self._encode_batch, self.executor,
                                      max_batch=self.settings.encoder_batch_size)
@@ -160,7 +161,7 @@ class Engine:
                           "a compatible one", latest, self.scorer.version)
                 self._refused_version = latest
             return
-        net = await self.run(weights_from_bytes, blob, self.device)
+        net = self._ranking(await self.run(weights_from_bytes, blob, self.device))
         if not all_finite(net):  # the learner never publishes these; a store might
             log.error("weights version %d are not finite: version %d keeps serving",
                       latest, self.scorer.version)
@@ -168,6 +169,13 @@ class Engine:
         self.scorer = Scorer(net, latest, self.device)
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)
+
+    def _ranking(self, net: QNetwork) -> QNetwork:
+        """Rank by this server's head weights (a multi-task network's heads are summed
+        with them; the weights are a serving setting, not part of the model)."""
+        if self.settings.head_weight_list:
+            net.set_head_weights(self.settings.head_weight_list)
+        return net
 
     async def rollback(self) -> tuple[int, int]:
         """Serve again the weights the current version replaced, as a new version (every

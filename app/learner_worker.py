@@ -40,6 +40,7 @@ from models.index import CandidateIndex
 from models.learner import DQNLearner
 from models.lru import LRUCache
 from models.qnet import all_finite
+from models.rewards import HEAD_OF_EVENT
 from models.state import N_ITEM_FEATURES, StateLayout
 
 log = logging.getLogger("recsvc.learner")
@@ -60,9 +61,46 @@ class Transition:
     user_id: str
     state: np.ndarray
     item_id: str
-    reward: float
+    reward: np.ndarray  # (heads,): one entry per head of the Q-network
     context: np.ndarray | None
     features: np.ndarray  # the item's per-candidate features when it was shown
+    mask: np.ndarray  # (heads,): 1 for the heads this transition trains
+
+
+def _feedback_target(heads: tuple[str, ...], event: str, reward: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(reward, mask)`` of a feedback event: with one head the reward itself; with
+    several, the reward for the event's head and nothing said of the others."""
+    if not heads:
+        return np.array([reward], np.float32), np.ones(1, np.float32)
+    r, mask = np.zeros(len(heads), np.float32), np.zeros(len(heads), np.float32)
+    h = heads.index(HEAD_OF_EVENT[event])
+    r[h], mask[h] = reward, 1.0
+    return r, mask
+
+
+def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """When the reward window closes: item id -> ``(reward, mask)`` of what did not
+    happen. With one head, every item without feedback gets the default reward. With
+    several, every item trains the heads that got no event towards 0 (the click head
+    towards the default), so a clicked item that was not bought teaches the purchase
+    head that it was not. Items rewarded before events were recorded are left out."""
+    out = {}
+    for item_id in imp.item_ids:
+        if not heads:
+            if item_id not in imp.rewards:
+                out[item_id] = np.array([default], np.float32), np.ones(1, np.float32)
+            continue
+        if item_id in imp.rewards and item_id not in imp.events:
+            continue
+        hit = {HEAD_OF_EVENT[e] for e in imp.events.get(item_id, ())}
+        mask = np.array([h not in hit for h in heads], np.float32)
+        if mask.any():
+            r = np.zeros(len(heads), np.float32)
+            r[heads.index("click")] = default if "click" not in hit else 0.0
+            out[item_id] = r, mask
+    return out
 
 
 def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
@@ -291,9 +329,10 @@ class LearnerWorker:
             if imp is None:
                 continue
             state = np.frombuffer(imp.state, dtype=np.float32)
-            transitions.append(Transition(imp.user_id, state, f["item_id"], float(f["reward"]),
+            reward, mask = _feedback_target(self.settings.heads, f["event"], float(f["reward"]))
+            transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
                                           context_of(self.layout, state),
-                                          _slot_features(imp, f["item_id"])))
+                                          _slot_features(imp, f["item_id"]), mask))
             learned_keys.append(key)
 
         closed: list[dict] = []
@@ -308,14 +347,14 @@ class LearnerWorker:
             acks.append(p.entry_id)
             if rid not in still_stored:
                 continue
-            rewards = still_stored[rid].rewards
+            stored = still_stored[rid]
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
-            for item_id in p.imp.item_ids:
-                if item_id not in rewards:
-                    transitions.append(Transition(p.imp.user_id, state, item_id, default, ctx,
-                                                  _slot_features(p.imp, item_id)))
-            closed.append(_log_record(p.imp, rewards, default))
+            for item_id, (reward, mask) in _silence_targets(self.settings.heads, stored,
+                                                            default).items():
+                transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
+                                              _slot_features(p.imp, item_id), mask))
+            closed.append(_log_record(p.imp, stored.rewards, default))
             learned_keys.append((rid,))
 
         if transitions:
@@ -355,8 +394,9 @@ class LearnerWorker:
         states = np.stack([t.state for t in rows])
         nexts = np.stack([next_states[(t.user_id, None if t.context is None
                                        else t.context.tobytes())] for t in rows])
-        rewards = np.array([t.reward for t in rows], dtype=np.float32)
-        slots = self.learner.add(states, actions, rewards, nexts)
+        rewards = np.stack([t.reward for t in rows])
+        slots = self.learner.add(states, actions, rewards, nexts,
+                                 mask=np.stack([t.mask for t in rows]))
         return self.learner.train(self._next_actions, slots)
 
     def _next_actions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

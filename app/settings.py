@@ -7,6 +7,7 @@ embedded single-process service. The README lists them all; keep it in sync.
 from __future__ import annotations
 
 import json
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.exploration import EpsilonSchedule
 from models.learner import DQNConfig
-from models.rewards import RewardMap
+from models.rewards import HEADS, RewardMap
 
 
 def _keys(inline: SecretStr, path: str | None) -> list[str]:
@@ -103,6 +104,10 @@ class Settings(BaseSettings):
     hidden: int = 256
     reward_map: str = Field("", description='JSON, e.g. {"click": 1, "purchase": 2}')
     reward_default: float = Field(0.0, description="reward of shown items with no feedback")
+    head_weights: str = Field("", description="multi-task Q-network: JSON ranking weights "
+                              'of its heads, e.g. {"click": 1, "purchase": 1} (heads: '
+                              "click, purchase, rating, dwell; unnamed ones weigh 0); "
+                              "unset = one head learns the summed reward")
     reward_wait_s: float = Field(30.0, description="reward window after an impression")
     impression_ttl_s: int = Field(86_400, description="feedback accepted this long after recommend")
     unlogged_max: int = Field(100_000, description="impressions held in memory while the "
@@ -139,6 +144,32 @@ class Settings(BaseSettings):
             RewardMap(rewards={k: float(x) for k, x in json.loads(v).items()})
         return v
 
+    @field_validator("head_weights")
+    @classmethod
+    def _head_weights(cls, v: str) -> str:
+        if v:
+            weights = json.loads(v)
+            if not isinstance(weights, dict) or not weights:
+                raise ValueError('must be a JSON object such as {"click": 1, "purchase": 1}')
+            unknown = set(weights) - set(HEADS)
+            if unknown:
+                raise ValueError(f"unknown heads {sorted(unknown)}; heads are {list(HEADS)}")
+            if not all(isinstance(x, int | float) and math.isfinite(x)
+                       for x in weights.values()):
+                raise ValueError("head weights must be finite numbers")
+        return v
+
+    @cached_property
+    def heads(self) -> tuple[str, ...]:
+        """The Q-network's heads: ``HEADS`` when multi-task, else none (one head)."""
+        return HEADS if self.head_weights else ()
+
+    @cached_property
+    def head_weight_list(self) -> tuple[float, ...]:
+        """Ranking weight of each of ``heads``, in order (empty with one head)."""
+        weights = json.loads(self.head_weights) if self.head_weights else {}
+        return tuple(float(weights.get(h, 0.0)) for h in self.heads)
+
     @cached_property
     def rewards(self) -> RewardMap:
         mapping = {k: float(x) for k, x in json.loads(self.reward_map).items()} \
@@ -166,4 +197,5 @@ class Settings(BaseSettings):
                          replay_ratio=self.replay_ratio,
                          grad_clip=self.grad_clip, target_tau=self.target_tau,
                          hidden=self.hidden, seed=self.seed or 0,
-                         prefault_buffer=self.replay_prefault)
+                         prefault_buffer=self.replay_prefault,
+                         heads=max(len(self.heads), 1), head_weights=self.head_weight_list)

@@ -41,6 +41,10 @@ class DQNConfig:
     hidden: int = 256
     seed: int = 0
     prefault_buffer: bool = False
+    # multi-task: heads of the Q-network, and their weights in the ranking value (the
+    # online argmax at s' ranks as the server does); one head = a single objective
+    heads: int = 1
+    head_weights: tuple[float, ...] = ()
 
 
 class DQNLearner:
@@ -50,14 +54,14 @@ class DQNLearner:
                  device: str = "cpu") -> None:
         self.config = config or DQNConfig()
         self.device = device
-        torch.manual_seed(self.config.seed)
-        self.online = QNetwork(state_dim, item_dim, self.config.hidden).to(device)
-        self.target = copy.deepcopy(self.online).eval()
-        self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
         self.item_dim = item_dim
         self.state_dim = state_dim
+        torch.manual_seed(self.config.seed)
+        self.online = self._fresh_network()
+        self.target = copy.deepcopy(self.online).eval()
+        self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
         self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, self.online.action_dim,
-                                   seed=self.config.seed)
+                                   seed=self.config.seed, heads=self.config.heads)
         if self.config.prefault_buffer:
             self.buffer.prefault()
         self.updates = 0
@@ -66,6 +70,13 @@ class DQNLearner:
         self._good = self._checkpoint()
 
     # -- weights -----------------------------------------------------------------
+    def _fresh_network(self) -> QNetwork:
+        cfg = self.config
+        net = QNetwork(self.state_dim, self.item_dim, cfg.hidden, heads=cfg.heads)
+        if cfg.head_weights:
+            net.set_head_weights(cfg.head_weights)
+        return net.to(self.device)
+
     def _checkpoint(self) -> dict:
         return {"online": copy.deepcopy(self.online.state_dict()),
                 "target": copy.deepcopy(self.target.state_dict()),
@@ -97,7 +108,7 @@ class DQNLearner:
         """Start over from a fresh network (non-finite weights with no good version to
         return to); the replay buffer is kept, so learning resumes from the data."""
         torch.manual_seed(self.config.seed)
-        fresh = QNetwork(self.state_dim, self.item_dim, self.config.hidden).to(self.device)
+        fresh = self._fresh_network()
         self.online.load_state_dict(fresh.state_dict())
         self.target.load_state_dict(fresh.state_dict())
         self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
@@ -105,8 +116,11 @@ class DQNLearner:
 
     # -- learning ----------------------------------------------------------------
     def add(self, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-            next_states: np.ndarray, done: np.ndarray | None = None) -> np.ndarray:
-        return self.buffer.add(states, actions, rewards, next_states, done)
+            next_states: np.ndarray, done: np.ndarray | None = None,
+            mask: np.ndarray | None = None) -> np.ndarray:
+        """Store transitions; ``rewards`` and ``mask`` are ``(n, heads)`` for a multi-task
+        network (see ``ReplayBuffer.add``)."""
+        return self.buffer.add(states, actions, rewards, next_states, done, mask)
 
     def train(self, next_action_fn: NextActionFn, new_slots: np.ndarray | None = None,
               steps: int | None = None, max_steps: int = 64) -> bool:
@@ -140,8 +154,8 @@ class DQNLearner:
     def _step(self, batch, next_action_fn: NextActionFn) -> float:
         cfg = self.config
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        s, a, r, s2, done = (t(batch.states), t(batch.actions), t(batch.rewards),
-                             t(batch.next_states), t(batch.done))
+        s, a, r, s2, done, mask = (t(batch.states), t(batch.actions), t(batch.rewards),
+                                   t(batch.next_states), t(batch.done), t(batch.mask))
         with torch.no_grad():
             online_query, _ = self.online(s2)
             next_items, valid = next_action_fn(online_query[:, : self.item_dim].cpu().numpy())
@@ -150,10 +164,13 @@ class DQNLearner:
             # an approximation that keeps the target one retrieval per transition
             a2 = torch.zeros(len(s2), self.online.action_dim, device=self.device)
             a2[:, : self.item_dim] = t(next_items.astype(np.float32))
-            bootstrap = self.target.q_of_actions(s2, a2) * t(valid.astype(np.float32))
-            target = r + cfg.gamma * (1.0 - done) * bootstrap
-        q = self.online.q_of_actions(s, a)
-        loss = nn.functional.huber_loss(q, target, delta=cfg.huber_delta)
+            # every head bootstraps on its own value of the action the ranking would take
+            bootstrap = (self.target.q_heads_of_actions(s2, a2)
+                         * t(valid.astype(np.float32)).unsqueeze(-1))
+            target = r + cfg.gamma * (1.0 - done).unsqueeze(-1) * bootstrap
+        q = self.online.q_heads_of_actions(s, a)
+        per_head = nn.functional.huber_loss(q, target, delta=cfg.huber_delta, reduction="none")
+        loss = (per_head * mask).sum() / mask.sum().clamp(min=1.0)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), cfg.grad_clip)

@@ -15,6 +15,13 @@ recommendable as soon as they are upserted.
 V(s) is a dueling-style state value: it carries the part of the return that does
 not depend on the item, which keeps the advantage term q(s) . e_a small and
 well conditioned.
+
+Multi-task: with ``heads`` > 1 the trunk is shared and every head h (click,
+purchase, rating, dwell) has its own ``V_h, q_h, w_h``, trained on its own
+objective. The slate is ranked by ``sum_h c_h Q_h(s, a)`` with weights ``c`` from
+settings; since every head is linear in the action, that sum is again one query
+``sum_h c_h q_h(s)`` and one value, so retrieval and scoring stay one product each,
+and a shop can trade clicks for purchases by changing ``c`` without retraining.
 """
 
 from __future__ import annotations
@@ -33,20 +40,25 @@ from models.state import N_ITEM_FEATURES
 
 class QNetwork(nn.Module):
     def __init__(self, state_dim: int, item_dim: int, hidden: int = 256,
-                 item_features: int = N_ITEM_FEATURES) -> None:
+                 item_features: int = N_ITEM_FEATURES, heads: int = 1) -> None:
         super().__init__()
         self.state_dim = state_dim
         self.item_dim = item_dim
         self.item_features = item_features
         self.hidden = hidden
+        self.heads = heads
         self.trunk = nn.Sequential(
             nn.Linear(state_dim, hidden), nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
         )
-        self.query_head = nn.Linear(hidden, item_dim)
-        self.value_head = nn.Linear(hidden, 1)
-        self.feature_head = nn.Linear(hidden, item_features)
+        # with one head these are the single-objective network's layers, shape for shape
+        self.query_head = nn.Linear(hidden, heads * item_dim)
+        self.value_head = nn.Linear(hidden, heads)
+        self.feature_head = nn.Linear(hidden, heads * item_features)
         self.skip = nn.Linear(state_dim, item_dim, bias=False)
+        # how the heads' values are summed into the ranking value: a serving setting,
+        # not a learned weight, so it is not saved with the weights
+        self.register_buffer("head_weights", torch.ones(heads), persistent=False)
         nn.init.zeros_(self.query_head.weight)
         nn.init.zeros_(self.query_head.bias)
         nn.init.zeros_(self.value_head.weight)
@@ -54,6 +66,14 @@ class QNetwork(nn.Module):
         nn.init.zeros_(self.feature_head.weight)
         nn.init.zeros_(self.feature_head.bias)
         self.reset_content_prior()
+
+    @torch.no_grad()
+    def set_head_weights(self, weights: list[float] | tuple[float, ...]) -> QNetwork:
+        """Set the ranking weight of each head (in ``models.rewards.HEADS`` order)."""
+        if len(weights) != self.heads:
+            raise ValueError(f"{len(weights)} head weights for {self.heads} heads")
+        self.head_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        return self
 
     @torch.no_grad()
     def reset_content_prior(self, scale: float = 0.1) -> None:
@@ -74,25 +94,38 @@ class QNetwork(nn.Module):
         self.skip.weight.copy_(w)
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """``(state_dim, item_dim, hidden, item_features)``: weights of another shape
-        (an older feature layout, another encoder) cannot be loaded into this one."""
-        return self.state_dim, self.item_dim, self.hidden, self.item_features
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(state_dim, item_dim, hidden, item_features, heads)``: weights of another
+        shape (an older feature layout, another encoder, another number of heads)
+        cannot be loaded into this one."""
+        return self.state_dim, self.item_dim, self.hidden, self.item_features, self.heads
 
     @property
     def action_dim(self) -> int:
         """Width of an action: item embedding, then per-candidate features."""
         return self.item_dim + self.item_features
 
+    def forward_heads(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's ``(query, value)``: ``(B, heads, action_dim)`` and ``(B, heads)``."""
+        b = state.shape[0]
+        h = self.trunk(state)
+        query = (self.query_head(h).view(b, self.heads, self.item_dim)
+                 + self.skip(state).unsqueeze(1))
+        features = self.feature_head(h).view(b, self.heads, self.item_features)
+        return torch.cat([query, features], -1), self.value_head(h)
+
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(query, value)``: ``(B, action_dim)`` and ``(B,)``.
+        """Return the ranking ``(query, value)``: ``(B, action_dim)`` and ``(B,)``, the
+        heads' weighted sum (with one head, that head).
 
         The query's first ``item_dim`` entries weigh the item embedding (and are the
         retrieval query), the rest weigh the per-candidate features.
         """
-        h = self.trunk(state)
-        query = self.query_head(h) + self.skip(state)
-        return torch.cat([query, self.feature_head(h)], -1), self.value_head(h).squeeze(-1)
+        queries, values = self.forward_heads(state)
+        if self.heads == 1:
+            return queries[:, 0], values[:, 0]
+        w = self.head_weights
+        return torch.einsum("h,bha->ba", w, queries), values @ w
 
     def q_values(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q for states against per-state candidates ``(B, N, action_dim)`` -> ``(B, N)``."""
@@ -104,29 +137,35 @@ class QNetwork(nn.Module):
         query, value = self(state)
         return (query * actions).sum(-1) + value
 
+    def q_heads_of_actions(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Every head's Q of one action per state: ``(B, action_dim)`` -> ``(B, heads)``."""
+        queries, values = self.forward_heads(state)
+        return (queries * actions.unsqueeze(1)).sum(-1) + values
+
 
 def weights_to_bytes(net: QNetwork) -> bytes:
     """Serialise weights as safetensors (never pickle: weights come from a shared store)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
-            "hidden": str(net.hidden), "item_features": str(net.item_features)}
+            "hidden": str(net.hidden), "item_features": str(net.item_features),
+            "heads": str(net.heads)}
     return st_save(tensors, metadata=meta)
 
 
 def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
-    """Rebuild a QNetwork from ``weights_to_bytes`` output."""
-    meta = _metadata(blob)
-    net = QNetwork(int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
-                   int(meta.get("item_features", N_ITEM_FEATURES)))
+    """Rebuild a QNetwork from ``weights_to_bytes`` output (head weights: all 1; the
+    server sets its own)."""
+    net = QNetwork(*weights_shape(blob))
     net.load_state_dict(st_load(blob))
     return net.to(device).eval()
 
 
-def weights_shape(blob: bytes) -> tuple[int, int, int, int]:
-    """The ``QNetwork.shape`` of serialised weights, read from their header alone."""
+def weights_shape(blob: bytes) -> tuple[int, int, int, int, int]:
+    """The ``QNetwork.shape`` of serialised weights, read from their header alone
+    (weights saved before multi-task heads existed have one head)."""
     meta = _metadata(blob)
     return (int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
-            int(meta.get("item_features", N_ITEM_FEATURES)))
+            int(meta.get("item_features", N_ITEM_FEATURES)), int(meta.get("heads", 1)))
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 EVENTS = ("click", "purchase", "like", "dislike", "skip", "rating", "dwell")
 VALUE_EVENTS = ("rating", "dwell")
 
+# The objectives of a multi-task Q-network, one head each. Engagement events without
+# a head of their own (like, dislike, skip) are the click head's: they say whether the
+# item was worth the attention, as a click does.
+HEADS = ("click", "purchase", "rating", "dwell")
+HEAD_OF_EVENT: dict[str, str] = {"click": "click", "like": "click", "dislike": "click",
+                                 "skip": "click", "purchase": "purchase",
+                                 "rating": "rating", "dwell": "dwell"}
+
 DEFAULT_REWARDS: dict[str, float] = {
     "click": 1.0, "purchase": 2.0, "like": 1.0, "dislike": -1.0, "skip": -0.1,
     "rating": 1.0, "dwell": 1.0,

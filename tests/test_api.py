@@ -294,6 +294,46 @@ def test_feedback_moves_the_model_and_the_policy(client):
     assert rank <= 1, (rank, [i["item_id"] for i in after])
 
 
+def _learn_a_shop(c) -> list[str]:
+    """Item A is clicked on every slate and never bought; item B is clicked and bought on
+    every third. Returns the greedy slate once all of it is learned."""
+    ctx = {"text": "family evening, kids"}
+    initial = [i["item_id"] for i in recommend(c, user="probe", context=ctx, k=10,
+                                               explore=False, exclude_seen=False)["items"]]
+    a, b = initial[-1], initial[-2]  # the two the untrained policy ranks last
+    sent = 0
+    for n in range(90):
+        slate = recommend(c, user=f"shopper-{n % 7}", context=ctx, k=10, exclude_seen=False)
+        events = [(a, "click")] + ([(b, "click"), (b, "purchase")] if n % 3 == 0 else [])
+        for item, event in events:
+            r = c.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                             "item_id": item, "event": event})
+            assert r.status_code == 202
+            sent += 1
+    model = wait_for(lambda: (m := c.get("/v1/model").json())["feedback_learned"] >= sent
+                     and m["pending_impressions"] == 0 and m)
+    wait_for(lambda: recommend(c, user="probe", context=ctx, k=10, explore=False,
+                               exclude_seen=False)["model_version"] >= model["version"])
+    after = [i["item_id"] for i in recommend(c, user="probe", context=ctx, k=10,
+                                             explore=False, exclude_seen=False)["items"]]
+    return [i for i in after if i in (a, b)], a, b
+
+
+def test_head_weights_decide_whether_clicks_or_purchases_rank_first(backend, encoder):
+    """The same feedback, learned by a multi-task network: ranked by its click head the
+    always-clicked item comes first; ranked by its purchase head the bought one does."""
+    with make_client(backend, encoder, head_weights='{"click": 1}') as c:
+        assert c.post("/v1/items", json={"items": [{"item_id": i, "text": t}
+                                                   for i, t in MOVIES]}).status_code == 200
+        order, a, b = _learn_a_shop(c)
+        assert order == [a, b], order
+    with make_client(backend, encoder, head_weights='{"purchase": 1}') as c:
+        assert c.post("/v1/items", json={"items": [{"item_id": i, "text": t}
+                                                   for i, t in MOVIES]}).status_code == 200
+        order, a, b = _learn_a_shop(c)
+        assert order == [b, a], order
+
+
 # -- security and limits --------------------------------------------------------------------
 def test_api_keys(backend, encoder):
     with make_client(backend, encoder, api_keys="k1, k2") as c:

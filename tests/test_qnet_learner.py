@@ -246,3 +246,82 @@ def test_weights_of_another_shape_are_refused_not_loaded():
     torch.nn.init.normal_(same.value_head.bias)
     assert learner.load_weights(weights_to_bytes(same))
     assert torch.equal(learner.online.value_head.bias, same.value_head.bias)
+
+
+def _train_shop(weights: tuple[float, ...], rounds: int = 300, seed: int = 0):
+    """A shop with 'bait' items (clicked half the time, never bought) and 'goods'
+    (clicked a quarter of the time, bought on 80% of clicks). Heads: click and
+    purchase; transitions as the learner worker makes them: a feedback event trains its
+    head, and the closed window trains each head that got no event towards 0."""
+    rng = np.random.default_rng(seed)
+    d = 32  # more dimensions than items: any per-item value is linear in the embedding
+    layout = StateLayout(d)
+    items = unit(rng, 20, d)
+    bait, goods = set(range(10)), set(range(10, 20))
+    learner = DQNLearner(layout.size, d, DQNConfig(gamma=0.0, lr=3e-3, batch_size=64,
+                                                   steps_per_batch=4, hidden=32, seed=seed,
+                                                   heads=2, head_weights=weights))
+    state = build_state(layout, unit(rng, 1, d)[0], np.zeros((0, d)), np.zeros((0, d)), None)
+    for _ in range(rounds):
+        rewards, masks, shown = [], [], []
+        for i in rng.choice(20, 6, replace=False):
+            clicked = rng.random() < (0.5 if i in bait else 0.25)
+            bought = clicked and i in goods and rng.random() < 0.8
+            if clicked:
+                rewards.append([1.0, 0.0]), masks.append([1.0, 0.0]), shown.append(i)
+            if bought:
+                rewards.append([0.0, 1.0]), masks.append([0.0, 1.0]), shown.append(i)
+            silent = [not clicked, not bought]
+            if any(silent):
+                rewards.append([0.0, 0.0]), masks.append(silent), shown.append(i)
+        n = len(shown)
+        actions = np.concatenate([items[shown], np.zeros((n, N_ITEM_FEATURES))], 1)
+        slots = learner.add(np.repeat(state[None], n, 0), actions.astype(np.float32),
+                            np.array(rewards, np.float32), np.repeat(state[None], n, 0),
+                            mask=np.array(masks, np.float32))
+        assert learner.train(lambda q: (items[np.argmax(q @ items.T, 1)],
+                                        np.ones(len(q), bool)), slots)
+    return learner, state, items, bait, goods
+
+
+def _top5(net: QNetwork, state: np.ndarray, items: np.ndarray) -> set[int]:
+    q, v = Scorer(net, 1).query(state[None])
+    return set(np.argsort(-Scorer.score(q[0], float(v[0]), items))[:5].tolist())
+
+
+def test_head_weights_trade_clicks_for_purchases_without_retraining():
+    learner, state, items, bait, goods = _train_shop((1.0, 0.0))
+    net = learner.online
+    # each head learned its own objective: clicks 0.5 vs 0.25, purchases 0 vs 0.2
+    with torch.no_grad():
+        a = torch.from_numpy(np.concatenate([items, np.zeros((20, N_ITEM_FEATURES))], 1)
+                             .astype(np.float32))
+        q = net.q_heads_of_actions(torch.from_numpy(np.repeat(state[None], 20, 0)), a).numpy()
+    b, g = sorted(bait), sorted(goods)
+    assert q[b, 0].mean() > q[g, 0].mean() + 0.1
+    assert q[g, 1].mean() > q[b, 1].mean() + 0.1
+    assert len(_top5(net, state, items) & bait) >= 4          # ranked by clicks
+    net.set_head_weights([1.0, 3.0])            # the same network, ranked by value:
+    assert len(_top5(net, state, items) & goods) >= 4         # 0.25 + 3 * 0.2 > 0.5
+
+
+def test_one_head_network_is_the_single_objective_network():
+    """A one-head network loads weights saved before heads existed and scores as before."""
+    torch.manual_seed(0)
+    net = QNetwork(StateLayout(8).size, 8, hidden=16)
+    assert net.shape[-1] == 1
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()}["query_head.weight"] == (8, 16)
+    two = QNetwork(StateLayout(8).size, 8, hidden=16, heads=2)
+    for p in two.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    two.set_head_weights([0.5, 2.0])
+    x = torch.randn(3, two.state_dim)
+    queries, values = two.forward_heads(x)
+    query, value = two(x)
+    assert torch.allclose(query, 0.5 * queries[:, 0] + 2.0 * queries[:, 1], atol=1e-5)
+    assert torch.allclose(value, 0.5 * values[:, 0] + 2.0 * values[:, 1], atol=1e-5)
+    again = weights_from_bytes(weights_to_bytes(two))
+    assert again.shape == two.shape
+    assert torch.allclose(again.forward_heads(x)[0], queries)
+    with pytest.raises(ValueError):
+        two.set_head_weights([1.0])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from models.rewards import RewardMap
@@ -30,3 +31,51 @@ def test_invalid_events_are_rejected(event, value):
 def test_unknown_event_in_map_is_rejected():
     with pytest.raises(ValueError):
         RewardMap(rewards={"teleport": 1.0})
+
+
+def test_multi_task_targets_train_each_head_on_what_happened_to_it():
+    """A feedback event trains its own head; when the window closes every head that got
+    no event learns that nothing happened, so a clicked item that was not bought tells
+    the purchase head so, and an item rewarded before events were recorded is left be."""
+    from app.learner_worker import _feedback_target, _silence_targets
+    from app.store import Impression
+    from models.rewards import HEADS
+
+    r, mask = _feedback_target(HEADS, "like", 1.0)        # like: the click head's event
+    assert r.tolist() == [1.0, 0, 0, 0] and mask.tolist() == [1, 0, 0, 0]
+    r, mask = _feedback_target(HEADS, "purchase", 2.0)
+    assert r.tolist() == [0, 2.0, 0, 0] and mask.tolist() == [0, 1, 0, 0]
+    r, mask = _feedback_target((), "purchase", 2.0)         # one head: the reward itself
+    assert r.tolist() == [2.0] and mask.tolist() == [1]
+
+    imp = Impression("r", "u", 0.0, 1, b"", ["clicked", "bought", "none", "old"], [1.0] * 4,
+                     rewards={"clicked": 1.0, "bought": 3.0, "old": 1.0},
+                     events={"clicked": ["click"], "bought": ["click", "purchase"]})
+    silent = _silence_targets(HEADS, imp, default=-0.1)
+    assert set(silent) == {"clicked", "bought", "none"}
+    assert silent["clicked"][1].tolist() == [0, 1, 1, 1]
+    assert silent["clicked"][0].tolist() == [0, 0, 0, 0]
+    assert silent["bought"][1].tolist() == [0, 0, 1, 1]
+    r, mask = silent["none"]
+    assert mask.tolist() == [1, 1, 1, 1] and np.allclose(r, [-0.1, 0, 0, 0])
+    one_head = _silence_targets((), imp, default=-0.1)
+    assert set(one_head) == {"none"} and np.allclose(one_head["none"][0], [-0.1])
+
+
+@pytest.mark.parametrize("value", ['{"clicks": 1}', '[1, 2]', '{}', '{"click": "a"}'])
+def test_invalid_head_weights_are_refused_at_start(value):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(head_weights=value)
+
+
+def test_head_weights_name_heads_and_default_to_zero():
+    from app.settings import Settings
+
+    s = Settings(head_weights='{"click": 1, "purchase": 2.5}')
+    assert s.heads == ("click", "purchase", "rating", "dwell")
+    assert s.head_weight_list == (1.0, 2.5, 0.0, 0.0) and s.dqn.heads == 4
+    assert Settings().heads == () and Settings().dqn.heads == 1

@@ -190,13 +190,16 @@ async def test_evaluation_log_is_bounded_ordered_and_erasable(store):
     assert [r["request_id"] for r in await store.read_log(100)] == ["r2", "r4"]
 
 
-async def test_an_impression_carries_the_rewards_of_its_feedback(store):
+async def test_an_impression_carries_the_rewards_and_events_of_its_feedback(store):
     await store.log_impression(imp("r1"), 60, 10)
     await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
     await store.record_feedback("r1", "u1", "a", "purchase", None, 2.0, 6.0, 60, 10)
     await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 7.0, 60, 10)  # duplicate
+    await store.record_feedback("r1", "u1", "x:y", "dwell", 30.0, 0.5, 8.0, 60, 10)
     got = (await store.get_impressions(["r1"]))["r1"]
-    assert got.rewards == {"a": 3.0}
+    assert got.rewards == {"a": 3.0, "x:y": 0.5}
+    assert {i: sorted(e) for i, e in got.events.items()} == {"a": ["click", "purchase"],
+                                                            "x:y": ["dwell"]}
     # feedback for an impression that expired creates nothing
     await store.record_feedback("gone", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
     assert await store.get_impressions(["gone"]) == {}

@@ -42,6 +42,9 @@ class Impression:
     # item -> sum of the rewards its accepted feedback earned, kept with the impression so
     # that whichever learner closes the reward window knows which items were rewarded
     rewards: dict[str, float] = field(default_factory=dict)
+    # item -> the event types of its accepted feedback: a multi-task learner trains the
+    # heads that got no event towards "nothing happened" when the window closes
+    events: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,7 +161,8 @@ class Store(abc.ABC):
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:
         """Deduplicate on (request_id, item_id, event), then append to the user's history
-        and the stream, and add the reward to the impression's ``rewards``. Returns
+        and the stream, and add the reward to the impression's ``rewards`` (and the
+        event to its ``events``). Returns
         ``(accepted, reward)``; a duplicate returns ``(False, reward of the first
         delivery)`` and writes nothing."""
 

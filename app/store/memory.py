@@ -159,6 +159,7 @@ class MemoryStore(Store):
         hit = self._imps.get(request_id)
         if hit is not None:
             hit[0].rewards[item_id] = hit[0].rewards.get(item_id, 0.0) + reward
+            hit[0].events.setdefault(item_id, []).append(event)
         await self.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
                                        "value": value}, history_max)
         self._append({"type": "feedback", "request_id": request_id, "user_id": user_id,

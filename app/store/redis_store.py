@@ -10,7 +10,8 @@ commit is one script on one node):
                                 about 10,000 entries; replicas follow it
   {p}:emb:{model}:{hash}        cached context embedding (TTL)
   {p}:user:{<uid>}:hist|shown|imps   a user's history, shown items, impression ids
-  {p}:imp:{rid}                 logged impression, with r:{item} reward sums (TTL)
+  {p}:imp:{rid}                 logged impression, with r:{item} reward sums and
+                                e:{item}:{event} markers of accepted feedback (TTL)
   {p}:fb:{rid}:{item}:{event}   feedback dedupe marker holding the reward (TTL)
   {p}:{model}:events            stream of impressions and feedback, consumer group "learners"
   {p}:{model}:log               capped stream of closed impressions, for off-policy evaluation
@@ -103,6 +104,17 @@ def _text(value) -> str:
 def _counted(values: Iterable) -> list:
     values = list(values)
     return [len(values), *values]
+
+
+def _events_of(h: dict[bytes, bytes]) -> dict[str, list[str]]:
+    """Item -> event types, from an impression hash's ``e:{item}:{event}`` fields (item
+    ids may hold ':', event names never do)."""
+    out: dict[str, list[str]] = {}
+    for k in h:
+        if k.startswith(b"e:"):
+            item_id, event = k[2:].decode().rsplit(":", 1)
+            out.setdefault(item_id, []).append(event)
+    return out
 
 
 def _guard(fn):
@@ -367,7 +379,7 @@ class RedisStore(Store):
                                       orjson.loads(h.get(b"features", b"[]")),
                                       int(h.get(b"n_cand", 0)),
                                       {k[2:].decode(): float(v) for k, v in h.items()
-                                       if k.startswith(b"r:")})
+                                       if k.startswith(b"r:")}, _events_of(h))
         return out
 
     @_guard
@@ -399,8 +411,9 @@ class RedisStore(Store):
             imp_key = self._imp(request_id)
             # only while the impression exists (HINCRBYFLOAT would create it, without TTL)
             pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
-                      "redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2]) end return 0",
-                      1, imp_key, f"r:{item_id}", repr(reward))
+                      "redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2]) "
+                      "redis.call('HSET', KEYS[1], ARGV[3], 1) end return 0",
+                      1, imp_key, f"r:{item_id}", repr(reward), f"e:{item_id}:{event}")
             await pipe.execute()
         except BaseException:
             # Not stored: release the marker so the client's retry is not a "duplicate".

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                      float(everything.mean())))
         before.update(items.tolist())
 
-    clicks = quality.run_service(world, requests, env, connect=in_process, observe=observe)
+    clicks, _ = quality.run_service(world, requests, env, connect=in_process,
+                                    observe=observe)
     s = quality.summarise(clicks, requests, config.slate)
     print(f"\nCTR {s['ctr']:.4f}  last-20% {s['last20']:.4f}")
     a = np.array(rows)

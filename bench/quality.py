@@ -40,15 +40,22 @@ ALL = ["service", *PEERS, "oracle"]
 
 
 def simulate(world: World, requests: list[Request], choose, learn, desc: str,
-             observe=None) -> np.ndarray:
-    """Run one policy over the request stream; returns clicks per request.
+             observe=None) -> tuple[np.ndarray, np.ndarray]:
+    """Run one policy over the request stream; returns clicks and purchases per request.
 
-    ``observe(request, session, consumed, items)``, if given, sees each slate before
-    the user reacts to it (``bench.probe`` uses it to diagnose a policy)."""
+    ``learn(request, items, clicked, bought)`` sees the user's reaction; ``bought`` is
+    all False unless the world has purchases. ``observe(request, session, consumed,
+    items)``, if given, sees each slate before the user reacts to it (``bench.probe``
+    uses it to diagnose a policy)."""
     clicks = np.zeros(len(requests))
+    purchases = np.zeros(len(requests))
     consumed: dict[int, set[int]] = {}
     session: Session | None = None
     session_id = -1
+    # purchase draws come from their own stream: the click draws stay those of a world
+    # without purchases, so click figures are comparable across the two
+    buy_draws = np.random.default_rng([world.config.seed, 1]).random(
+        (len(requests), world.config.slate))
     for r in tqdm(requests, desc=desc, unit="req", mininterval=2.0):
         if r.session != session_id:
             session = Session(world, r.user,
@@ -60,14 +67,17 @@ def simulate(world: World, requests: list[Request], choose, learn, desc: str,
             observe(r, session, seen, items)
         p = session.click_probs(items, seen)
         clicked = r.draws[: len(items)] < p
+        bought = clicked & (buy_draws[r.index, : len(items)] < world.buy_probs(r.user, items))
         session.observe(items, clicked)
         seen.update(items[clicked].tolist())
-        learn(r, items, clicked)
+        learn(r, items, clicked, bought)
         clicks[r.index] = clicked.sum()
-    return clicks
+        purchases[r.index] = bought.sum()
+    return clicks, purchases
 
 
-def run_peer(name: str, world: World, requests: list[Request]) -> np.ndarray:
+def run_peer(name: str, world: World, requests: list[Request]) -> tuple[np.ndarray, np.ndarray]:
+    """A peer learns from clicks (the objective the quality table compares on)."""
     seed = world.config.seed
     k = world.config.slate
     policy = {"random": lambda: RandomPolicy(world, seed),
@@ -77,7 +87,8 @@ def run_peer(name: str, world: World, requests: list[Request]) -> np.ndarray:
               "oracle": lambda: OraclePolicy(world)}[name]()
     return simulate(world, requests,
                     lambda r, s, seen: policy.slate(r.user, s, seen, k),
-                    lambda r, items, clicked: policy.learn(r.user, items, clicked, None),
+                    lambda r, items, clicked, bought: policy.learn(r.user, items, clicked,
+                                                                   None),
                     f"{name} seed {seed}")
 
 
@@ -89,8 +100,11 @@ def service_subprocess(env: dict[str, str]):
 
 
 def run_service(world: World, requests: list[Request], env: dict[str, str],
-                connect=service_subprocess, observe=None) -> np.ndarray:
-    """Drive the service over HTTP; ``connect(env)`` yields the client to drive it with."""
+                connect=service_subprocess, observe=None, label: str = "service"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Drive the service over HTTP; ``connect(env)`` yields the client to drive it with.
+    Clicks are sent as ``click`` feedback, purchases (if the world has them) as
+    ``purchase`` feedback too."""
     seed = world.config.seed
     index = {item_id: i for i, item_id in enumerate(world.item_ids)}
     users = world.data.users
@@ -111,16 +125,19 @@ def run_service(world: World, requests: list[Request], env: dict[str, str],
             last["request_id"] = body["request_id"]
             return np.array([index[i["item_id"]] for i in body["items"]], dtype=np.int64)
 
-        def learn(r: Request, items: np.ndarray, clicked: np.ndarray) -> None:
-            for i in items[clicked]:
+        def learn(r: Request, items: np.ndarray, clicked: np.ndarray,
+                  bought: np.ndarray) -> None:
+            events = [(i, "click") for i in items[clicked]] + [
+                (i, "purchase") for i in items[bought]]
+            for i, event in events:
                 c.post("/v1/feedback", json={"request_id": last["request_id"],
                                              "item_id": world.item_ids[int(i)],
-                                             "event": "click"}).raise_for_status()
+                                             "event": event}).raise_for_status()
 
-        clicks = simulate(world, requests, choose, learn, f"service seed {seed}", observe)
+        result = simulate(world, requests, choose, learn, f"{label} seed {seed}", observe)
         model = c.get("/v1/model").json()
-    print(f"service seed {seed}: {model}")
-    return clicks
+    print(f"{label} seed {seed}: {model}")
+    return result
 
 
 def summarise(clicks: np.ndarray, requests: list[Request], k: int, windows: int = 10) -> dict:
@@ -237,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         world = World.build(config)
         requests = request_stream(world)
         for name in args.policies:
-            clicks = (run_service(world, requests, env) if name == "service"
-                      else run_peer(name, world, requests))
+            clicks, _ = (run_service(world, requests, env) if name == "service"
+                         else run_peer(name, world, requests))
             results[name].append(summarise(clicks, requests, config.slate))
             r = results[name][-1]
             print(f"seed {seed} {name:12s} CTR {r['ctr']:.4f}  last-20% {r['last20']:.4f}",

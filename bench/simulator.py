@@ -15,7 +15,11 @@ Click probability of a movie at slate position j:
   ``fatigue`` (multiplicative) for the rest of the session; a movie shown and not
   clicked is ``ignore_decay`` times as attractive if shown again in the session;
 - a clicked movie is consumed: that user never clicks it again;
-- position bias ``pos(j) = 1 / (1 + j) ** position_eta``.
+- position bias ``pos(j) = 1 / (1 + j) ** position_eta``;
+- purchases (off unless ``purchase_scale`` > 0): a clicked movie is bought with
+  probability ``purchase_scale * ((rating - 1) / 4) ** purchase_power``, where
+  ``rating`` is the user's true (MF-predicted, 1..5) rating of it, so a policy that
+  earns clicks with movies the user rates poorly earns few purchases.
 
 Context text is the user's demographics; item text is title, year and genres.
 Everything is seeded: the same seed gives the same users, sessions and the same
@@ -44,6 +48,8 @@ class SimConfig:
     beta: float = 1.5
     target_ctr: float = 0.03
     mf_rank: int = 16
+    purchase_scale: float = 0.0
+    purchase_power: float = 4.0
 
 
 def fit_mf(data: MovieLens, rank: int, seed: int, iters: int = 12, reg: float = 5.0
@@ -84,6 +90,15 @@ class World:
     taste: np.ndarray           # (users, genres) probability of each session intent
     pos: np.ndarray             # (slate,) position bias
     item_ids: list[str] = field(default_factory=list)
+    rating: np.ndarray | None = None  # (users, movies) true rating, 1..5
+
+    def buy_probs(self, user: int, items: np.ndarray) -> np.ndarray:
+        """Probability that each of ``items``, once clicked, is bought by ``user``."""
+        cfg = self.config
+        if cfg.purchase_scale <= 0:
+            return np.zeros(len(items))
+        r = self.rating[user, items]
+        return cfg.purchase_scale * ((r - 1.0) / 4.0) ** cfg.purchase_power
 
     @classmethod
     def build(cls, config: SimConfig, data: MovieLens | None = None) -> World:
@@ -102,7 +117,7 @@ class World:
         pos = 1.0 / (1.0 + np.arange(config.slate)) ** config.position_eta
         raw = np.exp(config.beta * z)
         world = cls(config, data, raw, item_genres, taste, pos,
-                    [f"m-{m.item_id}" for m in data.movies])
+                    [f"m-{m.item_id}" for m in data.movies], pred)
         world.base = raw * world._calibration()
         return world
 

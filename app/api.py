@@ -24,6 +24,7 @@ from app.schemas import (
     FeedbackIn,
     FeedbackOut,
     HistoryEntry,
+    ImportanceOut,
     ItemOut,
     ItemsIn,
     LogOut,
@@ -115,15 +116,18 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         return Response(status_code=204)
 
     # -- recommending ----------------------------------------------------------------------
-    @v1.post("/recommend", response_model=RecommendOut)
+    # without "explain", items carry no explanation field at all: API.md's body exactly
+    @v1.post("/recommend", response_model=RecommendOut, response_model_exclude_none=True)
     async def recommend(body: RecommendIn, engine: Engine = Depends(_engine)):
         slate = await engine.recommend(
             body.user_id, body.context.text if body.context else None, body.k, body.exclude,
-            body.exclude_seen, body.candidates, body.explore)
+            body.exclude_seen, body.candidates, body.explore, body.explain)
         c = slate.choice
-        items = [SlateItem(item_id=i, score=float(s), explored=bool(e), propensity=float(p))
-                 for i, s, e, p in zip(slate.item_ids, slate.scores, c.explored,
-                                       c.propensities, strict=True)]
+        why = slate.explanations or [None] * len(slate.item_ids)
+        items = [SlateItem(item_id=i, score=float(s), explored=bool(e), propensity=float(p),
+                           explanation=x)
+                 for i, s, e, p, x in zip(slate.item_ids, slate.scores, c.explored,
+                                          c.propensities, why, strict=True)]
         return RecommendOut(request_id=slate.request_id, model_version=slate.model_version,
                             items=items)
 
@@ -197,6 +201,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         a new version, so every replica follows; the learner continues from them."""
         version, restored = await engine.rollback()
         return RollbackOut(version=version, restored_from=restored)
+
+    @v1.get("/model/importance", response_model=ImportanceOut, dependencies=_ADMIN,
+            responses=_ADMIN_ERRORS)
+    async def model_importance(engine: Engine = Depends(_engine),
+                               limit: int = Query(500, ge=1, le=10_000)):
+        """How much the served model relies on each part of its input: each part of the
+        state, and each group of per-candidate features, is zeroed in turn on the
+        latest ``limit`` closed impressions still stored, and the change of Q measured."""
+        return await engine.importance(limit)
 
     @v1.get("/log", response_model=LogOut, dependencies=_ADMIN, responses=_ADMIN_ERRORS)
     async def evaluation_log(engine: Engine = Depends(_engine),

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from app.batching import MicroBatcher
 from app.catalog import CatalogReplica, index_records
 from app.errors import APIError
+from app.explain import explain_slate, importance
 from app.features import resting_items, user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
@@ -55,8 +56,8 @@ class Pick:
     now: float
 
 
-# (weights version, state, candidate ids, scores, candidate features, choice)
-Chosen = tuple[int, np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]
+# (the scorer that chose, state, candidate ids, scores, candidate features, choice)
+Chosen = tuple[Scorer, np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Slate:
     item_ids: list[str]
     scores: np.ndarray
     choice: SlateChoice
+    explanations: list[dict] | None = None  # per item, when asked for (app.explain)
 
 
 class Engine:
@@ -294,10 +296,19 @@ class Engine:
         self.metrics.catalog_size.set(len(self.index))
         return found or bool(removed)
 
+    async def importance(self, limit: int) -> dict:
+        """Model-wide importance of the input's parts, by ablation on the latest
+        ``limit`` closed impressions still stored (``app.explain.importance``)."""
+        records = await self.store.read_log(limit)
+        imps = await self.store.get_impressions([r["request_id"] for r in records])
+        return await self.run(importance, self.layout, self.scorer, self.index,
+                              list(imps.values()))
+
     # -- recommending ------------------------------------------------------------------
     async def recommend(self, user_id: str, context_text: str | None, k: int,
                         exclude: list[str], exclude_seen: bool,
-                        candidates: list[str] | None, explore: bool) -> Slate:
+                        candidates: list[str] | None, explore: bool,
+                        explain: bool = False) -> Slate:
         async def user() -> UserData:
             try:
                 return await self.store.get_user(user_id)
@@ -320,9 +331,14 @@ class Engine:
         now = time.time()
         pick = Pick(user_data, ctx, banned, candidates, k,
                     self.epsilon if explore else 0.0, now)
-        version, state, ids, scores, feats, choice = await self._chooser.submit(pick)
+        scorer, state, ids, scores, feats, choice = await self._chooser.submit(pick)
+        version = scorer.version
         slate = Slate(new_ulid(), version, [ids[i] for i in choice.indices],
                       scores[choice.indices], choice)
+        if explain:  # with the weights that chose the slate
+            slate.explanations = await self.run(
+                explain_slate, self.layout, scorer, self.index, self.settings, user_data, ctx,
+                slate.item_ids, choice.explored.tolist(), now)
         imp = Impression(slate.request_id, user_id, now, version, state.tobytes(),
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
                          feats[choice.indices].tolist(), len(ids))
@@ -401,5 +417,5 @@ class Engine:
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
             with self._rng_lock:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
-            out.append((scorer.version, state, ids, scores, feats, choice))
+            out.append((scorer, state, ids, scores, feats, choice))
         return out

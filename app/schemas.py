@@ -51,6 +51,24 @@ class RecommendIn(Strict):
     exclude_seen: bool = True
     candidates: list[Id] | None = Field(None, max_length=1000)
     explore: bool = True
+    explain: bool = Field(False, description="add each item's main reasons (an addition "
+                          "to API.md: the other fields are unchanged)")
+
+
+class Reason(BaseModel):
+    kind: Literal["context", "history", "ignored"] = Field(
+        description="context: the request's context text; history: one item of the "
+                    "user's history; ignored: the items the user was shown and passed over")
+    item_id: str | None = Field(None, description="the history item (kind history)")
+    event: str | None = Field(None, description="its latest event (kind history)")
+    contribution: float = Field(description="how much lower the item's score is without "
+                                "this part (negative: it held the item back)")
+
+
+class Explanation(BaseModel):
+    explored: bool = Field(description="placed by exploration, not by its score")
+    score: float | None = Field(None, description="the score the reasons explain")
+    reasons: list[Reason] = Field(description="strongest first, at most 3")
 
 
 class SlateItem(BaseModel):
@@ -58,6 +76,7 @@ class SlateItem(BaseModel):
     score: float
     explored: bool
     propensity: float
+    explanation: Explanation | None = None
 
 
 class RecommendOut(BaseModel):
@@ -119,6 +138,22 @@ class ModelOut(BaseModel):
     epsilon: float
     pending_impressions: int
     device: str
+
+
+class PartImportance(BaseModel):
+    part: str
+    kind: Literal["state", "item_features"]
+    mean_abs_q_change: float = Field(description="mean |Q change| over the logged items "
+                                     "when this part is zeroed")
+    top_item_changed: float = Field(description="share of logged slates whose top item "
+                                    "changes when this part is zeroed")
+
+
+class ImportanceOut(BaseModel):
+    impressions: int = Field(description="logged impressions measured on")
+    items: int
+    model_version: int
+    parts: list[PartImportance] = Field(description="most important first")
 
 
 class RollbackOut(BaseModel):

@@ -32,10 +32,18 @@ from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
 from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
+from models.ensemble import EnsembleParams, default_params, params_from_tensors, top_k_masks
 from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import CandidateIndex, set_search_threads
 from models.lru import LRUCache
-from models.qnet import QNetwork, Scorer, all_finite, weights_from_bytes, weights_shape
+from models.qnet import (
+    QNetwork,
+    Scorer,
+    all_finite,
+    extra_tensors,
+    weights_from_bytes,
+    weights_shape,
+)
 from models.state import RecentItems, StateLayout, candidate_features
 
 # the related-items source searches around this many of the user's latest positive items
@@ -56,8 +64,9 @@ class Pick:
     now: float
 
 
-# (the scorer that chose, state, candidate ids, scores, candidate features, choice)
-Chosen = tuple[Scorer, np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice]
+# (the scorer that chose, state, candidate ids, ranking scores, candidate features,
+#  choice, per slot the bitmask of ensemble agents that picked it: empty without one)
+Chosen = tuple[Scorer, np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice, list[int]]
 
 
 @dataclass
@@ -119,7 +128,7 @@ class Engine:
                                     device=self.device)
         self.scorer = Scorer(self._ranking(QNetwork(self.layout.size, self.encoder.dim,
                                                     s.hidden, heads=max(len(s.heads), 1))),
-                             0, self.device)
+                             0, self.device, default_params() if s.ensemble else None)
         self._batcher = MicroBatcher(self._encode_batch, self.executor,
                                      max_batch=self.settings.encoder_batch_size)
         self._chooser = MicroBatcher(self.choose_batch, self.executor,
@@ -163,14 +172,23 @@ class Engine:
                           "a compatible one", latest, self.scorer.version)
                 self._refused_version = latest
             return
-        net = self._ranking(await self.run(weights_from_bytes, blob, self.device))
+        net, ensemble = await self.run(self._decode, blob)
         if not all_finite(net):  # the learner never publishes these; a store might
             log.error("weights version %d are not finite: version %d keeps serving",
                       latest, self.scorer.version)
             return
-        self.scorer = Scorer(net, latest, self.device)
+        self.scorer = Scorer(net, latest, self.device, ensemble)
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)
+
+    def _decode(self, blob: bytes) -> tuple[QNetwork, EnsembleParams | None]:
+        """The network of a weights blob, ranking as this server ranks, and with the
+        ensemble on, the ensemble's state saved beside it (an untrained one if the
+        learner saved none: the setting was just turned on)."""
+        net = self._ranking(weights_from_bytes(blob, self.device))
+        if not self.settings.ensemble:
+            return net, None
+        return net, params_from_tensors(extra_tensors(blob)) or default_params()
 
     def _ranking(self, net: QNetwork) -> QNetwork:
         """Rank by this server's head weights (a multi-task network's heads are summed
@@ -331,7 +349,7 @@ class Engine:
         now = time.time()
         pick = Pick(user_data, ctx, banned, candidates, k,
                     self.epsilon if explore else 0.0, now)
-        scorer, state, ids, scores, feats, choice = await self._chooser.submit(pick)
+        scorer, state, ids, scores, feats, choice, agents = await self._chooser.submit(pick)
         version = scorer.version
         slate = Slate(new_ulid(), version, [ids[i] for i in choice.indices],
                       scores[choice.indices], choice)
@@ -341,7 +359,7 @@ class Engine:
                 slate.item_ids, choice.explored.tolist(), now)
         imp = Impression(slate.request_id, user_id, now, version, state.tobytes(),
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
-                         feats[choice.indices].tolist(), len(ids))
+                         feats[choice.indices].tolist(), len(ids), agents=agents)
         try:
             await self.store.log_impression(imp, self.settings.impression_ttl_s,
                                             self.settings.shown_len)
@@ -415,7 +433,14 @@ class Engine:
                                        self.index.stats_of(ids), items,
                                        self.index.tags_of(ids), recent, s.exposure_recent_s)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
+            agent_scores = None
+            if scorer.ensemble is not None and len(ids):
+                agent_scores = scorer.ensemble.agent_scores(self.layout, state, items, feats,
+                                                            scores)
+                scores = scorer.ensemble.fuse(agent_scores)
             with self._rng_lock:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
-            out.append((scorer, state, ids, scores, feats, choice))
+            agents = ([] if agent_scores is None
+                      else top_k_masks(agent_scores, choice.indices, p.k))
+            out.append((scorer, state, ids, scores, feats, choice, agents))
         return out

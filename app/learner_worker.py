@@ -36,10 +36,11 @@ from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
 from app.store.base import WeightsUpdate
+from models.ensemble import EnsembleLearner, linear_features
 from models.index import CandidateIndex
 from models.learner import DQNLearner
 from models.lru import LRUCache
-from models.qnet import all_finite
+from models.qnet import all_finite, extra_tensors
 from models.rewards import HEAD_OF_EVENT
 from models.state import N_ITEM_FEATURES, StateLayout
 
@@ -65,6 +66,7 @@ class Transition:
     context: np.ndarray | None
     features: np.ndarray  # the item's per-candidate features when it was shown
     mask: np.ndarray  # (heads,): 1 for the heads this transition trains
+    agents: int = 0  # the ensemble agents that picked the item (bitmask; 0: none known)
 
 
 def _feedback_target(heads: tuple[str, ...], event: str, reward: float
@@ -110,6 +112,11 @@ def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
     return np.zeros(N_ITEM_FEATURES, dtype=np.float32)
 
 
+def _slot_agents(imp: Impression, item_id: str) -> int:
+    """Which ensemble agents ranked the item in their top-k when it was shown."""
+    return imp.agents[imp.item_ids.index(item_id)] if imp.agents else 0
+
+
 def _log_record(imp: Impression, rewards: dict[str, float], default: float) -> dict:
     """What off-policy evaluation needs of a closed impression."""
     return {"request_id": imp.request_id, "user_id": imp.user_id, "ts": imp.ts,
@@ -138,6 +145,7 @@ class LearnerWorker:
         self.claimed = 0  # entries taken over from earlier holders
         self._next_sweep = 0.0
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
+        self.ensemble = EnsembleLearner() if settings.ensemble else None
         self.pending: dict[str, PendingImpression] = {}
         # what was learned recently, so entries delivered again after a failed round
         # (still unacknowledged) are not learned twice
@@ -332,7 +340,8 @@ class LearnerWorker:
             reward, mask = _feedback_target(self.settings.heads, f["event"], float(f["reward"]))
             transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
                                           context_of(self.layout, state),
-                                          _slot_features(imp, f["item_id"]), mask))
+                                          _slot_features(imp, f["item_id"]), mask,
+                                          _slot_agents(imp, f["item_id"])))
             learned_keys.append(key)
 
         closed: list[dict] = []
@@ -353,7 +362,8 @@ class LearnerWorker:
             for item_id, (reward, mask) in _silence_targets(self.settings.heads, stored,
                                                             default).items():
                 transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
-                                              _slot_features(p.imp, item_id), mask))
+                                              _slot_features(p.imp, item_id), mask,
+                                              _slot_agents(p.imp, item_id)))
             closed.append(_log_record(p.imp, stored.rewards, default))
             learned_keys.append((rid,))
 
@@ -397,6 +407,11 @@ class LearnerWorker:
         rewards = np.stack([t.reward for t in rows])
         slots = self.learner.add(states, actions, rewards, nexts,
                                  mask=np.stack([t.mask for t in rows]))
+        if self.ensemble is not None:  # one head when on (settings refuse both)
+            x = linear_features(self.layout, states, embeddings,
+                                np.stack([t.features for t in rows]))
+            self.ensemble.update(x, rewards[:, 0].astype(np.float64),
+                                 np.array([t.agents for t in rows], dtype=np.int64))
         return self.learner.train(self._next_actions, slots)
 
     def _next_actions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -431,7 +446,8 @@ class LearnerWorker:
         # (a rollback meanwhile: what was learned on top of the old version is dropped)
         if self._dirty and not await self.adopt_newer_weights():
             if all_finite(self.learner.online):
-                blob = await self.run(self.learner.weights)
+                blob = await self.run(self.learner.weights,
+                                      self.ensemble.tensors() if self.ensemble else None)
                 weights = WeightsUpdate(self.version + 1, blob, parent=self.version,
                                         keep=self.settings.weights_kept)
             else:
@@ -480,6 +496,9 @@ class LearnerWorker:
         then they are not loaded, and the next version this learner publishes
         replaces them."""
         if await self.run(self.learner.load_weights, blob):
+            if self.ensemble is not None:
+                self.ensemble = EnsembleLearner()  # what this version saved, or a fresh one
+                self.ensemble.load(await self.run(extra_tensors, blob))
             return True
         log.warning("weights version %d have another shape (another feature layout or "
                     "encoder): not loaded; the next version published replaces them", version)

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.exploration import EpsilonSchedule
@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     epsilon_decay: float = Field(2_000.0, description="learned feedback events per 1/e decay")
     seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
 
+    ensemble: bool = Field(False, description="rank by a fused ensemble of agents "
+                           "(Q-network, popularity, LinUCB), with weights learned from "
+                           "the rewards of each agent's picks")
+
     # learning
     gamma: float = 0.3
     learning_rate: float = 1e-3
@@ -158,6 +162,13 @@ class Settings(BaseSettings):
                        for x in weights.values()):
                 raise ValueError("head weights must be finite numbers")
         return v
+
+    @model_validator(mode="after")
+    def _ensemble_has_one_head(self) -> Settings:
+        if self.ensemble and self.head_weights:
+            raise ValueError("RECSVC_ENSEMBLE and RECSVC_HEAD_WEIGHTS cannot be combined yet: "
+                             "the ensemble learns from one summed reward per shown item")
+        return self
 
     @cached_property
     def heads(self) -> tuple[str, ...]:

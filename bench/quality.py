@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from bench.peers import OraclePolicy, PopularityPolicy, RandomPolicy, VowpalPolicy
 from bench.server import running_service
-from bench.simulator import Request, Session, SimConfig, World, request_stream
+from bench.simulator import Request, Session, SimConfig, World, catalog_phases, request_stream
 
 VARIANTS = {
     "default": {},
@@ -34,19 +34,22 @@ VARIANTS = {
     "short-sessions": {"session_len": 2.0},
     "no-fatigue": {"fatigue": 0.0, "ignore_decay": 1.0},
     "strong-position-bias": {"position_eta": 1.0},
+    "catalog-swap": {"swap_at": 0.5},
 }
 PEERS = ["random", "popularity", "vw-epsilon", "vw-squarecb"]
 ALL = ["service", *PEERS, "oracle"]
 
 
 def simulate(world: World, requests: list[Request], choose, learn, desc: str,
-             observe=None) -> tuple[np.ndarray, np.ndarray]:
+             observe=None, on_swap=None) -> tuple[np.ndarray, np.ndarray]:
     """Run one policy over the request stream; returns clicks and purchases per request.
 
-    ``learn(request, items, clicked, bought)`` sees the user's reaction; ``bought`` is
-    all False unless the world has purchases. ``observe(request, session, consumed,
-    items)``, if given, sees each slate before the user reacts to it (``bench.probe``
-    uses it to diagnose a policy)."""
+    ``choose(request, session, blocked)`` must not return ``blocked`` movies (consumed
+    by the user, or not in the catalog now). ``learn(request, items, clicked,
+    bought)`` sees the user's reaction; ``bought`` is all False unless the world has
+    purchases. ``on_swap()`` is called before the first request after a catalog swap.
+    ``observe(request, session, consumed, items)``, if given, sees each slate before
+    the user reacts to it (``bench.probe`` uses it to diagnose a policy)."""
     clicks = np.zeros(len(requests))
     purchases = np.zeros(len(requests))
     consumed: dict[int, set[int]] = {}
@@ -56,13 +59,19 @@ def simulate(world: World, requests: list[Request], choose, learn, desc: str,
     # without purchases, so click figures are comparable across the two
     buy_draws = np.random.default_rng([world.config.seed, 1]).random(
         (len(requests), world.config.slate))
+    before, after, swap_index = catalog_phases(world)
+    absent = set(np.flatnonzero(~before).tolist())
     for r in tqdm(requests, desc=desc, unit="req", mininterval=2.0):
+        if r.index == swap_index:
+            absent = set(np.flatnonzero(~after).tolist())
+            if on_swap is not None:
+                on_swap()
         if r.session != session_id:
             session = Session(world, r.user,
                               np.random.default_rng([world.config.seed, r.session]))
             session_id = r.session
         seen = consumed.setdefault(r.user, set())
-        items = choose(r, session, seen)
+        items = choose(r, session, seen | absent if absent else seen)
         if observe is not None:
             observe(r, session, seen, items)
         p = session.click_probs(items, seen)
@@ -108,11 +117,21 @@ def run_service(world: World, requests: list[Request], env: dict[str, str],
     seed = world.config.seed
     index = {item_id: i for i, item_id in enumerate(world.item_ids)}
     users = world.data.users
+    before, after, _ = catalog_phases(world)
     with connect({"RECSVC_DEVICE": "cpu", "RECSVC_SEED": str(seed), **env}) as c:
         items = [{"item_id": iid, "text": m.text, "tags": [g.lower() for g in m.genres]}
                  for iid, m in zip(world.item_ids, world.data.movies, strict=True)]
-        for s in range(0, len(items), 500):
-            c.post("/v1/items", json={"items": items[s:s + 500]}).raise_for_status()
+
+        def upload(rows: list[dict]) -> None:
+            for s in range(0, len(rows), 500):
+                c.post("/v1/items", json={"items": rows[s:s + 500]}).raise_for_status()
+
+        def swap() -> None:
+            for i in np.flatnonzero(before & ~after):
+                c.delete(f"/v1/items/{world.item_ids[i]}").raise_for_status()
+            upload([items[i] for i in np.flatnonzero(after & ~before)])
+
+        upload([items[i] for i in np.flatnonzero(before)])
         last: dict[str, str] = {}
 
         def choose(r: Request, session: Session, seen: set[int]) -> np.ndarray:
@@ -134,16 +153,22 @@ def run_service(world: World, requests: list[Request], env: dict[str, str],
                                              "item_id": world.item_ids[int(i)],
                                              "event": event}).raise_for_status()
 
-        result = simulate(world, requests, choose, learn, f"{label} seed {seed}", observe)
+        result = simulate(world, requests, choose, learn, f"{label} seed {seed}", observe,
+                          on_swap=swap)
         model = c.get("/v1/model").json()
     print(f"{label} seed {seed}: {model}")
     return result
 
 
-def summarise(clicks: np.ndarray, requests: list[Request], k: int, windows: int = 10) -> dict:
+def summarise(clicks: np.ndarray, requests: list[Request], k: int, windows: int = 10,
+              swap_index: int | None = None) -> dict:
     n = len(clicks)
     steps = np.array([min(r.step, 5) for r in requests])
-    return {
+    after = {}
+    if swap_index is not None:  # the tenth of the run right after the catalog swap
+        window = clicks[swap_index: swap_index + n // 10]
+        after = {"after_swap": window.sum() / (len(window) * k)}
+    return after | {
         "ctr": clicks.sum() / (n * k),
         "last20": clicks[int(0.8 * n):].sum() / ((n - int(0.8 * n)) * k),
         "first10": clicks[: int(0.1 * n)].sum() / (int(0.1 * n) * k),
@@ -161,24 +186,33 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def report(results: dict[str, list[dict]], seeds: list[int], config: SimConfig,
            variant: str, command: str) -> str:
+    swapped = all("after_swap" in r for runs in results.values() for r in runs)
+    extra = " after-swap 10% CTR | after-swap per seed |" if swapped else ""
     lines = [f"Variant `{variant}`: {asdict(config) | {'seed': seeds}}", "",
              f"Command: `{command}`", "",
-             "| policy | CTR | last-20% CTR | first-10% CTR | last-20% per seed |",
-             "|---|---|---|---|---|"]
+             "| policy | CTR | last-20% CTR | first-10% CTR | last-20% per seed | "
+             "first-10% per seed |" + extra,
+             "|---|---|---|---|---|---|" + ("---|---|" if swapped else "")]
     for name, runs in results.items():
         ctr = mean_se([r["ctr"] for r in runs])
         last = mean_se([r["last20"] for r in runs])
         first = mean_se([r["first10"] for r in runs])
         per_seed = ", ".join(f"{r['last20']:.4f}" for r in runs)
-        lines.append(f"| {name} | {ctr[0]:.4f} ± {ctr[1]:.4f} | {last[0]:.4f} ± {last[1]:.4f} "
-                     f"| {first[0]:.4f} ± {first[1]:.4f} | {per_seed} |")
+        first_seed = ", ".join(f"{r['first10']:.4f}" for r in runs)
+        row = (f"| {name} | {ctr[0]:.4f} ± {ctr[1]:.4f} | {last[0]:.4f} ± {last[1]:.4f} "
+               f"| {first[0]:.4f} ± {first[1]:.4f} | {per_seed} | {first_seed} |")
+        if swapped:
+            post = mean_se([r["after_swap"] for r in runs])
+            row += (f" {post[0]:.4f} ± {post[1]:.4f} | "
+                    + ", ".join(f"{r['after_swap']:.4f}" for r in runs) + " |")
+        lines.append(row)
     peers = [p for p in results if p in PEERS]
-    if "service" in results and peers:
+    for service in [s for s in ("service", "service-alt") if s in results and peers]:
         ratios = []
         for i in range(len(seeds)):
             best = max(results[p][i]["last20"] for p in peers)
-            ratios.append(results["service"][i]["last20"] / best)
-        lines += ["", "Service last-20% CTR / best peer's, per seed: " +
+            ratios.append(results[service][i]["last20"] / best)
+        lines += ["", f"{service.capitalize()} last-20% CTR / best peer's, per seed: " +
                   ", ".join(f"{x:.2f}x" for x in ratios)]
     lines += ["", "CTR by step within a session (steps 0..4, 5+), mean over seeds:", "",
               "| policy | " + " | ".join(["0", "1", "2", "3", "4", "5+"]) + " |",
@@ -242,9 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policies", nargs="+", choices=ALL, default=ALL)
     ap.add_argument("--service-env", nargs="*", default=[],
                     help="extra RECSVC_ settings for the service, NAME=VALUE")
+    ap.add_argument("--alt-env", nargs="*", default=None,
+                    help="also run the service with these settings added, as policy "
+                         "service-alt (NAME=VALUE; compares an option on the same draws)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.service_env)
+    alt = None if args.alt_env is None else {**env, **dict(kv.split("=", 1)
+                                                             for kv in args.alt_env)}
+    if alt is not None and "service" in args.policies:
+        args.policies.insert(args.policies.index("service") + 1, "service-alt")
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[str, list[dict]] = {p: [] for p in args.policies}
     base = replace(SimConfig(requests=args.requests), **VARIANTS[args.variant])
@@ -254,9 +295,14 @@ def main(argv: list[str] | None = None) -> None:
         world = World.build(config)
         requests = request_stream(world)
         for name in args.policies:
-            clicks, _ = (run_service(world, requests, env) if name == "service"
-                         else run_peer(name, world, requests))
-            results[name].append(summarise(clicks, requests, config.slate))
+            if name == "service":
+                clicks, _ = run_service(world, requests, env)
+            elif name == "service-alt":
+                clicks, _ = run_service(world, requests, alt, label=name)
+            else:
+                clicks, _ = run_peer(name, world, requests)
+            results[name].append(summarise(clicks, requests, config.slate,
+                                           swap_index=catalog_phases(world)[2]))
             r = results[name][-1]
             print(f"seed {seed} {name:12s} CTR {r['ctr']:.4f}  last-20% {r['last20']:.4f}",
                   flush=True)

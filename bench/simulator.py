@@ -16,6 +16,9 @@ Click probability of a movie at slate position j:
   clicked is ``ignore_decay`` times as attractive if shown again in the session;
 - a clicked movie is consumed: that user never clicks it again;
 - position bias ``pos(j) = 1 / (1 + j) ** position_eta``;
+- catalog swap (off unless ``swap_at`` > 0): the catalog starts with two thirds of
+  the movies; after ``swap_at`` of the requests, half of it leaves and the held-back
+  third arrives (``catalog_phases``), as when a shop replaces a season's range;
 - purchases (off unless ``purchase_scale`` > 0): a clicked movie is bought with
   probability ``purchase_scale * ((rating - 1) / 4) ** purchase_power``, where
   ``rating`` is the user's true (MF-predicted, 1..5) rating of it, so a policy that
@@ -50,6 +53,7 @@ class SimConfig:
     mf_rank: int = 16
     purchase_scale: float = 0.0
     purchase_power: float = 4.0
+    swap_at: float = 0.0
 
 
 def fit_mf(data: MovieLens, rank: int, seed: int, iters: int = 12, reg: float = 5.0
@@ -186,6 +190,18 @@ class Session:
                 self.mood[genres] *= 1.0 - cfg.fatigue
             else:
                 self.shown_decay[int(i)] *= cfg.ignore_decay
+
+
+def catalog_phases(world: World) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Which movies are in the catalog before and after the swap (boolean masks), and
+    the index of the first request after it (None: no swap, everything throughout)."""
+    n = world.base.shape[1]
+    cfg = world.config
+    if cfg.swap_at <= 0:
+        everything = np.ones(n, dtype=bool)
+        return everything, everything, None
+    third = np.arange(n) % 3
+    return third != 2, third != 0, int(cfg.swap_at * cfg.requests)
 
 
 def request_stream(world: World) -> list[Request]:

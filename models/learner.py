@@ -87,9 +87,10 @@ class DQNLearner:
         self.target.load_state_dict(ckpt["target"])
         self.optim.load_state_dict(ckpt["optim"])
 
-    def weights(self) -> bytes:
-        """Safetensors bytes of the online network (the serving policy)."""
-        return weights_to_bytes(self.online)
+    def weights(self, extra: dict[str, torch.Tensor] | None = None) -> bytes:
+        """Safetensors bytes of the online network (the serving policy), with ``extra``
+        tensors beside it."""
+        return weights_to_bytes(self.online, extra)
 
     def load_weights(self, blob: bytes) -> bool:
         """Resume from published weights (a learner restart continues, not restarts).

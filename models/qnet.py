@@ -35,6 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from models.ensemble import EnsembleParams
 from models.state import N_ITEM_FEATURES
 
 
@@ -143,9 +144,12 @@ class QNetwork(nn.Module):
         return (queries * actions.unsqueeze(1)).sum(-1) + values
 
 
-def weights_to_bytes(net: QNetwork) -> bytes:
-    """Serialise weights as safetensors (never pickle: weights come from a shared store)."""
+def weights_to_bytes(net: QNetwork, extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Serialise weights as safetensors (never pickle: weights come from a shared store).
+    ``extra`` tensors (the ensemble's state) travel in the same blob, so one version
+    is one consistent policy."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update(extra or {})
     meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
             "hidden": str(net.hidden), "item_features": str(net.item_features),
             "heads": str(net.heads)}
@@ -156,8 +160,15 @@ def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
     """Rebuild a QNetwork from ``weights_to_bytes`` output (head weights: all 1; the
     server sets its own)."""
     net = QNetwork(*weights_shape(blob))
-    net.load_state_dict(st_load(blob))
+    mine = net.state_dict()
+    net.load_state_dict({k: v for k, v in st_load(blob).items() if k in mine})
     return net.to(device).eval()
+
+
+def extra_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a weights blob that are not the network's (see weights_to_bytes)."""
+    mine = set(QNetwork(*weights_shape(blob)).state_dict())
+    return {k: v for k, v in st_load(blob).items() if k not in mine}
 
 
 def weights_shape(blob: bytes) -> tuple[int, int, int, int, int]:
@@ -182,10 +193,12 @@ def all_finite(net: nn.Module) -> bool:
 class Scorer:
     """Inference-side view of one weights version: query vector and scores, on numpy."""
 
-    def __init__(self, net: QNetwork, version: int, device: str = "cpu") -> None:
+    def __init__(self, net: QNetwork, version: int, device: str = "cpu",
+                 ensemble: EnsembleParams | None = None) -> None:
         self.net = net.to(device).eval()
         self.version = version
         self.device = device
+        self.ensemble = ensemble  # the fused ensemble's state of the same version, if on
 
     @torch.inference_mode()
     def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,9 @@ class Impression:
     # item -> the event types of its accepted feedback: a multi-task learner trains the
     # heads that got no event towards "nothing happened" when the window closes
     events: dict[str, list[str]] = field(default_factory=dict)
+    # per slot, a bitmask of the ensemble's agents that ranked the item in their own
+    # top-k (models.ensemble): the credit its reward gives each agent; empty without one
+    agents: list[int] = field(default_factory=list)
 
 
 @dataclass

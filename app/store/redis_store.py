@@ -352,7 +352,8 @@ class RedisStore(Store):
             "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
             "state": imp.state, "items": orjson.dumps(imp.item_ids),
             "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
-            "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates})
+            "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
+            "agents": orjson.dumps(imp.agents)})
         pipe.expire(self._imp(imp.request_id), ttl_s)
         if imp.item_ids:
             pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
@@ -379,7 +380,8 @@ class RedisStore(Store):
                                       orjson.loads(h.get(b"features", b"[]")),
                                       int(h.get(b"n_cand", 0)),
                                       {k[2:].decode(): float(v) for k, v in h.items()
-                                       if k.startswith(b"r:")}, _events_of(h))
+                                       if k.startswith(b"r:")}, _events_of(h),
+                                      orjson.loads(h.get(b"agents", b"[]")))
         return out
 
     @_guard

@@ -30,6 +30,7 @@ from app.loops import PeriodicLoop
 from app.metrics import Metrics
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
+from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
 from models.ensemble import EnsembleParams, default_params, params_from_tensors, top_k_masks
@@ -128,7 +129,8 @@ class Engine:
                                     device=self.device)
         self.scorer = Scorer(self._ranking(QNetwork(self.layout.size, self.encoder.dim,
                                                     s.hidden, heads=max(len(s.heads), 1))),
-                             0, self.device, default_params() if s.ensemble else None)
+                             0, self.device, default_params() if s.ensemble else None,
+                             AdaptationRule(np.zeros(N_RULE)) if s.adaptation else None)
         self._batcher = MicroBatcher(self._encode_batch, self.executor,
                                      max_batch=self.settings.encoder_batch_size)
         self._chooser = MicroBatcher(self.choose_batch, self.executor,
@@ -172,23 +174,27 @@ class Engine:
                           "a compatible one", latest, self.scorer.version)
                 self._refused_version = latest
             return
-        net, ensemble = await self.run(self._decode, blob)
+        net, ensemble, adaptation = await self.run(self._decode, blob)
         if not all_finite(net):  # the learner never publishes these; a store might
             log.error("weights version %d are not finite: version %d keeps serving",
                       latest, self.scorer.version)
             return
-        self.scorer = Scorer(net, latest, self.device, ensemble)
+        self.scorer = Scorer(net, latest, self.device, ensemble, adaptation)
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)
 
-    def _decode(self, blob: bytes) -> tuple[QNetwork, EnsembleParams | None]:
-        """The network of a weights blob, ranking as this server ranks, and with the
-        ensemble on, the ensemble's state saved beside it (an untrained one if the
+    def _decode(self, blob: bytes
+                ) -> tuple[QNetwork, EnsembleParams | None, AdaptationRule | None]:
+        """The network of a weights blob, ranking as this server ranks, and for the
+        options that are on, their state saved beside it (an untrained one if the
         learner saved none: the setting was just turned on)."""
         net = self._ranking(weights_from_bytes(blob, self.device))
-        if not self.settings.ensemble:
-            return net, None
-        return net, params_from_tensors(extra_tensors(blob)) or default_params()
+        s = self.settings
+        extra = extra_tensors(blob) if s.ensemble or s.adaptation else {}
+        ensemble = (params_from_tensors(extra) or default_params()) if s.ensemble else None
+        adaptation = ((rule_from_tensors(extra) or AdaptationRule(np.zeros(N_RULE)))
+                      if s.adaptation else None)
+        return net, ensemble, adaptation
 
     def _ranking(self, net: QNetwork) -> QNetwork:
         """Rank by this server's head weights (a multi-task network's heads are summed
@@ -433,6 +439,10 @@ class Engine:
                                        self.index.stats_of(ids), items,
                                        self.index.tags_of(ids), recent, s.exposure_recent_s)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
+            if scorer.adaptation is not None:  # a new user: the learned correction
+                adjustment = scorer.adaptation.adjust(self.layout, state, feats)
+                if adjustment is not None:
+                    scores = scores + adjustment
             agent_scores = None
             if scorer.ensemble is not None and len(ids):
                 agent_scores = scorer.ensemble.agent_scores(self.layout, state, items, feats,

@@ -36,6 +36,7 @@ from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
 from app.store.base import WeightsUpdate
+from models.adaptation import AdaptationLearner, rule_features
 from models.ensemble import EnsembleLearner, linear_features
 from models.index import CandidateIndex
 from models.learner import DQNLearner
@@ -146,6 +147,7 @@ class LearnerWorker:
         self._next_sweep = 0.0
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
         self.ensemble = EnsembleLearner() if settings.ensemble else None
+        self.adaptation = AdaptationLearner() if settings.adaptation else None
         self.pending: dict[str, PendingImpression] = {}
         # what was learned recently, so entries delivered again after a failed round
         # (still unacknowledged) are not learned twice
@@ -407,11 +409,16 @@ class LearnerWorker:
         rewards = np.stack([t.reward for t in rows])
         slots = self.learner.add(states, actions, rewards, nexts,
                                  mask=np.stack([t.mask for t in rows]))
-        if self.ensemble is not None:  # one head when on (settings refuse both)
-            x = linear_features(self.layout, states, embeddings,
-                                np.stack([t.features for t in rows]))
+        feats = np.stack([t.features for t in rows])
+        # the options learn from one reward per transition (settings refuse them with heads)
+        if self.ensemble is not None:
+            x = linear_features(self.layout, states, embeddings, feats)
             self.ensemble.update(x, rewards[:, 0].astype(np.float64),
                                  np.array([t.agents for t in rows], dtype=np.int64))
+        if self.adaptation is not None:  # residuals of the network before this round
+            phi = rule_features(self.layout, states, feats)
+            if phi.any():
+                self.adaptation.update(phi, rewards[:, 0] - self.learner.q_of(states, actions))
         return self.learner.train(self._next_actions, slots)
 
     def _next_actions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -446,8 +453,7 @@ class LearnerWorker:
         # (a rollback meanwhile: what was learned on top of the old version is dropped)
         if self._dirty and not await self.adopt_newer_weights():
             if all_finite(self.learner.online):
-                blob = await self.run(self.learner.weights,
-                                      self.ensemble.tensors() if self.ensemble else None)
+                blob = await self.run(self.learner.weights, self._option_tensors())
                 weights = WeightsUpdate(self.version + 1, blob, parent=self.version,
                                         keep=self.settings.weights_kept)
             else:
@@ -470,6 +476,14 @@ class LearnerWorker:
         self.version = weights.version
         self._last_publish = time.monotonic()
         return True
+
+    def _option_tensors(self) -> dict | None:
+        """The options' learned state, saved in the weights blob beside the network."""
+        out = {}
+        for option in (self.ensemble, self.adaptation):
+            if option is not None:
+                out.update(option.tensors())
+        return out or None
 
     async def adopt_newer_weights(self) -> bool:
         """Follow a version this learner did not publish (a rollback through the API):
@@ -496,9 +510,15 @@ class LearnerWorker:
         then they are not loaded, and the next version this learner publishes
         replaces them."""
         if await self.run(self.learner.load_weights, blob):
-            if self.ensemble is not None:
-                self.ensemble = EnsembleLearner()  # what this version saved, or a fresh one
-                self.ensemble.load(await self.run(extra_tensors, blob))
+            if self.ensemble is not None or self.adaptation is not None:
+                # what this version saved, or fresh ones
+                extra = await self.run(extra_tensors, blob)
+                if self.ensemble is not None:
+                    self.ensemble = EnsembleLearner()
+                    self.ensemble.load(extra)
+                if self.adaptation is not None:
+                    self.adaptation = AdaptationLearner()
+                    self.adaptation.load(extra)
             return True
         log.warning("weights version %d have another shape (another feature layout or "
                     "encoder): not loaded; the next version published replaces them", version)

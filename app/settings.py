@@ -93,6 +93,10 @@ class Settings(BaseSettings):
                            "(Q-network, popularity, LinUCB), with weights learned from "
                            "the rewards of each agent's picks")
 
+    adaptation: bool = Field(False, description="fast adaptation for new users: correct "
+                             "the scores of users with fewer than 5 positive events by a "
+                             "rule learned across users from new users' residuals")
+
     # learning
     gamma: float = 0.3
     learning_rate: float = 1e-3
@@ -164,10 +168,12 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _ensemble_has_one_head(self) -> Settings:
-        if self.ensemble and self.head_weights:
-            raise ValueError("RECSVC_ENSEMBLE and RECSVC_HEAD_WEIGHTS cannot be combined yet: "
-                             "the ensemble learns from one summed reward per shown item")
+    def _options_with_one_head(self) -> Settings:
+        for name, on in (("RECSVC_ENSEMBLE", self.ensemble),
+                         ("RECSVC_ADAPTATION", self.adaptation)):
+            if on and self.head_weights:
+                raise ValueError(f"{name} and RECSVC_HEAD_WEIGHTS cannot be combined yet: "
+                                 "it learns from one summed reward per shown item")
         return self
 
     @cached_property

@@ -164,7 +164,12 @@ def summarise(clicks: np.ndarray, requests: list[Request], k: int, windows: int 
               swap_index: int | None = None) -> dict:
     n = len(clicks)
     steps = np.array([min(r.step, 5) for r in requests])
-    after = {}
+    ordinal: dict[int, int] = {}
+    first5 = np.zeros(n, dtype=bool)  # each user's first 5 requests of the run
+    for r in requests:
+        first5[r.index] = ordinal.get(r.user, 0) < 5
+        ordinal[r.user] = ordinal.get(r.user, 0) + 1
+    after = {"new_users": clicks[first5].sum() / (first5.sum() * k)}
     if swap_index is not None:  # the tenth of the run right after the catalog swap
         window = clicks[swap_index: swap_index + n // 10]
         after = {"after_swap": window.sum() / (len(window) * k)}
@@ -191,16 +196,19 @@ def report(results: dict[str, list[dict]], seeds: list[int], config: SimConfig,
     lines = [f"Variant `{variant}`: {asdict(config) | {'seed': seeds}}", "",
              f"Command: `{command}`", "",
              "| policy | CTR | last-20% CTR | first-10% CTR | last-20% per seed | "
-             "first-10% per seed |" + extra,
-             "|---|---|---|---|---|---|" + ("---|---|" if swapped else "")]
+             "first-10% per seed | new users' first 5 requests, CTR | per seed |" + extra,
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if swapped else "")]
     for name, runs in results.items():
         ctr = mean_se([r["ctr"] for r in runs])
         last = mean_se([r["last20"] for r in runs])
         first = mean_se([r["first10"] for r in runs])
         per_seed = ", ".join(f"{r['last20']:.4f}" for r in runs)
         first_seed = ", ".join(f"{r['first10']:.4f}" for r in runs)
+        new = mean_se([r["new_users"] for r in runs])
         row = (f"| {name} | {ctr[0]:.4f} ± {ctr[1]:.4f} | {last[0]:.4f} ± {last[1]:.4f} "
-               f"| {first[0]:.4f} ± {first[1]:.4f} | {per_seed} | {first_seed} |")
+               f"| {first[0]:.4f} ± {first[1]:.4f} | {per_seed} | {first_seed} "
+               f"| {new[0]:.4f} ± {new[1]:.4f} | "
+               + ", ".join(f"{r['new_users']:.4f}" for r in runs) + " |")
         if swapped:
             post = mean_se([r["after_swap"] for r in runs])
             row += (f" {post[0]:.4f} ± {post[1]:.4f} | "

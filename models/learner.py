@@ -115,6 +115,12 @@ class DQNLearner:
         self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
         self._good = self._checkpoint()
 
+    @torch.no_grad()
+    def q_of(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """The online network's ranking Q of one action per state."""
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(self.device)  # noqa: E731
+        return self.online.q_of_actions(t(states), t(actions)).cpu().numpy()
+
     # -- learning ----------------------------------------------------------------
     def add(self, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
             next_states: np.ndarray, done: np.ndarray | None = None,

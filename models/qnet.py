@@ -35,6 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from models.adaptation import AdaptationRule
 from models.ensemble import EnsembleParams
 from models.state import N_ITEM_FEATURES
 
@@ -194,11 +195,14 @@ class Scorer:
     """Inference-side view of one weights version: query vector and scores, on numpy."""
 
     def __init__(self, net: QNetwork, version: int, device: str = "cpu",
-                 ensemble: EnsembleParams | None = None) -> None:
+                 ensemble: EnsembleParams | None = None,
+                 adaptation: AdaptationRule | None = None) -> None:
         self.net = net.to(device).eval()
         self.version = version
         self.device = device
-        self.ensemble = ensemble  # the fused ensemble's state of the same version, if on
+        # the options' learned state, of the same version, when they are on
+        self.ensemble = ensemble
+        self.adaptation = adaptation
 
     @torch.inference_mode()
     def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

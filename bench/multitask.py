@@ -26,6 +26,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
+from bench.docs import write_block
 from bench.quality import mean_se, run_peer, run_service
 from bench.simulator import SimConfig, World, request_stream
 
@@ -82,17 +83,8 @@ def report(results: dict[str, list[dict]], seeds: list[int], config: SimConfig,
     return "\n".join(lines)
 
 
-def write_docs(section: str, path: str = "docs/benchmarks.md") -> None:
-    start, end = "<!-- multitask:start -->", "<!-- multitask:end -->"
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n## Multi-task heads (issue 7, part 1)\n\n{block}\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+def write_docs(section: str) -> None:
+    write_block("multitask", section, "## Multi-task heads (issue 7, part 1)")
 
 
 def main(argv: list[str] | None = None) -> None:

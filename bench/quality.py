@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from bench.docs import write_block
 from bench.peers import OraclePolicy, PopularityPolicy, RandomPolicy, VowpalPolicy
 from bench.server import running_service
 from bench.simulator import Request, Session, SimConfig, World, catalog_phases, request_stream
@@ -261,16 +262,7 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
 
 
 def write_docs(section: str, variant: str, path: str = "docs/benchmarks.md") -> None:
-    start, end = f"<!-- quality:{variant}:start -->", f"<!-- quality:{variant}:end -->"
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    block = f"{start}\n{section}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n### Quality, variant `{variant}`\n\n{block}\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    write_block(f"quality:{variant}", section, f"### Quality, variant `{variant}`", path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,11 +71,14 @@ class Transition:
 
 
 def _feedback_target(heads: tuple[str, ...], event: str, reward: float
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
     """``(reward, mask)`` of a feedback event: with one head the reward itself; with
-    several, the reward for the event's head and nothing said of the others."""
+    heads, the reward for the event's head and nothing said of the others (None when
+    the event's head is not one of them: not learned)."""
     if not heads:
         return np.array([reward], np.float32), np.ones(1, np.float32)
+    if HEAD_OF_EVENT[event] not in heads:
+        return None
     r, mask = np.zeros(len(heads), np.float32), np.zeros(len(heads), np.float32)
     h = heads.index(HEAD_OF_EVENT[event])
     r[h], mask[h] = reward, 1.0
@@ -101,7 +104,8 @@ def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
         mask = np.array([h not in hit for h in heads], np.float32)
         if mask.any():
             r = np.zeros(len(heads), np.float32)
-            r[heads.index("click")] = default if "click" not in hit else 0.0
+            if "click" in heads and "click" not in hit:
+                r[heads.index("click")] = default
             out[item_id] = r, mask
     return out
 
@@ -338,13 +342,16 @@ class LearnerWorker:
             imp = p.imp if p else imps.get(f["request_id"])
             if imp is None:
                 continue
+            target = _feedback_target(self.settings.heads, f["event"], float(f["reward"]))
+            learned_keys.append(key)
+            if target is None:  # an event of a head this network does not have
+                continue
             state = np.frombuffer(imp.state, dtype=np.float32)
-            reward, mask = _feedback_target(self.settings.heads, f["event"], float(f["reward"]))
+            reward, mask = target
             transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
                                           context_of(self.layout, state),
                                           _slot_features(imp, f["item_id"]), mask,
                                           _slot_agents(imp, f["item_id"])))
-            learned_keys.append(key)
 
         closed: list[dict] = []
         default = self.settings.rewards.default
@@ -395,7 +402,8 @@ class LearnerWorker:
         if not rows:
             return False
         # vectors_of keeps order and drops unknown ids, so embeddings align with rows
-        actions = np.concatenate([embeddings, np.stack([t.features for t in rows])], axis=1)
+        feats = np.stack([t.features for t in rows])
+        actions = np.concatenate([embeddings, feats], axis=1)
         next_states = {}
         for t in rows:
             key = (t.user_id, None if t.context is None else t.context.tobytes())
@@ -409,17 +417,23 @@ class LearnerWorker:
         rewards = np.stack([t.reward for t in rows])
         slots = self.learner.add(states, actions, rewards, nexts,
                                  mask=np.stack([t.mask for t in rows]))
-        feats = np.stack([t.features for t in rows])
-        # the options learn from one reward per transition (settings refuse them with heads)
-        if self.ensemble is not None:
-            x = linear_features(self.layout, states, embeddings, feats)
-            self.ensemble.update(x, rewards[:, 0].astype(np.float64),
-                                 np.array([t.agents for t in rows], dtype=np.int64))
-        if self.adaptation is not None:  # residuals of the network before this round
-            phi = rule_features(self.layout, states, feats)
-            if phi.any():
-                self.adaptation.update(phi, rewards[:, 0] - self.learner.q_of(states, actions))
+        self._learn_options(states, actions, rewards[:, 0],
+                            np.array([t.agents for t in rows], dtype=np.int64))
         return self.learner.train(self._next_actions, slots)
+
+    def _learn_options(self, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                       agents: np.ndarray) -> None:
+        """The ensemble's and the adaptation rule's updates, from one reward per
+        transition (settings refuse either option with several heads), before the
+        network's own steps: the rule fits the residuals of the network it corrects."""
+        d = self.layout.dim
+        if self.ensemble is not None:
+            x = linear_features(self.layout, states, actions[:, :d], actions[:, d:])
+            self.ensemble.update(x, rewards.astype(np.float64), agents)
+        if self.adaptation is not None:
+            phi = rule_features(self.layout, states, actions[:, d:])
+            if phi.any():
+                self.adaptation.update(phi, rewards - self.learner.q_of(states, actions))
 
     def _next_actions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Online argmax at s': the top inner-product item for the online query."""

@@ -113,9 +113,10 @@ class Settings(BaseSettings):
     reward_map: str = Field("", description='JSON, e.g. {"click": 1, "purchase": 2}')
     reward_default: float = Field(0.0, description="reward of shown items with no feedback")
     head_weights: str = Field("", description="multi-task Q-network: JSON ranking weights "
-                              'of its heads, e.g. {"click": 1, "purchase": 1} (heads: '
-                              "click, purchase, rating, dwell; unnamed ones weigh 0); "
-                              "unset = one head learns the summed reward")
+                              'of its heads, e.g. {"click": 1, "purchase": 1}: a head '
+                              "per name (click, purchase, rating, dwell); events of "
+                              "unnamed heads are not learned; unset = one head learns the "
+                              "summed reward")
     reward_wait_s: float = Field(30.0, description="reward window after an impression")
     impression_ttl_s: int = Field(86_400, description="feedback accepted this long after recommend")
     unlogged_max: int = Field(100_000, description="impressions held in memory while the "
@@ -178,14 +179,16 @@ class Settings(BaseSettings):
 
     @cached_property
     def heads(self) -> tuple[str, ...]:
-        """The Q-network's heads: ``HEADS`` when multi-task, else none (one head)."""
-        return HEADS if self.head_weights else ()
+        """The Q-network's heads when multi-task: those named in ``head_weights``, in
+        ``HEADS`` order; else none (one head learns the summed reward)."""
+        named = json.loads(self.head_weights) if self.head_weights else {}
+        return tuple(h for h in HEADS if h in named)
 
     @cached_property
     def head_weight_list(self) -> tuple[float, ...]:
         """Ranking weight of each of ``heads``, in order (empty with one head)."""
         weights = json.loads(self.head_weights) if self.head_weights else {}
-        return tuple(float(weights.get(h, 0.0)) for h in self.heads)
+        return tuple(float(weights[h]) for h in self.heads)
 
     @cached_property
     def rewards(self) -> RewardMap:

@@ -177,7 +177,10 @@ class DQNLearner:
             target = r + cfg.gamma * (1.0 - done).unsqueeze(-1) * bootstrap
         q = self.online.q_heads_of_actions(s, a)
         per_head = nn.functional.huber_loss(q, target, delta=cfg.huber_delta, reduction="none")
-        loss = (per_head * mask).sum() / mask.sum().clamp(min=1.0)
+        # each head's mean over the rows that train it, summed over heads: a head learns
+        # at full rate however rarely its events come (a mean over every masked entry
+        # would let the frequent heads' rows dilute the rare heads' gradient)
+        loss = ((per_head * mask).sum(0) / mask.sum(0).clamp(min=1.0)).sum()
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), cfg.grad_clip)

@@ -322,12 +322,12 @@ def _learn_a_shop(c) -> list[str]:
 def test_head_weights_decide_whether_clicks_or_purchases_rank_first(backend, encoder):
     """The same feedback, learned by a multi-task network: ranked by its click head the
     always-clicked item comes first; ranked by its purchase head the bought one does."""
-    with make_client(backend, encoder, head_weights='{"click": 1}') as c:
+    with make_client(backend, encoder, head_weights='{"click": 1, "purchase": 0}') as c:
         assert c.post("/v1/items", json={"items": [{"item_id": i, "text": t}
                                                    for i, t in MOVIES]}).status_code == 200
         order, a, b = _learn_a_shop(c)
         assert order == [a, b], order
-    with make_client(backend, encoder, head_weights='{"purchase": 1}') as c:
+    with make_client(backend, encoder, head_weights='{"click": 0, "purchase": 1}') as c:
         assert c.post("/v1/items", json={"items": [{"item_id": i, "text": t}
                                                    for i, t in MOVIES]}).status_code == 200
         order, a, b = _learn_a_shop(c)

@@ -47,6 +47,7 @@ def test_multi_task_targets_train_each_head_on_what_happened_to_it():
     assert r.tolist() == [0, 2.0, 0, 0] and mask.tolist() == [0, 1, 0, 0]
     r, mask = _feedback_target((), "purchase", 2.0)         # one head: the reward itself
     assert r.tolist() == [2.0] and mask.tolist() == [1]
+    assert _feedback_target(("click", "purchase"), "dwell", 30.0) is None  # no dwell head
 
     imp = Impression("r", "u", 0.0, 1, b"", ["clicked", "bought", "none", "old"], [1.0] * 4,
                      rewards={"clicked": 1.0, "bought": 3.0, "old": 1.0},
@@ -58,6 +59,8 @@ def test_multi_task_targets_train_each_head_on_what_happened_to_it():
     assert silent["bought"][1].tolist() == [0, 0, 1, 1]
     r, mask = silent["none"]
     assert mask.tolist() == [1, 1, 1, 1] and np.allclose(r, [-0.1, 0, 0, 0])
+    shop = _silence_targets(("purchase",), imp, default=-0.1)   # no click head: no default
+    assert set(shop) == {"clicked", "none"} and shop["none"][0].tolist() == [0.0]
     one_head = _silence_targets((), imp, default=-0.1)
     assert set(one_head) == {"none"} and np.allclose(one_head["none"][0], [-0.1])
 
@@ -72,10 +75,10 @@ def test_invalid_head_weights_are_refused_at_start(value):
         Settings(head_weights=value)
 
 
-def test_head_weights_name_heads_and_default_to_zero():
+def test_head_weights_name_the_heads():
     from app.settings import Settings
 
-    s = Settings(head_weights='{"click": 1, "purchase": 2.5}')
-    assert s.heads == ("click", "purchase", "rating", "dwell")
-    assert s.head_weight_list == (1.0, 2.5, 0.0, 0.0) and s.dqn.heads == 4
+    s = Settings(head_weights='{"purchase": 2.5, "click": 1}')
+    assert s.heads == ("click", "purchase")                  # HEADS order
+    assert s.head_weight_list == (1.0, 2.5) and s.dqn.heads == 2
     assert Settings().heads == () and Settings().dqn.heads == 1

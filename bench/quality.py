@@ -173,7 +173,7 @@ def summarise(clicks: np.ndarray, requests: list[Request], k: int, windows: int 
     after = {"new_users": clicks[first5].sum() / (first5.sum() * k)}
     if swap_index is not None:  # the tenth of the run right after the catalog swap
         window = clicks[swap_index: swap_index + n // 10]
-        after = {"after_swap": window.sum() / (len(window) * k)}
+        after["after_swap"] = window.sum() / (len(window) * k)
     return after | {
         "ctr": clicks.sum() / (n * k),
         "last20": clicks[int(0.8 * n):].sum() / ((n - int(0.8 * n)) * k),
@@ -280,7 +280,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="also run the service with these settings added, as policy "
                          "service-alt (NAME=VALUE; compares an option on the same draws)")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--docs-key", default=None,
+                    help="write the table (and plot) under this name instead of the "
+                         "variant's, so a comparison does not replace the variant's table")
     args = ap.parse_args(argv)
+    key = args.docs_key or args.variant
     env = dict(kv.split("=", 1) for kv in args.service_env)
     alt = None if args.alt_env is None else {**env, **dict(kv.split("=", 1)
                                                              for kv in args.alt_env)}
@@ -304,19 +308,21 @@ def main(argv: list[str] | None = None) -> None:
             results[name].append(summarise(clicks, requests, config.slate,
                                            swap_index=catalog_phases(world)[2]))
             r = results[name][-1]
-            print(f"seed {seed} {name:12s} CTR {r['ctr']:.4f}  last-20% {r['last20']:.4f}",
+            swap = f"  after-swap {r['after_swap']:.4f}" if "after_swap" in r else ""
+            print(f"seed {seed} {name:12s} CTR {r['ctr']:.4f}  last-20% {r['last20']:.4f}  "
+                  f"first-10% {r['first10']:.4f}  new users {r['new_users']:.4f}{swap}",
                   flush=True)
     section = report(results, args.seeds, base, args.variant, command)
     # the recorded figure in docs/ is replaced only by a run that also writes the table
     folder = "docs" if args.write_docs else tempfile.gettempdir()
-    png = os.path.join(folder, f"quality-{args.variant}.png")
-    plot(results, png, f"Learning curves, variant {args.variant}")
+    png = os.path.join(folder, f"quality-{key}.png")
+    plot(results, png, f"Learning curves, {key}")
     print(f"plot: {png}")
-    section += f"\n\n![learning curves](quality-{args.variant}.png)"
+    section += f"\n\n![learning curves](quality-{key}.png)"
     print(section)
     print(f"\ntotal {time.time() - started:.0f}s")
     if args.write_docs:
-        write_docs(section, args.variant)
+        write_docs(section, key)
 
 
 if __name__ == "__main__":

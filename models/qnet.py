@@ -22,7 +22,6 @@ objective. The slate is ranked by ``sum_h c_h Q_h(s, a)`` with weights ``c`` fro
 settings; since every head is linear in the action, that sum is again one query
 ``sum_h c_h q_h(s)`` and one value, so retrieval and scoring stay one product each,
 and a shop can trade clicks for purchases by changing ``c`` without retraining.
-Each head has its own skip (content prior), so no objective pulls another's prior.
 """
 
 from __future__ import annotations
@@ -58,10 +57,7 @@ class QNetwork(nn.Module):
         self.query_head = nn.Linear(hidden, heads * item_dim)
         self.value_head = nn.Linear(hidden, heads)
         self.feature_head = nn.Linear(hidden, heads * item_features)
-        # each head has its own linear skip (its own content prior): a shared one would
-        # be pulled by every objective, and a rare one (purchases, mostly 0) would drag
-        # the prior the click head relies on towards zero
-        self.skip = nn.Linear(state_dim, heads * item_dim, bias=False)
+        self.skip = nn.Linear(state_dim, item_dim, bias=False)
         # how the heads' values are summed into the ranking value: a serving setting,
         # not a learned weight, so it is not saved with the weights
         self.register_buffer("head_weights", torch.ones(heads), persistent=False)
@@ -97,7 +93,7 @@ class QNetwork(nn.Module):
             w[:, :d] = 0.5 * scale * eye
             w[:, d: 2 * d] = scale * eye
             w[:, 2 * d: 3 * d] = -0.5 * scale * eye
-        self.skip.weight.copy_(w.repeat(self.heads, 1))  # every head starts from the prior
+        self.skip.weight.copy_(w)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -115,7 +111,8 @@ class QNetwork(nn.Module):
         """Every head's ``(query, value)``: ``(B, heads, action_dim)`` and ``(B, heads)``."""
         b = state.shape[0]
         h = self.trunk(state)
-        query = (self.query_head(h) + self.skip(state)).view(b, self.heads, self.item_dim)
+        query = (self.query_head(h).view(b, self.heads, self.item_dim)
+                 + self.skip(state).unsqueeze(1))
         features = self.feature_head(h).view(b, self.heads, self.item_features)
         return torch.cat([query, features], -1), self.value_head(h)
 

@@ -216,13 +216,23 @@ def report(results: dict[str, list[dict]], seeds: list[int], config: SimConfig,
                     + ", ".join(f"{r['after_swap']:.4f}" for r in runs) + " |")
         lines.append(row)
     peers = [p for p in results if p in PEERS]
-    for service in [s for s in ("service", "service-alt") if s in results and peers]:
+    for service in [s for s in results if s.startswith("service") and peers]:
         ratios = []
         for i in range(len(seeds)):
             best = max(results[p][i]["last20"] for p in peers)
             ratios.append(results[service][i]["last20"] / best)
-        lines += ["", f"{service.capitalize()} last-20% CTR / best peer's, per seed: " +
+        label = service[0].upper() + service[1:]
+        lines += ["", f"{label} last-20% CTR / best peer's, per seed: " +
                   ", ".join(f"{x:.2f}x" for x in ratios)]
+    for alt in [s for s in results if s.startswith("service+") and "service" in results]:
+        parts = []
+        for key, what in (("first10", "first-10%"), ("new_users", "new users' first 5"),
+                          ("after_swap", "after-swap 10%"), ("last20", "last-20%")):
+            if all(key in r for r in results[alt]):
+                parts.append(f"{what} " + ", ".join(
+                    f"{a[key] / max(b[key], 1e-9):.2f}x"
+                    for a, b in zip(results[alt], results["service"], strict=True)))
+        lines += ["", f"{alt} / service, CTR per seed: " + "; ".join(parts)]
     lines += ["", "CTR by step within a session (steps 0..4, 5+), mean over seeds:", "",
               "| policy | " + " | ".join(["0", "1", "2", "3", "4", "5+"]) + " |",
               "|---|" + "---|" * 6]
@@ -276,9 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policies", nargs="+", choices=ALL, default=ALL)
     ap.add_argument("--service-env", nargs="*", default=[],
                     help="extra RECSVC_ settings for the service, NAME=VALUE")
-    ap.add_argument("--alt-env", nargs="*", default=None,
-                    help="also run the service with these settings added, as policy "
-                         "service-alt (NAME=VALUE; compares an option on the same draws)")
+    ap.add_argument("--alt-env", nargs="+", action="append", default=[],
+                    help="also run the service with these settings added (NAME=VALUE), "
+                         "as policy service+NAME=VALUE, on the same draws; repeatable")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--docs-key", default=None,
                     help="write the table (and plot) under this name instead of the "
@@ -286,10 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     key = args.docs_key or args.variant
     env = dict(kv.split("=", 1) for kv in args.service_env)
-    alt = None if args.alt_env is None else {**env, **dict(kv.split("=", 1)
-                                                             for kv in args.alt_env)}
-    if alt is not None and "service" in args.policies:
-        args.policies.insert(args.policies.index("service") + 1, "service-alt")
+    alts = {"service+" + "+".join(kv.removeprefix("RECSVC_") for kv in group):
+            {**env, **dict(kv.split("=", 1) for kv in group)} for group in args.alt_env}
+    if "service" in args.policies:
+        at = args.policies.index("service") + 1
+        args.policies[at:at] = list(alts)
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[str, list[dict]] = {p: [] for p in args.policies}
     base = replace(SimConfig(requests=args.requests), **VARIANTS[args.variant])
@@ -301,8 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.policies:
             if name == "service":
                 clicks, _ = run_service(world, requests, env)
-            elif name == "service-alt":
-                clicks, _ = run_service(world, requests, alt, label=name)
+            elif name in alts:
+                clicks, _ = run_service(world, requests, alts[name], label=name)
             else:
                 clicks, _ = run_peer(name, world, requests)
             results[name].append(summarise(clicks, requests, config.slate,

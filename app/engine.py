@@ -129,7 +129,7 @@ class Engine:
                                     device=self.device)
         self.scorer = Scorer(self._ranking(QNetwork(self.layout.size, self.encoder.dim,
                                                     s.hidden, heads=max(len(s.heads), 1))),
-                             0, self.device, default_params() if s.ensemble else None,
+                             0, self.device, default_params() if s.ensemble_on else None,
                              AdaptationRule(np.zeros(N_RULE)) if s.adaptation else None)
         self._batcher = MicroBatcher(self._encode_batch, self.executor,
                                      max_batch=self.settings.encoder_batch_size)
@@ -190,8 +190,8 @@ class Engine:
         learner saved none: the setting was just turned on)."""
         net = self._ranking(weights_from_bytes(blob, self.device))
         s = self.settings
-        extra = extra_tensors(blob) if s.ensemble or s.adaptation else {}
-        ensemble = (params_from_tensors(extra) or default_params()) if s.ensemble else None
+        extra = extra_tensors(blob) if s.ensemble_on or s.adaptation else {}
+        ensemble = (params_from_tensors(extra) or default_params()) if s.ensemble_on else None
         adaptation = ((rule_from_tensors(extra) or AdaptationRule(np.zeros(N_RULE)))
                       if s.adaptation else None)
         return net, ensemble, adaptation

@@ -150,7 +150,7 @@ class LearnerWorker:
         self.claimed = 0  # entries taken over from earlier holders
         self._next_sweep = 0.0
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
-        self.ensemble = EnsembleLearner() if settings.ensemble else None
+        self.ensemble = EnsembleLearner() if settings.ensemble_on else None
         self.adaptation = AdaptationLearner() if settings.adaptation else None
         self.pending: dict[str, PendingImpression] = {}
         # what was learned recently, so entries delivered again after a failed round

@@ -89,9 +89,10 @@ class Settings(BaseSettings):
     epsilon_decay: float = Field(2_000.0, description="learned feedback events per 1/e decay")
     seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
 
-    ensemble: bool = Field(False, description="rank by a fused ensemble of agents "
+    ensemble: bool = Field(True, description="rank by a fused ensemble of agents "
                            "(Q-network, popularity, LinUCB), with weights learned from "
-                           "the rewards of each agent's picks")
+                           "the rewards of each agent's picks; off when RECSVC_HEAD_WEIGHTS "
+                           "is set")
 
     adaptation: bool = Field(False, description="fast adaptation for new users: correct "
                              "the scores of users with fewer than 5 positive events by a "
@@ -170,12 +171,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _options_with_one_head(self) -> Settings:
-        for name, on in (("RECSVC_ENSEMBLE", self.ensemble),
-                         ("RECSVC_ADAPTATION", self.adaptation)):
+        # asked for explicitly (the ensemble's default gives way to head weights)
+        for name, on in (("RECSVC_ENSEMBLE", self.ensemble and "ensemble" in
+                          self.model_fields_set), ("RECSVC_ADAPTATION", self.adaptation)):
             if on and self.head_weights:
                 raise ValueError(f"{name} and RECSVC_HEAD_WEIGHTS cannot be combined yet: "
                                  "it learns from one summed reward per shown item")
         return self
+
+    @property
+    def ensemble_on(self) -> bool:
+        """Whether slates are ranked by the fused ensemble: on by default, off with
+        multi-task heads (the ensemble learns from one summed reward)."""
+        return self.ensemble and not self.head_weights
 
     @cached_property
     def heads(self) -> tuple[str, ...]:

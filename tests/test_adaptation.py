@@ -74,7 +74,7 @@ def test_new_users_scores_carry_the_served_rule_and_experienced_users_do_not(bac
     correction, and a user with 5 positive events gets the Q-network's alone."""
     from tests.test_api import MOVIES, make_client, recommend, wait_for
 
-    with make_client(backend, encoder, adaptation=True) as c:
+    with make_client(backend, encoder, adaptation=True, ensemble=False) as c:
         assert c.post("/v1/items", json={"items": [{"item_id": i, "text": t}
                                                    for i, t in MOVIES]}).status_code == 200
         for n in range(40):  # new users, each clicking the first item of their slate

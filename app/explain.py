@@ -28,15 +28,7 @@ from app.settings import Settings
 from app.store import Impression, UserData
 from models.index import CandidateIndex
 from models.qnet import Scorer
-from models.state import (
-    N_AFFINITY_FEATURES,
-    N_EXPOSURE_FEATURES,
-    N_POPULARITY_FEATURES,
-    N_SCALARS,
-    N_TAG_FEATURES,
-    StateLayout,
-    candidate_features,
-)
+from models.state import FEATURE_GROUPS, N_SCALARS, StateLayout, candidate_features
 
 # history items explained per request: the latest distinct ones
 EXPLAINED_HISTORY = 20
@@ -115,15 +107,6 @@ def explain_slate(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
     return out
 
 
-def _feature_groups() -> list[tuple[str, slice]]:
-    groups, start = [], 0
-    for name, width in (("exposure", N_EXPOSURE_FEATURES), ("popularity", N_POPULARITY_FEATURES),
-                        ("affinity", N_AFFINITY_FEATURES), ("tags", N_TAG_FEATURES)):
-        groups.append((name, slice(start, start + width)))
-        start += width
-    return groups
-
-
 def state_parts(layout: StateLayout) -> list[tuple[str, slice]]:
     d = layout.dim
     return [("context", slice(0, d)), ("positive_pool", slice(d, 2 * d)),
@@ -169,7 +152,7 @@ def importance(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
         ablated = states.copy()
         ablated[:, cols] = 0.0
         measure(name, "state", q_all(ablated))
-    for name, cols in _feature_groups():
+    for name, cols in FEATURE_GROUPS.items():
         measure(name, "item_features", q_all(states, cols))
     parts.sort(key=lambda p: -p["mean_abs_q_change"])
     return {"impressions": len(rows), "items": int(sum(len(r[1]) for r in rows)),

@@ -27,19 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.state import (
-    N_AFFINITY_FEATURES,
-    N_EXPOSURE_FEATURES,
-    N_POPULARITY_FEATURES,
-    N_TAG_FEATURES,
-    StateLayout,
-)
+from models.state import FEATURE_GROUPS, StateLayout
 
 NEW_USER_EVENTS = 5
-_AFFINITY = slice(N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES,
-                  N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES + N_AFFINITY_FEATURES
-                  + N_TAG_FEATURES)
-N_PER_BUCKET = N_AFFINITY_FEATURES + N_TAG_FEATURES + 1  # and a bias
+# the embedding and tag affinity features, which sit side by side
+_AFFINITY = slice(FEATURE_GROUPS["affinity"].start, FEATURE_GROUPS["tags"].stop)
+N_PER_BUCKET = _AFFINITY.stop - _AFFINITY.start + 1  # and a bias
 N_RULE = NEW_USER_EVENTS * N_PER_BUCKET
 PREFIX = "adaptation."
 

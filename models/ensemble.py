@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.state import StateLayout
+from models.state import FEATURE_GROUPS, StateLayout
 
 AGENTS = ("q", "popularity", "linear")
 N_LINEAR = 12  # per-candidate features (8), 3 similarities, a bias
-POPULARITY_COLUMN = 2  # the smoothed CTR lift among the per-candidate features
+POPULARITY_COLUMN = FEATURE_GROUPS["popularity"].start  # the smoothed CTR lift
 PREFIX = "ensemble."
 
 

@@ -23,6 +23,19 @@ N_AFFINITY_FEATURES = 2
 N_TAG_FEATURES = 2
 N_ITEM_FEATURES = (N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES + N_AFFINITY_FEATURES
                    + N_TAG_FEATURES)
+
+
+def _feature_groups() -> dict[str, slice]:
+    groups, start = {}, 0
+    for name, width in (("exposure", N_EXPOSURE_FEATURES), ("popularity", N_POPULARITY_FEATURES),
+                        ("affinity", N_AFFINITY_FEATURES), ("tags", N_TAG_FEATURES)):
+        groups[name] = slice(start, start + width)
+        start += width
+    return groups
+
+
+# where each group sits among the per-candidate features (``candidate_features``' order)
+FEATURE_GROUPS: dict[str, slice] = _feature_groups()
 RECENT_POSITIVES = 5
 RECENT_NEGATIVES = 10
 # tags are hashed into this many buckets: a fixed width whatever a catalog's vocabulary

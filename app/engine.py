@@ -41,8 +41,7 @@ from models.qnet import (
     QNetwork,
     Scorer,
     all_finite,
-    extra_tensors,
-    weights_from_bytes,
+    split_weights,
     weights_shape,
 )
 from models.state import RecentItems, StateLayout, candidate_features
@@ -188,9 +187,9 @@ class Engine:
         """The network of a weights blob, ranking as this server ranks, and for the
         options that are on, their state saved beside it (an untrained one if the
         learner saved none: the setting was just turned on)."""
-        net = self._ranking(weights_from_bytes(blob, self.device))
+        net, extra = split_weights(blob, self.device)
+        net = self._ranking(net)
         s = self.settings
-        extra = extra_tensors(blob) if s.ensemble_on or s.adaptation else {}
         ensemble = (params_from_tensors(extra) or default_params()) if s.ensemble_on else None
         adaptation = ((rule_from_tensors(extra) or AdaptationRule(np.zeros(N_RULE)))
                       if s.adaptation else None)

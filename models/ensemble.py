@@ -95,7 +95,7 @@ class EnsembleLearner:
     horizon: float = 5_000.0  # transitions over which old credit fades (1/e)
     prior_rate: float = 0.03
     prior_count: float = 20.0
-    a: np.ndarray = field(default_factory=lambda: np.eye(N_LINEAR))
+    a: np.ndarray = field(init=False)  # ridge * I plus the x x^T seen
     b: np.ndarray = field(default_factory=lambda: np.zeros(N_LINEAR))
     reward_sum: np.ndarray = field(default_factory=lambda: np.zeros(len(AGENTS)))
     count: np.ndarray = field(default_factory=lambda: np.zeros(len(AGENTS)))

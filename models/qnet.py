@@ -160,16 +160,22 @@ def weights_to_bytes(net: QNetwork, extra: dict[str, torch.Tensor] | None = None
 def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
     """Rebuild a QNetwork from ``weights_to_bytes`` output (head weights: all 1; the
     server sets its own)."""
+    return split_weights(blob, device)[0]
+
+
+def split_weights(blob: bytes, device: str = "cpu") -> tuple[QNetwork, dict[str, torch.Tensor]]:
+    """The network of a weights blob and the tensors saved beside it (see
+    weights_to_bytes), from one parse of the blob."""
     net = QNetwork(*weights_shape(blob))
+    tensors = st_load(blob)
     mine = net.state_dict()
-    net.load_state_dict({k: v for k, v in st_load(blob).items() if k in mine})
-    return net.to(device).eval()
+    net.load_state_dict({k: v for k, v in tensors.items() if k in mine})
+    return net.to(device).eval(), {k: v for k, v in tensors.items() if k not in mine}
 
 
 def extra_tensors(blob: bytes) -> dict[str, torch.Tensor]:
     """The tensors of a weights blob that are not the network's (see weights_to_bytes)."""
-    mine = set(QNetwork(*weights_shape(blob)).state_dict())
-    return {k: v for k, v in st_load(blob).items() if k not in mine}
+    return split_weights(blob)[1]
 
 
 def weights_shape(blob: bytes) -> tuple[int, int, int, int, int]:

@@ -11,7 +11,7 @@ import pytest
 from app.store import Impression, ItemRecord, StoreUnavailable, UserData
 from app.store import memory as memory_backend
 from app.store import redis_store as redis_backend
-from app.store.base import WeightsUpdate
+from app.store.base import FeedbackOutcome, WeightsUpdate
 from app.store.memory import MemoryStore
 from app.store.redis_store import RedisStore
 
@@ -89,6 +89,32 @@ async def test_impression_feedback_and_dedupe(store):
     assert first == (True, 1.0) and again == (False, 1.0) and other == (True, 2.0)
     history = (await store.get_user("u1")).history
     assert [(h["item_id"], h["event"]) for h in history] == [("a", "click"), ("a", "purchase")]
+
+
+async def test_feedback_on_slate_validates_then_records(store):
+    """The one call behind POST /v1/feedback: the same outcomes, in the same order, as
+    reading the slate and recording separately; a refused event leaves nothing behind."""
+    assert (await store.feedback_on_slate("r1", "a", "click", None, 1.0, 5.0, 60, 10)
+            == FeedbackOutcome("unknown_request"))
+    await store.log_impression(imp("r1"), ttl_s=60, shown_max=10)
+    assert (await store.feedback_on_slate("r1", "zz", "click", None, 1.0, 5.0, 60, 10)
+            == FeedbackOutcome("not_in_slate"))
+    # neither refusal marked the event as delivered
+    first = await store.feedback_on_slate("r1", "a", "click", None, 1.0, 5.0, 60, 10)
+    again = await store.feedback_on_slate("r1", "a", "click", None, 7.0, 6.0, 60, 10)
+    other = await store.feedback_on_slate("r1", "b", "purchase", None, 2.0, 7.0, 60, 10)
+    assert first == FeedbackOutcome("accepted", 1.0)
+    assert again == FeedbackOutcome("duplicate", 1.0)
+    assert other == FeedbackOutcome("accepted", 2.0)
+    history = (await store.get_user("u1")).history
+    assert [(h["item_id"], h["event"], h["ts"]) for h in history] == [("a", "click", 5.0),
+                                                                     ("b", "purchase", 7.0)]
+    got = (await store.get_impressions(["r1"]))["r1"]
+    assert got.rewards == {"a": 1.0, "b": 2.0}
+    assert got.events == {"a": ["click"], "b": ["purchase"]}
+    entries = await store.read_stream("c1", 100)
+    assert [(f["type"], f.get("item_id")) for _, f in entries] == [
+        ("impression", None), ("feedback", "a"), ("feedback", "b")]
 
 
 async def test_stream_delivers_once_and_redelivers_unacked(store):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 
 class StoreUnavailable(Exception):
@@ -25,6 +26,16 @@ class ItemRecord:
     available: bool
     embedding: bytes  # float32, the encoder's dimension
     text_key: str     # model id + hash of the normalised text: re-embed only on change
+
+
+@dataclass(frozen=True)
+class FeedbackOutcome:
+    """What became of one feedback event: ``accepted``, ``duplicate`` (``reward`` is
+    then the first delivery's), ``unknown_request`` (unknown or expired) or
+    ``not_in_slate``; nothing is written for the last three."""
+
+    status: Literal["accepted", "duplicate", "unknown_request", "not_in_slate"]
+    reward: float = 0.0
 
 
 @dataclass
@@ -158,6 +169,23 @@ class Store(abc.ABC):
         expired: all that feedback needs to be validated, without the stored state."""
         imp = (await self.get_impressions([request_id])).get(request_id)
         return None if imp is None else (imp.user_id, imp.item_ids)
+
+    async def feedback_on_slate(self, request_id: str, item_id: str, event: str,
+                                value: float | None, reward: float, ts: float, ttl_s: int,
+                                history_max: int) -> FeedbackOutcome:
+        """Validate feedback against its logged slate and record it (``record_feedback``)
+        in one call, so a backend can do both in fewer round trips: this is the whole
+        work of ``POST /v1/feedback``. Checks in the API's order: the impression is
+        known, the item was in it, then the (request, item, event) is not a duplicate."""
+        slate = await self.slate_of(request_id)
+        if slate is None:
+            return FeedbackOutcome("unknown_request")
+        user_id, item_ids = slate
+        if item_id not in item_ids:
+            return FeedbackOutcome("not_in_slate")
+        accepted, reward = await self.record_feedback(request_id, user_id, item_id, event,
+                                                      value, reward, ts, ttl_s, history_max)
+        return FeedbackOutcome("accepted" if accepted else "duplicate", reward)
 
     @abc.abstractmethod
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,

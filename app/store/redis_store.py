@@ -35,6 +35,7 @@ from redis import exceptions as rexc
 
 from app.store.base import (
     CatalogChange,
+    FeedbackOutcome,
     Impression,
     ItemRecord,
     Store,
@@ -393,14 +394,53 @@ class RedisStore(Store):
         return user_id.decode(), orjson.loads(items)
 
     @_guard
+    async def feedback_on_slate(self, request_id: str, item_id: str, event: str,
+                                value: float | None, reward: float, ts: float, ttl_s: int,
+                                history_max: int) -> FeedbackOutcome:
+        """Two round trips, not three: the slate is read, and the dedupe marker set, in
+        one pipeline; the writes follow in another. A marker set for feedback that
+        then proves invalid is deleted again (a third round trip on that path only).
+        No script: the keys hash to different Cluster slots."""
+        await self._ensure_group()
+        marker = self._marker(request_id, item_id, event)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self._imp(request_id), ["user_id", "items"])
+        pipe.set(marker, repr(reward), nx=True, ex=ttl_s)
+        pipe.get(marker)
+        (user_id, items), fresh, first = await pipe.execute()
+        if user_id is None or items is None or item_id not in orjson.loads(items):
+            if fresh:
+                await self.r.delete(marker)
+            return FeedbackOutcome("unknown_request" if user_id is None or items is None
+                                   else "not_in_slate")
+        if not fresh:
+            return FeedbackOutcome("duplicate",
+                                   float(first) if first is not None else reward)
+        await self._write_feedback(marker, request_id, user_id.decode(), item_id, event,
+                                   value, reward, ts, history_max)
+        return FeedbackOutcome("accepted", reward)
+
+    def _marker(self, request_id: str, item_id: str, event: str) -> str:
+        return f"{self.p}:fb:{request_id}:{item_id}:{event}"
+
+    @_guard
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:
         await self._ensure_group()
-        marker = f"{self.p}:fb:{request_id}:{item_id}:{event}"
+        marker = self._marker(request_id, item_id, event)
         if not await self.r.set(marker, repr(reward), nx=True, ex=ttl_s):
             first = await self.r.get(marker)
             return False, float(first) if first is not None else reward
+        await self._write_feedback(marker, request_id, user_id, item_id, event, value,
+                                   reward, ts, history_max)
+        return True, reward
+
+    async def _write_feedback(self, marker: str, request_id: str, user_id: str, item_id: str,
+                              event: str, value: float | None, reward: float, ts: float,
+                              history_max: int) -> None:
+        """The writes of accepted feedback, in one pipeline; if they fail the marker is
+        released, so that the client's retry is not taken for a duplicate."""
         try:
             hist = self._user(user_id, "hist")
             pipe = self.r.pipeline(transaction=False)
@@ -423,7 +463,6 @@ class RedisStore(Store):
                 await self.r.delete(marker)
             finally:
                 raise
-        return True, reward
 
     # evaluation log
     @_guard

@@ -46,7 +46,9 @@ _ADMIN = [Depends(require_admin)]
 _ADMIN_ERRORS = {403: {"model": ErrorOut, "description": "the key is not an admin key"}}
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
+    # dependencies are ``async def`` (here and in app.auth): FastAPI runs a plain ``def``
+    # dependency on a worker thread, a thread hop per request for a few attribute reads
     engine: Engine = request.app.state.engine
     if not engine.ready:
         raise APIError(503, "not_ready", "the service is starting", {"Retry-After": "1"})
@@ -123,7 +125,14 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
             body.user_id, body.context.text if body.context else None, body.k, body.exclude,
             body.exclude_seen, body.candidates, body.explore, body.explain)
         c = slate.choice
-        why = slate.explanations or [None] * len(slate.item_ids)
+        if slate.explanations is None:  # the common case: straight to JSON, no models
+            return FastJSONResponse({
+                "request_id": slate.request_id, "model_version": slate.model_version,
+                "items": [{"item_id": i, "score": s, "explored": e, "propensity": p}
+                          for i, s, e, p in zip(slate.item_ids, slate.scores.tolist(),
+                                                c.explored.tolist(), c.propensities.tolist(),
+                                                strict=True)]})
+        why = slate.explanations
         items = [SlateItem(item_id=i, score=float(s), explored=bool(e), propensity=float(p),
                            explanation=x)
                  for i, s, e, p, x in zip(slate.item_ids, slate.scores, c.explored,
@@ -138,25 +147,24 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         # Slates served while the store was down may still be held in memory: log them
         # first, so feedback on them is never a 404 (a no-op when nothing is held).
         await engine.flush_unlogged()
-        slate = await engine.store.slate_of(body.request_id)
-        if slate is None:
+        reward = settings.rewards.reward(body.event, body.value)  # the body is validated
+        out = await engine.store.feedback_on_slate(
+            body.request_id, body.item_id, body.event, body.value, reward, time.time(),
+            settings.impression_ttl_s, settings.history_len)
+        if out.status == "unknown_request":
             raise APIError(404, "unknown_request",
                            f"request_id {body.request_id!r} is unknown or expired")
-        user_id, item_ids = slate
-        if body.item_id not in item_ids:
+        if out.status == "not_in_slate":
             raise APIError(422, "item_not_in_slate",
                            f"item_id: {body.item_id!r} was not in that slate")
-        reward = settings.rewards.reward(body.event, body.value)
-        accepted, reward = await engine.store.record_feedback(
-            body.request_id, user_id, body.item_id, body.event, body.value, reward,
-            time.time(), settings.impression_ttl_s, settings.history_len)
-        if not accepted:
-            return FastJSONResponse({"accepted": True, "reward": reward, "duplicate": True},
+        if out.status == "duplicate":
+            return FastJSONResponse({"accepted": True, "reward": out.reward, "duplicate": True},
                                   status_code=200)
         metrics.feedback.labels(body.event).inc()
         if reward > 0:
             engine.index.record((), (body.item_id,))
-        return {"accepted": True, "reward": reward, "duplicate": False}
+        return FastJSONResponse({"accepted": True, "reward": reward, "duplicate": False},
+                                status_code=202)
 
     @v1.post("/events", response_model=EventOut, status_code=202)
     async def events(body: EventIn, engine: Engine = Depends(_engine)):

@@ -52,7 +52,7 @@ class KeyRing:
         return Principal(found.hex()[:12], admin) if found is not None else None
 
 
-def authenticate(request: Request) -> Principal:
+async def authenticate(request: Request) -> Principal:
     """Every ``/v1`` route: ``401`` without a valid ``X-API-Key`` (when keys are set)."""
     ring: KeyRing = request.app.state.keyring
     if not ring.enabled:
@@ -66,7 +66,7 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Catalog writes, user erasure, the evaluation log and model operations:
     ``403`` for a valid key that is not an admin key."""
     principal: Principal = request.state.principal

@@ -7,7 +7,7 @@ production store), then:
    titles and variants) and reports the ingestion rate. The embedded catalog is
    kept in ``--cache-dir`` (a Redis snapshot) so later runs skip re-embedding;
 2. gives ``--users`` users a history of ``--events`` interactions each through
-   ``POST /v1/events``;
+   ``POST /v1/events`` (kept in the snapshot too);
 3. warms the context cache (contexts repeat, as real traffic does), then runs
    ``wrk -t2 -c16`` for ``--seconds`` with ``bench/wrk/traffic.lua``, varying users
    and contexts, recommend only;
@@ -16,8 +16,14 @@ production store), then:
    on each item of those slates in turn (the feedback target is 2,000/s);
 5. stops the service, starts the floor (``bench.floor``: the same FastAPI and
    uvicorn stack parsing the same body and returning a slate of the same shape,
-   doing no work) and runs the same ``wrk`` against it;
-6. prints both, the throughput ratio and the p99 ratio, and the feedback rate.
+   doing no work) and runs the same ``wrk`` against it; then the same with the
+   floor doing a recommendation's store I/O (the user read and the impression
+   write, on the same Redis and users), which splits the service's cost into what
+   the contract's I/O costs and what the model costs;
+6. prints all three, the throughput ratio and the p99 ratio, and the feedback rate.
+
+``--topology api+learner`` runs the production topology instead of one process: an
+API replica (``RECSVC_ROLE=api``) with a ``recsvc learner`` process beside it.
 
     python -m bench.load [--items 100000] [--users 5000] [--seconds 30]
 
@@ -27,6 +33,7 @@ Needs ``wrk`` (Debian: apt-get install wrk) and ``redis-server``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -86,6 +93,19 @@ def give_histories(url: str, users: int, events: int, items: int, seed: int) -> 
     return post_concurrently(url, "/v1/events", posts, "histories", "event")[1]
 
 
+def histories(url: str, args: argparse.Namespace, redis_url: str, cached: bool) -> str:
+    """Give the users their histories, unless the cached snapshot has them already (it
+    is saved again after they are given, before any traffic)."""
+    if cached:
+        last = httpx.get(f"{url}/v1/users/u-{args.users}", timeout=30)
+        if last.status_code == 200 and len(last.json()["history"]) >= args.events:
+            return f"histories of {args.users:,} users restored from the cache"
+    rate = give_histories(url, args.users, args.events, args.items, args.seed)
+    if cached:
+        redis.Redis.from_url(redis_url).save()
+    return f"histories: {args.users * args.events:,} events at {rate:.0f} events/s"
+
+
 FEEDBACK_LUA = Path(__file__).with_name("wrk") / "feedback.lua"
 
 
@@ -108,10 +128,14 @@ def wrk_feedback(url: str, seconds: int, connections: int, pairs_path: str) -> d
     return res
 
 
-def run_floor(seconds: int, connections: int, traffic: dict) -> dict:
+def run_floor(seconds: int, connections: int, traffic: dict,
+              redis_url: str | None = None) -> dict:
+    """``wrk`` against the floor; with ``redis_url``, the floor that also does a
+    recommendation's store I/O (on the service's keys: the same users' histories)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port", str(port)])
+    io = ["--redis-url", redis_url, "--key-prefix", "load"] if redis_url else []
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port", str(port), *io])
     try:
         if not wait_ready(url, lambda: proc.poll() is None, 60):
             raise RuntimeError("the floor did not start")
@@ -142,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--feedback-slates", type=int, default=10_000,
                     help="slates served to send feedback on (10 clicks each)")
+    ap.add_argument("--topology", choices=["all", "api+learner"], default="all",
+                    help="all: one `recsvc serve` that also learns; api+learner: one API "
+                         "replica (RECSVC_ROLE=api) and a `recsvc learner` process beside "
+                         "it, as in production (here both share the machine's cores)")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
@@ -151,30 +179,40 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"load benchmark: {args.items:,} items, {args.users:,} users with "
           f"{args.events} events each, {args.contexts} contexts, wrk -t2 -c{args.connections} "
-          f"{args.seconds}s, one service process", flush=True)
-    with private_redis(workdir) as redis_url:
+          f"{args.seconds}s, one service process"
+          + (" (RECSVC_ROLE=api) and a learner process" if args.topology != "all" else ""),
+          flush=True)
+    with private_redis(workdir) as redis_url, contextlib.ExitStack() as stack:
         wait_redis(redis_url)
-        with running_service_process({"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load",
-                                      "RECSVC_DEVICE": "cpu", **extra}, 600) as (url, _):
+        env = {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load",
+               "RECSVC_DEVICE": "cpu", **extra}
+        if args.topology == "api+learner":
+            env["RECSVC_ROLE"] = "api"
+            stack.enter_context(running_service_process(env, 600, command="learner"))
+        with running_service_process(env, 600) as (url, _):
             print(load_catalog(url, args.items, redis_url, workdir is not None), flush=True)
-            rate = give_histories(url, args.users, args.events, args.items, args.seed)
-            print(f"histories: {args.users * args.events:,} events at {rate:.0f} events/s",
-                  flush=True)
+            print(histories(url, args, redis_url, workdir is not None), flush=True)
             wrk(url, 10, args.connections, 2, traffic)  # every context cached
             service = wrk(url, args.seconds, args.connections, 2, traffic)
             with tempfile.TemporaryDirectory() as tmp:
                 pairs_path = os.path.join(tmp, "pairs.txt")
                 n_pairs = served_pairs(url, args.feedback_slates, args.users, pairs_path)
                 feedback = wrk_feedback(url, args.seconds, args.connections, pairs_path)
+        stack.close()  # the learner, if any, stops too: the floors run alone
+        floor_io = run_floor(args.seconds, args.connections, traffic, redis_url)
     floor = run_floor(args.seconds, args.connections, traffic)
 
     print(f"\n{'POST /v1/recommend':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     print(line("floor (same stack, no work)", floor))
+    print(line("floor + store I/O, no model", floor_io))
     print(line("recsvc", service))
     print(f"\nthroughput ratio recsvc / floor: {service['rate'] / floor['rate']:.3f} "
           f"(target >= 0.5)")
     print(f"p99 ratio recsvc / floor: {service['p99_us'] / floor['p99_us']:.2f} "
           f"(target <= 3)")
+    print(f"floor + store I/O / floor: {floor_io['rate'] / floor['rate']:.3f} (the user read "
+          f"and the impression write alone); recsvc / that: "
+          f"{service['rate'] / floor_io['rate']:.3f}")
     print(f"\n{'POST /v1/feedback':<28} {'ok/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     print(line("recsvc", feedback))
     print(f"(clicks on the {n_pairs:,} items of {args.feedback_slates:,} served slates, "

@@ -40,9 +40,13 @@ def linear_features(layout: StateLayout, states: np.ndarray, items: np.ndarray,
     """``(n, N_LINEAR)`` LinUCB inputs of ``n`` (state, item) pairs: row i pairs
     ``states[i]`` (or the one state, if one is given) with ``items[i]``."""
     states = np.atleast_2d(states)
-    sims = np.stack([(items * layout.context(states)).sum(-1),
-                     (items * layout.positive_pool(states)).sum(-1),
-                     (items * layout.negative_pool(states)).sum(-1)], -1)
+    if len(states) == 1:  # serving: one state for all candidates, one (n, d) @ (d, 3)
+        d = layout.dim
+        sims = items @ states[0, : 3 * d].reshape(3, d).T  # context, positive, negative
+    else:
+        sims = np.stack([(items * layout.context(states)).sum(-1),
+                         (items * layout.positive_pool(states)).sum(-1),
+                         (items * layout.negative_pool(states)).sum(-1)], -1)
     return np.concatenate([features, sims, np.ones((len(items), 1), np.float32)],
                           1).astype(np.float32)
 
@@ -65,24 +69,27 @@ class EnsembleParams:
                      features: np.ndarray, q_scores: np.ndarray) -> np.ndarray:
         """``(len(AGENTS), N)`` scores of every agent for one request's candidates."""
         x = linear_features(layout, state, items, features)
-        width = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", x, self.a_inv, x), 0.0))
+        width = np.sqrt(np.maximum(((x @ self.a_inv) * x).sum(1), 0.0))
         linear = x @ self.theta + self.alpha * width
         return np.stack([q_scores, features[:, POPULARITY_COLUMN], linear])
 
     def fuse(self, agent_scores: np.ndarray) -> np.ndarray:
         """The fused score of each candidate: weighted sum of standardised scores."""
-        return sum(w * standardise(s) for w, s in zip(self.weights, agent_scores, strict=True))
+        mean = agent_scores.mean(1, keepdims=True)
+        sd = agent_scores.std(1, keepdims=True)
+        z = np.where(sd > 1e-9, (agent_scores - mean) / np.where(sd > 1e-9, sd, 1.0), 0.0)
+        return self.weights @ z  # each agent's standardise(), weighted, in one pass
 
 
 def top_k_masks(agent_scores: np.ndarray, chosen: np.ndarray, k: int) -> list[int]:
     """Per chosen candidate, a bitmask of the agents that rank it in their own top-k:
     the credit its reward gives each agent."""
     k = min(k, agent_scores.shape[1])
-    masks = np.zeros(len(chosen), dtype=np.int64)
-    for bit, scores in enumerate(agent_scores):
-        top = np.argpartition(-scores, k - 1)[:k]
-        masks |= np.isin(chosen, top).astype(np.int64) << bit
-    return masks.tolist()
+    top = np.argpartition(-agent_scores, k - 1, axis=1)[:, :k]
+    inside = np.zeros(agent_scores.shape, dtype=bool)
+    np.put_along_axis(inside, top, True, axis=1)
+    bits = np.left_shift(1, np.arange(len(agent_scores), dtype=np.int64))
+    return (bits @ inside[:, chosen]).tolist()
 
 
 @dataclass

@@ -56,6 +56,30 @@ def test_top_k_masks_credit_each_agent_for_its_own_top_k():
     assert top_k_masks(scores, np.array([0, 4, 2]), 2) == [0b001, 0b110, 0b100]
 
 
+def test_serving_fast_paths_match_the_straightforward_ones():
+    """Serving scores one state against all candidates with matrix products; the
+    learner's row-wise path, a per-agent standardise and a per-agent top-k set are
+    what those must equal."""
+    rng = np.random.default_rng(5)
+    layout = StateLayout(16)
+    items = rng.standard_normal((40, 16)).astype(np.float32)
+    feats = rng.standard_normal((40, N_ITEM_FEATURES)).astype(np.float32)
+    state = rng.standard_normal(layout.size).astype(np.float32)
+    one = linear_features(layout, state, items, feats)
+    rowwise = linear_features(layout, np.repeat(state[None], 40, 0), items, feats)
+    assert np.allclose(one, rowwise, atol=1e-5)
+    agents = np.stack([rng.standard_normal(40), np.full(40, 0.3), rng.standard_normal(40)])
+    params = EnsembleParams(np.eye(N_LINEAR), np.zeros(N_LINEAR), np.array([0.5, 0.2, 0.3]))
+    assert np.allclose(params.fuse(agents), sum(w * standardise(a) for w, a in
+                                                zip(params.weights, agents, strict=True)))
+    chosen = rng.choice(40, 10, replace=False)
+    scored = agents[[0, 2]]  # no ties: each top-10 set is unambiguous
+    tops = [set(np.argsort(-a)[:10].tolist()) for a in scored]
+    expected = [sum(1 << bit for bit, top in enumerate(tops) if c in top)
+                for c in chosen.tolist()]
+    assert top_k_masks(scored, chosen, 10) == expected
+
+
 def test_fused_policy_logs_exact_propensities():
     rng = np.random.default_rng(2)
     layout = StateLayout(8)

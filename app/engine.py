@@ -434,9 +434,9 @@ class Engine:
                 wanted = [c for c in dict.fromkeys(p.candidates)
                           if c not in p.banned and self.index.is_recommendable(c)]
                 ids, items = self.index.vectors_of(wanted)
+            stats, tags = self.index.stats_and_tags_of(ids)
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
-                                       self.index.stats_of(ids), items,
-                                       self.index.tags_of(ids), recent, s.exposure_recent_s)
+                                       stats, items, tags, recent, s.exposure_recent_s)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
             if scorer.adaptation is not None:  # a new user: the learned correction
                 adjustment = scorer.adaptation.adjust(self.layout, state, feats)

@@ -84,7 +84,7 @@ def explain_slate(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
     built = [user_state_and_history(layout, v.user, v.ctx, index, s.rewards, s.history_len,
                                     s.history_decay, now) for v in variants]
     queries, values = scorer.query(np.stack([b[0] for b in built]))
-    stats, tags = index.stats_of(known), index.tags_of(known)
+    stats, tags = index.stats_and_tags_of(known)
     scores = np.stack([
         Scorer.score(queries[j], float(values[j]), items,
                      candidate_features(known, v.user.shown, v.user.touched, now, stats,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 import faiss
 import numpy as np
@@ -107,6 +108,7 @@ class CandidateIndex:
         self._engaging: tuple[int, float, np.ndarray] = (-1, 0.0, np.zeros(0, dtype=np.int64))
         # item id -> (index version, its nearest servable rows, whether that is all of them)
         self._neighbours: LRUCache[str, tuple[int, np.ndarray, bool]] = LRUCache(NEIGHBOURS_KEPT)
+        self._scratch: np.ndarray | None = None  # see _scratch_mask
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
 
     @property
@@ -372,23 +374,32 @@ class CandidateIndex:
                     if row is not None:
                         self._stats[row, col] += 1.0
 
-    def _per_id(self, table: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-        """Rows of a per-row ``table`` for ``ids``, as float32 (a copy); zeros for
-        unknown ids."""
+    def _per_id(self, tables: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
+        """Rows of each per-row table for ``ids``, as float32 (copies); zeros for
+        unknown ids. One id-to-row lookup serves every table (it is a dict lookup per
+        id, done by ``map`` in C: the per-candidate cost of a request)."""
         with self._lock:
-            rows = np.fromiter((self._row_of.get(i, -1) for i in ids), dtype=np.int64,
-                               count=len(ids))
-            out = table[np.maximum(rows, 0)].astype(np.float32)
-            out[rows < 0] = 0.0
+            rows = np.fromiter(map(self._row_of.get, ids, repeat(-1, len(ids))),
+                               dtype=np.int64, count=len(ids))
+            unknown = rows < 0
+            out = [table[np.maximum(rows, 0)].astype(np.float32) for table in tables]
+            if unknown.any():
+                for o in out:
+                    o[unknown] = 0.0
             return out
 
     def tags_of(self, ids: Sequence[str]) -> np.ndarray:
         """``(len(ids), TAG_BUCKETS)`` float32 tag multi-hots; zeros for unknown ids."""
-        return self._per_id(self._tags, ids)
+        return self._per_id([self._tags], ids)[0]
 
     def stats_of(self, ids: Sequence[str]) -> np.ndarray:
         """``(len(ids), 2)`` [shown, clicked] counts; zeros for unknown ids."""
-        return self._per_id(self._stats, ids)
+        return self._per_id([self._stats], ids)[0]
+
+    def stats_and_tags_of(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``stats_of`` and ``tags_of`` together, from one lookup of the ids' rows."""
+        stats, tags = self._per_id([self._stats, self._tags], ids)
+        return stats, tags
 
     def is_recommendable(self, item_id: str) -> bool:
         row = self._row_of.get(item_id)
@@ -417,17 +428,34 @@ class CandidateIndex:
         with self._lock:
             banned = self._rows_of_each(exclude)
             self._fill_neighbours(seeds, n, banned)
+            # membership by lookup in a per-row scratch mask (1: banned, 2: given by an
+            # earlier seed), not by np.isin's sort: set, read, and cleared again
+            mask = self._scratch_mask()
             out = []
             for entry_seeds, entry_banned in zip(seeds, banned, strict=True):
                 taken: list[np.ndarray] = []
-                for seed in entry_seeds:
-                    rows = self._neighbour_rows(seed, n, entry_banned)
-                    if taken and len(rows):
-                        rows = rows[~np.isin(rows, np.concatenate(taken))]
-                    taken.append(rows)
+                mask[entry_banned] = 1
+                try:
+                    for seed in entry_seeds:
+                        rows = self._neighbour_rows(seed)
+                        rows = rows[(mask[rows] & 1) == 0][:n]
+                        rows = rows[(mask[rows] & 2) == 0]
+                        mask[rows] |= 2
+                        taken.append(rows)
+                finally:
+                    mask[entry_banned] = 0
+                    for rows in taken:
+                        mask[rows] = 0
                 rows = np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
                 out.append((self._ids[rows].tolist(), self._vectors[rows].copy()))
             return out
+
+    def _scratch_mask(self) -> np.ndarray:
+        """A zeroed uint8 per row of storage, reused under the lock by whoever needs a
+        membership test over rows (and left zeroed again)."""
+        if self._scratch is None or len(self._scratch) < len(self._live):
+            self._scratch = np.zeros(len(self._live), dtype=np.uint8)
+        return self._scratch
 
     def _fill_neighbours(self, seeds: Sequence[Sequence[str]], n: int,
                          banned: list[np.ndarray]) -> None:
@@ -454,16 +482,13 @@ class CandidateIndex:
                                count=len(ids))
             self._neighbours.put(seed, (self.version, rows, len(rows) < deepest))
 
-    def _neighbour_rows(self, seed: str, n: int, banned: np.ndarray) -> np.ndarray:
-        """The ``n`` servable rows nearest to ``seed``'s embedding, not in ``banned``,
-        from its list (``_fill_neighbours`` made it fresh and deep enough)."""
+    def _neighbour_rows(self, seed: str) -> np.ndarray:
+        """The servable rows nearest to ``seed``'s embedding, best first, from its list
+        (``_fill_neighbours`` made it fresh and deep enough for the request)."""
         cached = self._neighbours.get(seed) if seed in self._row_of else None
         if cached is None:
             return np.zeros(0, dtype=np.int64)
-        rows = cached[1].astype(np.int64)
-        if len(banned):
-            rows = rows[~np.isin(rows, banned)]
-        return rows[:n]
+        return cached[1].astype(np.int64)
 
     def engaging(self, n: int, exclude: Sequence[Iterable[str]]
                  ) -> list[tuple[list[str], np.ndarray]]:
@@ -559,9 +584,12 @@ class CandidateIndex:
                 _, found = self._index.search(queries[todo], fetch)
                 rows = np.maximum(found, 0)
                 ok = (found >= 0) & self._servable[rows]
+                mask = self._scratch_mask()
                 for t, q in enumerate(todo):
                     if len(banned_rows[q]):
-                        ok[t] &= ~np.isin(rows[t], banned_rows[q])
+                        mask[banned_rows[q]] = 1
+                        ok[t] &= mask[rows[t]] == 0
+                        mask[banned_rows[q]] = 0
                 need = np.minimum(n, servable - np.array([len(banned_rows[q]) for q in todo]))
                 retry = (ok.sum(1) < need) & (fetch < self._n_rows)
                 done = ~retry

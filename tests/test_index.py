@@ -206,6 +206,11 @@ def test_tags_follow_items_through_updates_and_compaction():
     idx._rebuild("flat")
     assert np.array_equal(idx.tags_of(["a", "b"]),
                           tag_vectors([["horror"], ["drama", "war"]]).astype(np.float32))
+    idx.record(["b", "b", "a"], ["b"])
+    stats, tags = idx.stats_and_tags_of(["b", "zz", "a"])  # one lookup for both tables
+    assert np.array_equal(stats, idx.stats_of(["b", "zz", "a"]))
+    assert np.array_equal(tags, idx.tags_of(["b", "zz", "a"]))
+    assert stats.tolist() == [[2, 1], [0, 0], [1, 0]]
 
 
 def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(monkeypatch):

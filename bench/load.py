@@ -8,7 +8,8 @@ production store), then:
    kept in ``--cache-dir`` (a Redis snapshot) so later runs skip re-embedding;
 2. gives ``--users`` users a history of ``--events`` interactions each through
    ``POST /v1/events`` (kept in the snapshot too);
-3. warms the context cache (contexts repeat, as real traffic does), then runs
+3. warms the caches for ``--warmup`` seconds (contexts repeat, as real traffic
+   does; the related source's neighbour lists fill), then runs
    ``wrk -t2 -c16`` for ``--seconds`` with ``bench/wrk/traffic.lua``, varying users
    and contexts, recommend only;
 4. serves ``--feedback-slates`` more slates, then runs ``wrk`` with
@@ -23,7 +24,9 @@ production store), then:
 6. prints all three, the throughput ratio and the p99 ratio, and the feedback rate.
 
 ``--topology api+learner`` runs the production topology instead of one process: an
-API replica (``RECSVC_ROLE=api``) with a ``recsvc learner`` process beside it.
+API replica (``RECSVC_ROLE=api``) with a ``recsvc learner`` process beside it;
+``--topology api`` the API replica alone (what one replica can serve when the
+learner has its own machine).
 
     python -m bench.load [--items 100000] [--users 5000] [--seconds 30]
 
@@ -166,10 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--feedback-slates", type=int, default=10_000,
                     help="slates served to send feedback on (10 clicks each)")
-    ap.add_argument("--topology", choices=["all", "api+learner"], default="all",
+    ap.add_argument("--topology", choices=["all", "api+learner", "api"], default="all",
                     help="all: one `recsvc serve` that also learns; api+learner: one API "
                          "replica (RECSVC_ROLE=api) and a `recsvc learner` process beside "
-                         "it, as in production (here both share the machine's cores)")
+                         "it, as in production (here both share the machine's cores); api: "
+                         "the API replica alone (the learner runs on another machine in "
+                         "production; here none runs, and events wait in the stream)")
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="seconds of recommend traffic before the measured run (fills the "
+                         "context cache and the neighbour lists of the related source)")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
@@ -180,19 +188,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load benchmark: {args.items:,} items, {args.users:,} users with "
           f"{args.events} events each, {args.contexts} contexts, wrk -t2 -c{args.connections} "
           f"{args.seconds}s, one service process"
-          + (" (RECSVC_ROLE=api) and a learner process" if args.topology != "all" else ""),
+          + {"all": "", "api+learner": " (RECSVC_ROLE=api) and a learner process",
+             "api": " (RECSVC_ROLE=api), no learner"}[args.topology]
+          + f", {args.warmup}s warm-up",
           flush=True)
     with private_redis(workdir) as redis_url, contextlib.ExitStack() as stack:
         wait_redis(redis_url)
         env = {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load",
                "RECSVC_DEVICE": "cpu", **extra}
-        if args.topology == "api+learner":
+        if args.topology != "all":
             env["RECSVC_ROLE"] = "api"
+        if args.topology == "api+learner":
             stack.enter_context(running_service_process(env, 600, command="learner"))
         with running_service_process(env, 600) as (url, _):
             print(load_catalog(url, args.items, redis_url, workdir is not None), flush=True)
             print(histories(url, args, redis_url, workdir is not None), flush=True)
-            wrk(url, 10, args.connections, 2, traffic)  # every context cached
+            wrk(url, args.warmup, args.connections, 2, traffic)  # every context cached
             service = wrk(url, args.seconds, args.connections, 2, traffic)
             with tempfile.TemporaryDirectory() as tmp:
                 pairs_path = os.path.join(tmp, "pairs.txt")

@@ -38,6 +38,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.store import Store, StoreUnavailable, make_store
+from app.store.base import FeedbackEvent
 
 log = logging.getLogger("recsvc.api")
 
@@ -148,9 +149,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         # first, so feedback on them is never a 404 (a no-op when nothing is held).
         await engine.flush_unlogged()
         reward = settings.rewards.reward(body.event, body.value)  # the body is validated
-        out = await engine.store.feedback_on_slate(
-            body.request_id, body.item_id, body.event, body.value, reward, time.time(),
-            settings.impression_ttl_s, settings.history_len)
+        out = await engine.record_feedback(FeedbackEvent(
+            body.request_id, body.item_id, body.event, body.value, reward, time.time()))
         if out.status == "unknown_request":
             raise APIError(404, "unknown_request",
                            f"request_id {body.request_id!r} is unknown or expired")

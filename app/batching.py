@@ -8,7 +8,7 @@ requests instead of one each, and never on the event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
@@ -54,3 +54,49 @@ class MicroBatcher(Generic[In, Out]):
                         fut.set_result(res)
         finally:
             self._running -= 1
+
+
+class StoreBatcher(Generic[In, Out]):
+    """Concurrent requests' calls to the store go out together, one pipeline per batch.
+
+    Under load most of a Redis call's cost is the client's per-call work (pool,
+    timeout, retry, framing), not the commands: ``submit`` queues its value, and
+    while one batch is in flight the next callers wait and go together into the
+    next call of ``fn`` (an ``async`` function of a list, answering in order). One
+    caller alone goes at once, after one turn of the event loop. A failure of the
+    batch's call is every waiter's failure.
+    """
+
+    def __init__(self, fn: Callable[[list[In]], Awaitable[Sequence[Out]]],
+                 max_batch: int = 64) -> None:
+        self.fn = fn
+        self.max_batch = max_batch
+        self._queue: list[tuple[In, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, value: In) -> Out:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._queue.append((value, fut))
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)  # callers of this same turn of the loop join the batch
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                try:
+                    results = await self.fn([v for v, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(res)
+        finally:
+            self._running = False

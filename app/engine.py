@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from app.batching import MicroBatcher
+from app.batching import MicroBatcher, StoreBatcher
 from app.catalog import CatalogReplica, index_records
 from app.errors import APIError
 from app.explain import explain_slate, importance
@@ -30,6 +30,7 @@ from app.loops import PeriodicLoop
 from app.metrics import Metrics
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
+from app.store.base import FeedbackEvent, FeedbackOutcome
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
@@ -102,6 +103,12 @@ class Engine:
         self._batcher: MicroBatcher[str, np.ndarray] | None = None
         self._chooser: MicroBatcher[Pick, Chosen] | None = None
         self._follower: PeriodicLoop | None = None
+        # concurrent requests' store calls, one pipeline per batch (app.batching)
+        self._user_reads: StoreBatcher[str, UserData] = StoreBatcher(self._read_users)
+        self._impression_writes: StoreBatcher[Impression, None] = StoreBatcher(
+            self._write_impressions)
+        self._feedback_writes: StoreBatcher[FeedbackEvent, FeedbackOutcome] = StoreBatcher(
+            self._write_feedback)
         self._unlogged: deque[Impression] = deque(maxlen=settings.unlogged_max)
         self._flush_lock = asyncio.Lock()
         self._refused_version = 0
@@ -228,6 +235,25 @@ class Engine:
             if await self.catalog.follow():
                 self.metrics.catalog_size.set(len(self.index))
 
+    # -- store calls of concurrent requests, batched ----------------------------------------
+    async def _read_users(self, user_ids: list[str]) -> list[UserData]:
+        found = await self.store.get_users(list(dict.fromkeys(user_ids)))
+        return [found[u] for u in user_ids]
+
+    async def _write_impressions(self, imps: list[Impression]) -> list[None]:
+        await self.store.log_impressions(imps, self.settings.impression_ttl_s,
+                                         self.settings.shown_len)
+        return [None] * len(imps)
+
+    async def _write_feedback(self, events: list[FeedbackEvent]) -> list[FeedbackOutcome]:
+        return await self.store.feedback_on_slates(events, self.settings.impression_ttl_s,
+                                                   self.settings.history_len)
+
+    async def record_feedback(self, event: FeedbackEvent) -> FeedbackOutcome:
+        """Validate and record one feedback event (``Store.feedback_on_slate``), in one
+        store call with the concurrent requests' events."""
+        return await self._feedback_writes.submit(event)
+
     # -- impressions served while the store was down ------------------------------------
     def _keep_unlogged(self, imp: Impression, reason: Exception) -> None:
         """Hold the impression in memory (bounded) to log it once the store is back, so
@@ -334,7 +360,7 @@ class Engine:
                         explain: bool = False) -> Slate:
         async def user() -> UserData:
             try:
-                return await self.store.get_user(user_id)
+                return await self._user_reads.submit(user_id)
             except StoreUnavailable:  # degrade to a context-only state
                 return UserData([], [])
 
@@ -366,8 +392,7 @@ class Engine:
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
                          feats[choice.indices].tolist(), len(ids), agents=agents)
         try:
-            await self.store.log_impression(imp, self.settings.impression_ttl_s,
-                                            self.settings.shown_len)
+            await self._impression_writes.submit(imp)
         except StoreUnavailable as exc:
             self._keep_unlogged(imp, exc)
         self.index.record(slate.item_ids)

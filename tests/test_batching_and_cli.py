@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from app.batching import MicroBatcher
+from app.batching import MicroBatcher, StoreBatcher
 from app.cli import read_items
 
 
@@ -55,6 +55,37 @@ async def test_batches_compute_in_parallel_up_to_the_concurrency():
         got = await asyncio.gather(first, *(batcher.submit(v) for v in (2, 3, 4)))
     assert got == [10, 20, 30, 40]
     assert batcher._running == 0
+
+
+async def test_store_calls_of_concurrent_requests_go_out_together():
+    calls: list[list[int]] = []
+
+    async def fetch(values: list[int]) -> list[int]:
+        calls.append(list(values))
+        await asyncio.sleep(0.01)  # a round trip: later callers queue meanwhile
+        return [v * 10 for v in values]
+
+    batcher = StoreBatcher(fetch)
+    assert await batcher.submit(1) == 10  # alone: at once, a batch of one
+    got = await asyncio.gather(*(batcher.submit(v) for v in range(2, 12)))
+    assert got == [v * 10 for v in range(2, 12)]  # each caller its own answer
+    assert calls == [[1], list(range(2, 12))]    # the ten concurrent ones: one call
+    first = asyncio.ensure_future(batcher.submit(20))
+    await asyncio.sleep(0.001)                   # in flight now
+    late = await asyncio.gather(*(batcher.submit(v) for v in (21, 22)))
+    assert await first == 200 and late == [210, 220] and calls[-2:] == [[20], [21, 22]]
+
+
+async def test_a_failing_store_batch_fails_each_of_its_callers():
+    async def down(values: list[int]) -> list[int]:
+        raise ConnectionError("store down")
+
+    batcher = StoreBatcher(down)
+    results = await asyncio.gather(*(batcher.submit(v) for v in range(3)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    batcher.fn = lambda values: asyncio.sleep(0, [v + 1 for v in values])
+    assert await batcher.submit(1) == 2  # the next batch goes out again
 
 
 def test_read_items_jsonl_and_csv(tmp_path):

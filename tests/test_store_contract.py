@@ -11,7 +11,7 @@ import pytest
 from app.store import Impression, ItemRecord, StoreUnavailable, UserData
 from app.store import memory as memory_backend
 from app.store import redis_store as redis_backend
-from app.store.base import FeedbackOutcome, WeightsUpdate
+from app.store.base import FeedbackEvent, FeedbackOutcome, WeightsUpdate
 from app.store.memory import MemoryStore
 from app.store.redis_store import RedisStore
 
@@ -115,6 +115,37 @@ async def test_feedback_on_slate_validates_then_records(store):
     entries = await store.read_stream("c1", 100)
     assert [(f["type"], f.get("item_id")) for _, f in entries] == [
         ("impression", None), ("feedback", "a"), ("feedback", "b")]
+
+
+async def test_batched_feedback_and_impressions_keep_their_order(store):
+    """Concurrent requests' feedback and impressions are written in one call: each
+    event gets the outcome it would get alone, a repeat within the batch is a
+    duplicate of the earlier one, and a user's shown items keep their order."""
+    first, second = imp("r1", items=("a", "b")), imp("r2", items=("c", "d"))
+    second.ts = first.ts + 1
+    await store.log_impressions([first, second], ttl_s=60, shown_max=10)
+    assert [i for i, _ in (await store.get_user("u1")).shown] == ["a", "b", "c", "d"]
+    outcomes = await store.feedback_on_slates([
+        FeedbackEvent("r1", "a", "click", None, 1.0, 5.0),
+        FeedbackEvent("r2", "a", "click", None, 1.0, 5.0),   # not in r2's slate
+        FeedbackEvent("r9", "a", "click", None, 1.0, 5.0),   # unknown
+        FeedbackEvent("r2", "d", "rating", 4.0, 0.6, 6.0),
+        FeedbackEvent("r1", "a", "click", None, 3.0, 7.0),   # a repeat of the first
+    ], ttl_s=60, history_max=10)
+    assert outcomes == [FeedbackOutcome("accepted", 1.0), FeedbackOutcome("not_in_slate"),
+                        FeedbackOutcome("unknown_request"), FeedbackOutcome("accepted", 0.6),
+                        FeedbackOutcome("duplicate", 1.0)]
+    history = (await store.get_user("u1")).history
+    assert [(h["item_id"], h["event"], h["value"]) for h in history] == [
+        ("a", "click", None), ("d", "rating", 4.0)]
+    got = await store.get_impressions(["r1", "r2"])
+    assert got["r1"].rewards == {"a": 1.0} and got["r2"].rewards == {"d": 0.6}
+    # a refused event left no dedupe marker: once its slate is logged (an impression
+    # held through an outage, say), the same event is accepted
+    await store.log_impressions([imp("r9", items=("a",))], ttl_s=60, shown_max=10)
+    again = await store.feedback_on_slates([FeedbackEvent("r9", "a", "click", None, 1.0, 8.0)],
+                                           60, 10)
+    assert again == [FeedbackOutcome("accepted", 1.0)]
 
 
 async def test_stream_delivers_once_and_redelivers_unacked(store):

@@ -29,6 +29,18 @@ class ItemRecord:
 
 
 @dataclass(frozen=True)
+class FeedbackEvent:
+    """One ``POST /v1/feedback``, its reward already computed from the reward map."""
+
+    request_id: str
+    item_id: str
+    event: str
+    value: float | None
+    reward: float
+    ts: float
+
+
+@dataclass(frozen=True)
 class FeedbackOutcome:
     """What became of one feedback event: ``accepted``, ``duplicate`` (``reward`` is
     then the first delivery's), ``unknown_request`` (unknown or expired) or
@@ -161,6 +173,12 @@ class Store(abc.ABC):
     async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
         """Store the impression, remember the shown items, and append it to the stream."""
 
+    async def log_impressions(self, imps: list[Impression], ttl_s: int,
+                              shown_max: int) -> None:
+        """``log_impression`` for each, in order; a backend may write them all at once."""
+        for imp in imps:
+            await self.log_impression(imp, ttl_s, shown_max)
+
     @abc.abstractmethod
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]: ...
 
@@ -186,6 +204,15 @@ class Store(abc.ABC):
         accepted, reward = await self.record_feedback(request_id, user_id, item_id, event,
                                                       value, reward, ts, ttl_s, history_max)
         return FeedbackOutcome("accepted" if accepted else "duplicate", reward)
+
+    async def feedback_on_slates(self, events: list[FeedbackEvent], ttl_s: int,
+                                 history_max: int) -> list[FeedbackOutcome]:
+        """``feedback_on_slate`` for each event, in order (a repeat of an earlier
+        event of the list is its duplicate); a backend may answer them all in one
+        round trip per step."""
+        return [await self.feedback_on_slate(e.request_id, e.item_id, e.event, e.value,
+                                             e.reward, e.ts, ttl_s, history_max)
+                for e in events]
 
     @abc.abstractmethod
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,

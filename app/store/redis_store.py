@@ -35,6 +35,7 @@ from redis import exceptions as rexc
 
 from app.store.base import (
     CatalogChange,
+    FeedbackEvent,
     FeedbackOutcome,
     Impression,
     ItemRecord,
@@ -345,24 +346,31 @@ class RedisStore(Store):
     # impressions and feedback
     @_guard
     async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
+        await self.log_impressions([imp], ttl_s, shown_max)
+
+    @_guard
+    async def log_impressions(self, imps: list[Impression], ttl_s: int,
+                              shown_max: int) -> None:
+        """All of them in one pipeline (in order: a user's shown list keeps it)."""
         await self._ensure_group()
-        shown_key = self._user(imp.user_id, "shown")
-        imps_key = self._user(imp.user_id, "imps")
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self._imp(imp.request_id), mapping={
-            "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
-            "state": imp.state, "items": orjson.dumps(imp.item_ids),
-            "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
-            "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
-            "agents": orjson.dumps(imp.agents)})
-        pipe.expire(self._imp(imp.request_id), ttl_s)
-        if imp.item_ids:
-            pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
-            pipe.ltrim(shown_key, -shown_max, -1)
-        pipe.sadd(imps_key, imp.request_id)
-        pipe.expire(imps_key, ttl_s)
-        pipe.xadd(self._stream, {"type": "impression", "request_id": imp.request_id,
-                                 "user_id": imp.user_id, "ts": repr(imp.ts)})
+        for imp in imps:
+            shown_key = self._user(imp.user_id, "shown")
+            imps_key = self._user(imp.user_id, "imps")
+            pipe.hset(self._imp(imp.request_id), mapping={
+                "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
+                "state": imp.state, "items": orjson.dumps(imp.item_ids),
+                "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
+                "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
+                "agents": orjson.dumps(imp.agents)})
+            pipe.expire(self._imp(imp.request_id), ttl_s)
+            if imp.item_ids:
+                pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
+                pipe.ltrim(shown_key, -shown_max, -1)
+            pipe.sadd(imps_key, imp.request_id)
+            pipe.expire(imps_key, ttl_s)
+            pipe.xadd(self._stream, {"type": "impression", "request_id": imp.request_id,
+                                     "user_id": imp.user_id, "ts": repr(imp.ts)})
         await pipe.execute()
 
     @_guard
@@ -397,28 +405,54 @@ class RedisStore(Store):
     async def feedback_on_slate(self, request_id: str, item_id: str, event: str,
                                 value: float | None, reward: float, ts: float, ttl_s: int,
                                 history_max: int) -> FeedbackOutcome:
-        """Two round trips, not three: the slate is read, and the dedupe marker set, in
-        one pipeline; the writes follow in another. A marker set for feedback that
-        then proves invalid is deleted again (a third round trip on that path only).
-        No script: the keys hash to different Cluster slots."""
+        return (await self.feedback_on_slates(
+            [FeedbackEvent(request_id, item_id, event, value, reward, ts)], ttl_s,
+            history_max))[0]
+
+    @_guard
+    async def feedback_on_slates(self, events: list[FeedbackEvent], ttl_s: int,
+                                 history_max: int) -> list[FeedbackOutcome]:
+        """Two round trips for the whole list: the slates are read, and the dedupe
+        markers set, in one pipeline; the writes of the accepted follow in another.
+        Markers set for feedback that then proves invalid are deleted again (a third
+        round trip, on that path only). No script: the keys hash to different Cluster
+        slots."""
         await self._ensure_group()
-        marker = self._marker(request_id, item_id, event)
+        markers = [self._marker(e.request_id, e.item_id, e.event) for e in events]
         pipe = self.r.pipeline(transaction=False)
-        pipe.hmget(self._imp(request_id), ["user_id", "items"])
-        pipe.set(marker, repr(reward), nx=True, ex=ttl_s)
-        pipe.get(marker)
-        (user_id, items), fresh, first = await pipe.execute()
-        if user_id is None or items is None or item_id not in orjson.loads(items):
-            if fresh:
-                await self.r.delete(marker)
-            return FeedbackOutcome("unknown_request" if user_id is None or items is None
-                                   else "not_in_slate")
-        if not fresh:
-            return FeedbackOutcome("duplicate",
-                                   float(first) if first is not None else reward)
-        await self._write_feedback(marker, request_id, user_id.decode(), item_id, event,
-                                   value, reward, ts, history_max)
-        return FeedbackOutcome("accepted", reward)
+        for e, marker in zip(events, markers, strict=True):
+            pipe.hmget(self._imp(e.request_id), ["user_id", "items"])
+            pipe.set(marker, repr(e.reward), nx=True, ex=ttl_s)
+            pipe.get(marker)
+        replies = await pipe.execute()
+        out: list[FeedbackOutcome] = []
+        release: list[str] = []
+        accepted: list[tuple[FeedbackEvent, str, str]] = []
+        for n, (e, marker) in enumerate(zip(events, markers, strict=True)):
+            (user_id, items), fresh, first = replies[3 * n: 3 * n + 3]
+            if user_id is None or items is None or e.item_id not in orjson.loads(items):
+                if fresh:
+                    release.append(marker)
+                out.append(FeedbackOutcome("unknown_request" if user_id is None or items is None
+                                           else "not_in_slate"))
+            elif not fresh:
+                out.append(FeedbackOutcome("duplicate",
+                                           float(first) if first is not None else e.reward))
+            else:
+                accepted.append((e, user_id.decode(), marker))
+                out.append(FeedbackOutcome("accepted", e.reward))
+        if release:
+            await self._delete_each(release)
+        if accepted:
+            await self._write_feedback(accepted, history_max)
+        return out
+
+    async def _delete_each(self, keys: list[str]) -> None:
+        """One DEL per key, pipelined (keys of different Cluster slots)."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.delete(key)
+        await pipe.execute()
 
     def _marker(self, request_id: str, item_id: str, event: str) -> str:
         return f"{self.p}:fb:{request_id}:{item_id}:{event}"
@@ -432,35 +466,38 @@ class RedisStore(Store):
         if not await self.r.set(marker, repr(reward), nx=True, ex=ttl_s):
             first = await self.r.get(marker)
             return False, float(first) if first is not None else reward
-        await self._write_feedback(marker, request_id, user_id, item_id, event, value,
-                                   reward, ts, history_max)
+        await self._write_feedback(
+            [(FeedbackEvent(request_id, item_id, event, value, reward, ts), user_id, marker)],
+            history_max)
         return True, reward
 
-    async def _write_feedback(self, marker: str, request_id: str, user_id: str, item_id: str,
-                              event: str, value: float | None, reward: float, ts: float,
+    async def _write_feedback(self, accepted: list[tuple[FeedbackEvent, str, str]],
                               history_max: int) -> None:
-        """The writes of accepted feedback, in one pipeline; if they fail the marker is
-        released, so that the client's retry is not taken for a duplicate."""
+        """The writes of accepted feedback ``(event, user id, dedupe marker)``, in one
+        pipeline; if they fail the markers are released, so that the clients' retries
+        are not taken for duplicates."""
         try:
-            hist = self._user(user_id, "hist")
             pipe = self.r.pipeline(transaction=False)
-            pipe.rpush(hist, orjson.dumps({"item_id": item_id, "event": event, "ts": ts,
-                                           "value": value}))
-            pipe.ltrim(hist, -history_max, -1)
-            pipe.xadd(self._stream, {"type": "feedback", "request_id": request_id,
-                                     "user_id": user_id, "item_id": item_id, "event": event,
-                                     "reward": repr(reward), "ts": repr(ts)})
-            imp_key = self._imp(request_id)
-            # only while the impression exists (HINCRBYFLOAT would create it, without TTL)
-            pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
-                      "redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2]) "
-                      "redis.call('HSET', KEYS[1], ARGV[3], 1) end return 0",
-                      1, imp_key, f"r:{item_id}", repr(reward), f"e:{item_id}:{event}")
+            for e, user_id, _ in accepted:
+                hist = self._user(user_id, "hist")
+                pipe.rpush(hist, orjson.dumps({"item_id": e.item_id, "event": e.event,
+                                               "ts": e.ts, "value": e.value}))
+                pipe.ltrim(hist, -history_max, -1)
+                pipe.xadd(self._stream, {"type": "feedback", "request_id": e.request_id,
+                                         "user_id": user_id, "item_id": e.item_id,
+                                         "event": e.event, "reward": repr(e.reward),
+                                         "ts": repr(e.ts)})
+                # only while the impression exists (HINCRBYFLOAT would create it, no TTL)
+                pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
+                          "redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2]) "
+                          "redis.call('HSET', KEYS[1], ARGV[3], 1) end return 0",
+                          1, self._imp(e.request_id), f"r:{e.item_id}", repr(e.reward),
+                          f"e:{e.item_id}:{e.event}")
             await pipe.execute()
         except BaseException:
-            # Not stored: release the marker so the client's retry is not a "duplicate".
+            # Not stored: release the markers so the clients' retries are not duplicates.
             try:
-                await self.r.delete(marker)
+                await self._delete_each([marker for _, _, marker in accepted])
             finally:
                 raise
 

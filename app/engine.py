@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -149,6 +150,10 @@ class Engine:
         self._follower = PeriodicLoop("store-follower", self._follow_store,
                                       self.settings.weights_poll_s)
         self._follower.start()
+        # What start-up built (the catalog's ids, the index's tables, the encoder) lives
+        # as long as the process: leave it out of the cyclic GC's full passes, which
+        # otherwise walk all of it and stall every request in flight.
+        gc.freeze()
         self.ready = True
 
     async def stop(self) -> None:

@@ -6,9 +6,10 @@ served by uvicorn with the same options as ``recsvc serve`` (uvloop, httptools,
 no access log). Whatever the service costs above this is the recommender itself.
 
 With ``--redis-url`` it also does, per request, the store I/O that a recommendation
-cannot skip, through the service's own ``RedisStore``: read the user (history and
-shown items) and log the impression (its state vector, propensities and features,
-which feedback and the learner need). That splits the service's cost into the part
+cannot skip, through the service's own ``RedisStore`` and batched across concurrent
+requests as the service batches them: read the user (history and shown items) and
+log the impression (its state vector, propensities and features, which feedback and
+the learner need). That splits the service's cost into the part
 any recommender with this contract pays and the part the model pays.
 
     python -m bench.floor --port 8001 [--redis-url redis://127.0.0.1:6379/0]
@@ -22,6 +23,7 @@ import time
 import numpy as np
 from fastapi import FastAPI
 
+from app.batching import StoreBatcher
 from app.ids import new_ulid
 from app.schemas import RecommendIn, RecommendOut, SlateItem
 from app.store import Impression
@@ -41,17 +43,28 @@ def create_floor_app(store: RedisStore | None = None, ttl_s: int = 86_400,
     RECSVC_SHOWN_LEN)."""
     app = FastAPI(title="recsvc floor")
 
+    async def read_users(user_ids: list[str]) -> list:
+        found = await store.get_users(list(dict.fromkeys(user_ids)))
+        return [found[u] for u in user_ids]
+
+    async def write_impressions(imps: list[Impression]) -> list[None]:
+        await store.log_impressions(imps, ttl_s, shown_max)
+        return [None] * len(imps)
+
+    # batched across concurrent requests as the service batches them (app.engine)
+    user_reads = StoreBatcher(read_users)
+    impression_writes = StoreBatcher(write_impressions)
+
     @app.post("/v1/recommend", response_model=RecommendOut)
     async def recommend(body: RecommendIn) -> RecommendOut:
         out = RecommendOut(request_id=new_ulid(), model_version=1, items=SLATE[: body.k])
         if store is not None:  # the I/O of a recommendation, and nothing else
-            await store.get_user(body.user_id)
+            await user_reads.submit(body.user_id)
             items = [it.item_id for it in out.items]
-            await store.log_impression(
+            await impression_writes.submit(
                 Impression(out.request_id, body.user_id, time.time(), 1, STATE, items,
                            [it.propensity for it in out.items], [False] * len(items),
-                           FEATURES[: len(items)], 200, agents=[0] * len(items)),
-                ttl_s, shown_max)
+                           FEATURES[: len(items)], 200, agents=[0] * len(items)))
         return out
 
     @app.get("/readyz")

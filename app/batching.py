@@ -39,19 +39,8 @@ class MicroBatcher(Generic[In, Out]):
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-                try:
-                    results = await loop.run_in_executor(
-                        self.executor, self.fn, [v for v, _ in batch])
-                except Exception as exc:  # every waiter sees the failure
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(res)
+            await _send_queued(self._queue, self.max_batch, lambda values: loop.run_in_executor(
+                self.executor, self.fn, values))
         finally:
             self._running -= 1
 
@@ -86,17 +75,26 @@ class StoreBatcher(Generic[In, Out]):
     async def _drain(self) -> None:
         try:
             await asyncio.sleep(0)  # callers of this same turn of the loop join the batch
-            while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-                try:
-                    results = await self.fn([v for v, _ in batch])
-                except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(res)
+            await _send_queued(self._queue, self.max_batch, self.fn)
         finally:
             self._running = False
+
+
+async def _send_queued(queue: list[tuple[In, asyncio.Future]], max_batch: int,
+                       call: Callable[[list[In]], Awaitable[Sequence[Out]]]) -> None:
+    """Send the queued values through ``call`` in batches of at most ``max_batch``
+    until the queue is empty (callers may add to it meanwhile), and give each waiter
+    its result, or the batch's failure: every waiter of a failed batch sees it."""
+    while queue:
+        batch = queue[:max_batch]
+        del queue[:max_batch]
+        try:
+            results = await call([v for v, _ in batch])
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            continue
+        for (_, fut), res in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(res)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 
@@ -109,6 +110,7 @@ class CandidateIndex:
         # item id -> (index version, its nearest servable rows, whether that is all of them)
         self._neighbours: LRUCache[str, tuple[int, np.ndarray, bool]] = LRUCache(NEIGHBOURS_KEPT)
         self._scratch: np.ndarray | None = None  # see _scratch_mask
+        self._uncounted: deque[tuple[Sequence[str], Sequence[str]]] = deque()  # see record
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
 
     @property
@@ -240,6 +242,7 @@ class CandidateIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         avail = np.ones(len(ids), dtype=bool) if available is None else np.asarray(available)
         with self._lock:
+            self._count_queued()  # before the counts are carried to the new rows
             # The last occurrence of a repeated id within one call wins.
             last = {item_id: i for i, item_id in enumerate(ids)}
             order = sorted(last.values())
@@ -279,6 +282,7 @@ class CandidateIndex:
     def remove(self, ids: Iterable[str]) -> int:
         """Retire items; returns how many existed."""
         with self._lock:
+            self._count_queued()  # counts recorded before the removal die with the item
             removed = sum(1 for item_id in ids if self._retire(item_id))
             if removed:
                 self._maybe_rebuild()
@@ -366,8 +370,23 @@ class CandidateIndex:
             return known, self._vectors[rows].copy()
 
     def record(self, shown: Sequence[str], clicked: Sequence[str] = ()) -> None:
-        """Count impressions and positive feedback of items (unknown ids are ignored)."""
-        with self._lock:
+        """Count impressions and positive feedback of items (unknown ids are ignored).
+
+        Never waits for the index's lock: the serving event loop calls this for every
+        slate and every click, while a compute thread may hold the lock for a whole
+        batched search. The counts are queued and applied now if the lock is free,
+        else by the next holder before it reads or moves any counts."""
+        self._uncounted.append((shown, clicked))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._count_queued()
+            finally:
+                self._lock.release()
+
+    def _count_queued(self) -> None:
+        """Apply the counts ``record`` queued (call with the lock held)."""
+        while self._uncounted:
+            shown, clicked = self._uncounted.popleft()
             for col, ids in ((0, shown), (1, clicked)):
                 for item_id in ids:
                     row = self._row_of.get(item_id)
@@ -379,6 +398,7 @@ class CandidateIndex:
         unknown ids. One id-to-row lookup serves every table (it is a dict lookup per
         id, done by ``map`` in C: the per-candidate cost of a request)."""
         with self._lock:
+            self._count_queued()
             rows = np.fromiter(map(self._row_of.get, ids, repeat(-1, len(ids))),
                                dtype=np.int64, count=len(ids))
             unknown = rows < 0
@@ -516,6 +536,7 @@ class CandidateIndex:
     def _engagement_ranking(self, wanted: int) -> np.ndarray:
         """Servable rows by decreasing smoothed CTR: at least ``wanted`` of them (or all),
         from the cache unless the index changed, the cache is short, or it is stale."""
+        self._count_queued()
         version, at, rows = self._engaging
         now = time.monotonic()
         if (version == self.version and now - at < ENGAGING_REFRESH_S

@@ -1,5 +1,7 @@
 """FAISS candidate index: add, update, remove, availability, exclusion, approximate recall."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -145,6 +147,33 @@ def test_engagement_counts_follow_items_through_updates_and_compaction():
     idx.remove(["c"])
     idx._rebuild("flat")
     assert idx.stats_of(["a", "b"]).tolist() == [[2, 1], [1, 0]]
+
+
+def test_counting_never_waits_for_a_search_and_loses_nothing():
+    """The event loop counts every slate and click; a compute thread may hold the
+    index for a whole batched search meanwhile. Counting must return at once, and the
+    counts must be there for the next reader."""
+    idx = CandidateIndex(4)
+    idx.upsert(["a", "b"], np.eye(4, dtype=np.float32)[:2])
+    held, release = threading.Event(), threading.Event()
+
+    def long_search() -> None:
+        with idx._lock:  # what a batched search holds, until told to let go
+            held.set()
+            release.wait(60)
+
+    searcher = threading.Thread(target=long_search)
+    searcher.start()
+    assert held.wait(60)
+    idx.record(["a", "b", "a"], ["a"])
+    idx.record([], ["b"])
+    assert searcher.is_alive()  # both returned while the search still held the index
+    release.set()
+    searcher.join(60)
+    assert idx.stats_of(["a", "b"]).tolist() == [[2, 1], [1, 1]]
+    idx.upsert(["a"], np.eye(4, dtype=np.float32)[2:3])  # re-embedded: counts carried
+    idx.record(["a"])
+    assert idx.stats_of(["a"]).tolist() == [[3, 1]]
 
 
 def test_bulk_load_builds_once_and_finds_what_upserts_one_by_one_find(monkeypatch):

@@ -52,8 +52,11 @@ def linear_features(layout: StateLayout, states: np.ndarray, items: np.ndarray,
 
 
 def standardise(scores: np.ndarray) -> np.ndarray:
-    sd = scores.std()
-    return (scores - scores.mean()) / sd if sd > 1e-9 else np.zeros_like(scores)
+    """Zero mean and unit spread along the last axis (each row of a 2-D array on its
+    own); a constant row, which ranks nothing, becomes zeros."""
+    mean = scores.mean(-1, keepdims=True)
+    sd = scores.std(-1, keepdims=True)
+    return np.where(sd > 1e-9, (scores - mean) / np.where(sd > 1e-9, sd, 1.0), 0.0)
 
 
 @dataclass
@@ -75,10 +78,7 @@ class EnsembleParams:
 
     def fuse(self, agent_scores: np.ndarray) -> np.ndarray:
         """The fused score of each candidate: weighted sum of standardised scores."""
-        mean = agent_scores.mean(1, keepdims=True)
-        sd = agent_scores.std(1, keepdims=True)
-        z = np.where(sd > 1e-9, (agent_scores - mean) / np.where(sd > 1e-9, sd, 1.0), 0.0)
-        return self.weights @ z  # each agent's standardise(), weighted, in one pass
+        return self.weights @ standardise(agent_scores)  # every agent in one pass
 
 
 def top_k_masks(agent_scores: np.ndarray, chosen: np.ndarray, k: int) -> list[int]:

@@ -312,10 +312,7 @@ class RedisStore(Store):
         rids = [r.decode() for r in await self.r.smembers(imps_key)]
         await self.r.delete(self._user(user_id, "hist"), self._user(user_id, "shown"), imps_key)
         if rids:
-            pipe = self.r.pipeline(transaction=False)
-            for rid in rids:
-                pipe.delete(self._imp(rid))
-            await pipe.execute()
+            await self._delete_each([self._imp(rid) for rid in rids])
         # Logged events of the user still waiting in the stream are erased too,
         # and so are the user's records in the evaluation log.
         await self._ensure_group()
@@ -394,14 +391,6 @@ class RedisStore(Store):
         return out
 
     @_guard
-    async def slate_of(self, request_id: str) -> tuple[str, list[str]] | None:
-        # two fields, not HGETALL: the stored state is ~4.6 KB that feedback never reads
-        user_id, items = await self.r.hmget(self._imp(request_id), ["user_id", "items"])
-        if user_id is None or items is None:
-            return None
-        return user_id.decode(), orjson.loads(items)
-
-    @_guard
     async def feedback_on_slate(self, request_id: str, item_id: str, event: str,
                                 value: float | None, reward: float, ts: float, ttl_s: int,
                                 history_max: int) -> FeedbackOutcome:
@@ -421,6 +410,7 @@ class RedisStore(Store):
         markers = [self._marker(e.request_id, e.item_id, e.event) for e in events]
         pipe = self.r.pipeline(transaction=False)
         for e, marker in zip(events, markers, strict=True):
+            # two fields, not HGETALL: the stored state is ~4.6 KB that feedback never reads
             pipe.hmget(self._imp(e.request_id), ["user_id", "items"])
             pipe.set(marker, repr(e.reward), nx=True, ex=ttl_s)
             pipe.get(marker)

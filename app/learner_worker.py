@@ -41,7 +41,7 @@ from models.ensemble import EnsembleLearner, linear_features
 from models.index import CandidateIndex
 from models.learner import DQNLearner
 from models.lru import LRUCache
-from models.qnet import all_finite, extra_tensors
+from models.qnet import all_finite
 from models.rewards import HEAD_OF_EVENT
 from models.state import N_ITEM_FEATURES, StateLayout
 
@@ -523,16 +523,15 @@ class LearnerWorker:
         """Continue from published weights, unless their shape is not this release's:
         then they are not loaded, and the next version this learner publishes
         replaces them."""
-        if await self.run(self.learner.load_weights, blob):
-            if self.ensemble is not None or self.adaptation is not None:
-                # what this version saved, or fresh ones
-                extra = await self.run(extra_tensors, blob)
-                if self.ensemble is not None:
-                    self.ensemble = EnsembleLearner()
-                    self.ensemble.load(extra)
-                if self.adaptation is not None:
-                    self.adaptation = AdaptationLearner()
-                    self.adaptation.load(extra)
+        extra = await self.run(self.learner.load_published, blob)
+        if extra is not None:
+            # the options continue from what this version saved, or start fresh
+            if self.ensemble is not None:
+                self.ensemble = EnsembleLearner()
+                self.ensemble.load(extra)
+            if self.adaptation is not None:
+                self.adaptation = AdaptationLearner()
+                self.adaptation.load(extra)
             return True
         log.warning("weights version %d have another shape (another feature layout or "
                     "encoder): not loaded; the next version published replaces them", version)

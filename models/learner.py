@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.qnet import QNetwork, all_finite, weights_from_bytes, weights_shape, weights_to_bytes
+from models.qnet import QNetwork, all_finite, split_weights, weights_shape, weights_to_bytes
 from models.replay import ReplayBuffer
 
 # (B, d) online retrieval queries -> (B, d) embeddings of the next actions, (B,) valid mask
@@ -97,13 +97,18 @@ class DQNLearner:
 
         Returns False, keeping the current weights, when the blob has another shape:
         weights published by a version with another feature layout cannot continue."""
+        return self.load_published(blob) is not None
+
+    def load_published(self, blob: bytes) -> dict[str, torch.Tensor] | None:
+        """``load_weights``, returning the tensors the options saved beside the network
+        (from the same parse of the blob), or None when it was not loaded."""
         if weights_shape(blob) != self.online.shape:
-            return False
-        net = weights_from_bytes(blob, self.device)
+            return None
+        net, extra = split_weights(blob, self.device)
         self.online.load_state_dict(net.state_dict())
         self.target.load_state_dict(net.state_dict())
         self._good = self._checkpoint()
-        return True
+        return extra
 
     def reset_weights(self) -> None:
         """Start over from a fresh network (non-finite weights with no good version to

@@ -37,7 +37,7 @@ from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
 from models.ensemble import EnsembleParams, default_params, params_from_tensors, top_k_masks
 from models.exploration import SlateChoice, epsilon_greedy_slate
-from models.index import CandidateIndex, set_search_threads
+from models.index import CandidateIndex, Hits, set_search_threads
 from models.lru import LRUCache
 from models.qnet import (
     QNetwork,
@@ -406,35 +406,65 @@ class Engine:
         self.metrics.items_explored.inc(int(choice.explored.sum()))
         return slate
 
-    def _add_sources(self, found: dict[int, tuple[list[str], np.ndarray]],
-                     picks: list[Pick], recent: list[RecentItems]) -> None:
+    def _add_sources(self, found: dict[int, Hits], picks: list[Pick],
+                     recent: list[RecentItems], banned: list[np.ndarray]) -> None:
         """Append to each search result candidates from two more sources, which the
         query alone would not reach, so the Q-network's per-candidate features can rank
         them: the items nearest to what the user last engaged with
-        (``CandidateIndex.related``, from cached neighbour lists) and the items with the
-        highest smoothed CTR (``CandidateIndex.engaging``). Each source skips what is
-        banned or already a candidate."""
+        (``CandidateIndex.related_rows``, from cached neighbour lists) and the items with
+        the highest smoothed CTR (``CandidateIndex.engaging_rows``). Each source skips
+        what is banned or already a candidate (by row: no id is looked up again)."""
         s = self.settings
 
-        def merge(i: int, ids: list[str], items: np.ndarray) -> None:
-            if ids:
-                found[i] = (found[i][0] + ids, np.concatenate([found[i][1], items]))
+        def merge(i: int, rows: np.ndarray, items: np.ndarray) -> None:
+            if len(rows):
+                found[i] = (np.concatenate([found[i][0], rows]),
+                            np.concatenate([found[i][1], items]))
 
-        def excluded(i: int) -> set[str]:
-            return picks[i].banned.union(found[i][0])
+        def excluded(i: int) -> np.ndarray:
+            return np.concatenate([banned[i], found[i][0]])
 
         if s.related_candidates:
             # around each of the latest positives, newest first
             seeded = [i for i in found if recent[i].positive_ids]
-            for i, (ids, items) in zip(seeded, self.index.related(
+            for i, (rows, items) in zip(seeded, self.index.related_rows(
                     [recent[i].positive_ids[-RELATED_SEEDS:][::-1] for i in seeded],
                     s.related_candidates, [excluded(i) for i in seeded]), strict=True):
-                merge(i, ids, items)
+                merge(i, rows, items)
         if s.engaging_candidates:
             order = list(found)
-            for i, (ids, items) in zip(order, self.index.engaging(
+            for i, (rows, items) in zip(order, self.index.engaging_rows(
                     s.engaging_candidates, [excluded(i) for i in order]), strict=True):
-                merge(i, ids, items)
+                merge(i, rows, items)
+
+    def _candidates(self, picks: list[Pick], queries: np.ndarray, recent: list[RecentItems]
+                    ) -> list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
+        """Per pick, its candidates' ids, embeddings, counts and tags.
+
+        Candidates travel by index row from the searches to the counts and tags (one
+        id lookup per banned or explicitly named item, none per retrieved candidate);
+        if rows move meanwhile (a compaction after many deletes, in another thread),
+        the whole lookup is done again."""
+        s = self.settings
+        while True:
+            generation = self.index.row_generation
+            banned = self.index.rows_of([p.banned for p in picks])
+            to_search = [i for i, p in enumerate(picks) if p.candidates is None]
+            found: dict[int, Hits] = dict(zip(to_search, self.index.search_rows(
+                queries[to_search, : self.layout.dim], s.candidates,
+                [banned[i] for i in to_search]), strict=True)) if to_search else {}
+            if found:
+                self._add_sources(found, picks, recent, banned)
+            for i, p in enumerate(picks):
+                if p.candidates is not None:
+                    wanted = [c for c in dict.fromkeys(p.candidates)
+                              if c not in p.banned and self.index.is_recommendable(c)]
+                    rows = self.index.rows_of([wanted])[0]
+                    found[i] = (rows, self.index.vectors_at(rows))
+            looked = self.index.at_rows([found[i][0] for i in range(len(picks))], generation)
+            if looked is not None:
+                return [(ids, found[i][1], stats, tags)
+                        for i, (ids, stats, tags) in enumerate(looked)]
 
     def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
         """Slates for concurrent requests with one Q-network call and one index search
@@ -449,22 +479,11 @@ class Engine:
         built = [user_state_and_history(self.layout, p.user_data, p.ctx, self.index, s.rewards,
                                         s.history_len, s.history_decay, p.now) for p in picks]
         queries, values = scorer.query(np.stack([b[0] for b in built]))
-        to_search = [i for i, p in enumerate(picks) if p.candidates is None]
-        found = dict(zip(to_search, self.index.search(
-            queries[to_search, : self.layout.dim], s.candidates,
-            [picks[i].banned for i in to_search]), strict=True)) if to_search else {}
-        if found:
-            self._add_sources(found, picks, [b[1] for b in built])
+        candidates = self._candidates(picks, queries, [b[1] for b in built])
         out: list[Chosen] = []
         for i, p in enumerate(picks):
             state, recent = built[i]
-            if p.candidates is None:
-                ids, items = found[i]
-            else:
-                wanted = [c for c in dict.fromkeys(p.candidates)
-                          if c not in p.banned and self.index.is_recommendable(c)]
-                ids, items = self.index.vectors_of(wanted)
-            stats, tags = self.index.stats_and_tags_of(ids)
+            ids, items, stats, tags = candidates[i]
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
                                        stats, items, tags, recent, s.exposure_recent_s)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)

@@ -56,6 +56,10 @@ NEIGHBOUR_MARGIN = 512
 NEIGHBOURS_KEPT = 20_000
 
 
+# one query's result by row: the rows, best first, and their embeddings (a copy)
+Hits = tuple[np.ndarray, np.ndarray]
+
+
 def ivf_lists(n: int) -> int:
     """Inverted lists for ``n`` items: a power of two near 4 * sqrt(n) (4096 at 1M)."""
     return int(2 ** round(np.log2(max(4 * np.sqrt(max(n, 1)), 64))))
@@ -112,6 +116,8 @@ class CandidateIndex:
         self._scratch: np.ndarray | None = None  # see _scratch_mask
         self._uncounted: deque[tuple[Sequence[str], Sequence[str]]] = deque()  # see record
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
+        # bumped whenever rows move (compaction): rows a caller holds stay valid until then
+        self.row_generation = 0
 
     @property
     def backend(self) -> str:
@@ -345,6 +351,7 @@ class CandidateIndex:
             self._vectors[n: self._n_rows] = 0.0
         self._n_rows = n
         self._n_dead = 0
+        self.row_generation += 1
         if len(self._live) > 2 * max(n, 1024):  # most of the catalog went: give memory back
             self._resize(max(n, 1024))
         self._row_of = {item_id: i for i, item_id in enumerate(self._ids[:n].tolist())}
@@ -395,8 +402,8 @@ class CandidateIndex:
 
     def _per_id(self, tables: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
         """Rows of each per-row table for ``ids``, as float32 (copies); zeros for
-        unknown ids. One id-to-row lookup serves every table (it is a dict lookup per
-        id, done by ``map`` in C: the per-candidate cost of a request)."""
+        unknown ids. One id-to-row lookup serves every table (a dict probe per id,
+        done by ``map`` in C; serving reads candidates by row instead, ``at_rows``)."""
         with self._lock:
             self._count_queued()
             rows = np.fromiter(map(self._row_of.get, ids, repeat(-1, len(ids))),
@@ -428,13 +435,49 @@ class CandidateIndex:
     def recommendable_count(self) -> int:
         return len(self._row_of) - self._n_unavailable
 
-    def _rows_of_each(self, id_sets: Sequence[Iterable[str]]) -> list[np.ndarray]:
-        """Per set of item ids, the rows of those that are indexed (unknown ids dropped)."""
-        return [np.fromiter((r for r in map(self._row_of.get, ids) if r is not None),
-                            dtype=np.int64) for ids in id_sets]
+    def rows_of(self, id_sets: Sequence[Iterable[str]]) -> list[np.ndarray]:
+        """Per collection of item ids, the rows of those that are indexed, in order
+        (unknown ids dropped). Rows are valid until ``row_generation`` changes."""
+        with self._lock:
+            get = self._row_of.get
+            out = []
+            for ids in id_sets:
+                rows = np.fromiter(map(get, ids, repeat(-1)), dtype=np.int64)
+                out.append(rows[rows >= 0])
+            return out
+
+    def at_rows(self, rows: Sequence[np.ndarray], generation: int
+                ) -> list[tuple[list[str], np.ndarray, np.ndarray]] | None:
+        """Per array of rows, the items' ids, ``[shown, clicked]`` counts and tag
+        multi-hots (float32 copies), or None if rows moved since ``generation``.
+
+        What a request's candidates need beside their embeddings, read by row: the
+        search gave rows, and looking each id up again costs a dictionary probe per
+        candidate (cache misses in a 100k-entry dict: about 20% of a serving process's
+        GIL time before rows were carried)."""
+        with self._lock:
+            if generation != self.row_generation:
+                return None
+            self._count_queued()
+            return [(self._ids[r].tolist(), self._stats[r].astype(np.float32),
+                     self._tags[r].astype(np.float32)) for r in rows]
+
+    def vectors_at(self, rows: np.ndarray) -> np.ndarray:
+        """The embeddings of ``rows`` (a copy)."""
+        with self._lock:
+            return self._vectors[rows].copy()
 
     def related(self, seeds: Sequence[Sequence[str]], n: int,
                 exclude: Sequence[Iterable[str]]) -> list[tuple[list[str], np.ndarray]]:
+        """``related_rows`` with the exclusions and results as item ids."""
+        with self._lock:
+            return self._with_ids(self.related_rows(seeds, n, self.rows_of(exclude)))
+
+    def _with_ids(self, hits: list[Hits]) -> list[tuple[list[str], np.ndarray]]:
+        return [(self._ids[rows].tolist(), vectors) for rows, vectors in hits]
+
+    def related_rows(self, seeds: Sequence[Sequence[str]], n: int,
+                     banned: Sequence[np.ndarray]) -> list[Hits]:
         """Per entry, the items nearest to each of its seed items (best first within a
         seed, seeds in the order given), ``n`` per seed, none excluded or repeated.
 
@@ -443,10 +486,9 @@ class CandidateIndex:
         an item's neighbours change only when the catalog does, so each seed's ranked
         list is kept (``NEIGHBOURS_KEPT`` items, ``NEIGHBOUR_MARGIN`` deeper than asked)
         until the index changes, and a request only filters it. Unknown seeds are
-        skipped.
+        skipped. ``banned``: per entry, rows it must not return (``rows_of``).
         """
         with self._lock:
-            banned = self._rows_of_each(exclude)
             self._fill_neighbours(seeds, n, banned)
             # membership by lookup in a per-row scratch mask (1: banned, 2: given by an
             # earlier seed), not by np.isin's sort: set, read, and cleared again
@@ -467,7 +509,7 @@ class CandidateIndex:
                     for rows in taken:
                         mask[rows] = 0
                 rows = np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
-                out.append((self._ids[rows].tolist(), self._vectors[rows].copy()))
+                out.append((rows, self._vectors[rows]))
             return out
 
     def _scratch_mask(self) -> np.ndarray:
@@ -478,7 +520,7 @@ class CandidateIndex:
         return self._scratch
 
     def _fill_neighbours(self, seeds: Sequence[Sequence[str]], n: int,
-                         banned: list[np.ndarray]) -> None:
+                         banned: Sequence[np.ndarray]) -> None:
         """Search, in one batched call, the neighbour lists that are missing, stale
         (the index changed) or too short for a request's exclusions."""
         depth: dict[str, int] = {}
@@ -497,10 +539,11 @@ class CandidateIndex:
         missing = list(depth)
         deepest = max(depth.values())
         queries = self._vectors[[self._row_of[seed] for seed in missing]]
-        for seed, (ids, _) in zip(missing, self.search(queries, deepest), strict=True):
-            rows = np.fromiter(map(self._row_of.__getitem__, ids), dtype=np.int32,
-                               count=len(ids))
-            self._neighbours.put(seed, (self.version, rows, len(rows) < deepest))
+        no_bans = [np.zeros(0, dtype=np.int64)] * len(missing)
+        for seed, (rows, _) in zip(missing, self.search_rows(queries, deepest, no_bans),
+                                   strict=True):
+            self._neighbours.put(seed, (self.version, rows.astype(np.int32),
+                                        len(rows) < deepest))
 
     def _neighbour_rows(self, seed: str) -> np.ndarray:
         """The servable rows nearest to ``seed``'s embedding, best first, from its list
@@ -512,9 +555,14 @@ class CandidateIndex:
 
     def engaging(self, n: int, exclude: Sequence[Iterable[str]]
                  ) -> list[tuple[list[str], np.ndarray]]:
-        """Per entry of ``exclude``, the ``n`` servable items with the highest smoothed
-        CTR (``models.state.smoothed_ctr`` of the counts ``record`` keeps) that it does
-        not name, best first, with their embeddings.
+        """``engaging_rows`` with the exclusions and results as item ids."""
+        with self._lock:
+            return self._with_ids(self.engaging_rows(n, self.rows_of(exclude)))
+
+    def engaging_rows(self, n: int, banned: Sequence[np.ndarray]) -> list[Hits]:
+        """Per entry of ``banned`` (rows, ``rows_of``), the ``n`` servable items with the
+        highest smoothed CTR (``models.state.smoothed_ctr`` of the counts ``record``
+        keeps) that it does not name, best first: their rows and embeddings.
 
         A second candidate source beside the embedding search: an item that engages
         users more than its text suggests is far from every query in embedding space,
@@ -524,14 +572,16 @@ class CandidateIndex:
         """
         with self._lock:
             if n <= 0 or not self._n_rows:
-                return [([], np.zeros((0, self.dim), dtype=np.float32)) for _ in exclude]
-            banned = self._rows_of_each(exclude)
+                return [self._no_hits() for _ in banned]
             ranked = self._engagement_ranking(n + max((len(b) for b in banned), default=0))
             out = []
             for rows in banned:
                 pick = ranked[~np.isin(ranked, rows)][:n] if len(rows) else ranked[:n]
-                out.append((self._ids[pick].tolist(), self._vectors[pick].copy()))
+                out.append((pick, self._vectors[pick]))
             return out
+
+    def _no_hits(self) -> Hits:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
 
     def _engagement_ranking(self, wanted: int) -> np.ndarray:
         """Servable rows by decreasing smoothed CTR: at least ``wanted`` of them (or all),
@@ -564,7 +614,7 @@ class CandidateIndex:
         counts = np.minimum(ok.sum(1), n)
         for j, slot in enumerate(slots.tolist()):
             pick = order[j, : counts[j]]
-            results[slot] = (self._ids[rows[j, pick]].tolist(), vectors[j, pick])
+            results[slot] = (rows[j, pick], vectors[j, pick])
 
     def _widen(self, fetch: int) -> None:
         """Let the approximate structure return ``fetch`` results: HNSW's beam must be at
@@ -586,9 +636,16 @@ class CandidateIndex:
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
-            banned_rows = self._rows_of_each(exclude or [()] * len(queries))
-            results: list[tuple[list[str], np.ndarray]] = [
-                ([], np.zeros((0, self.dim), dtype=np.float32)) for _ in range(len(queries))]
+            banned = self.rows_of(exclude or [()] * len(queries))
+            return self._with_ids(self.search_rows(queries, n, banned))
+
+    def search_rows(self, queries: np.ndarray, n: int,
+                    banned_rows: Sequence[np.ndarray]) -> list[Hits]:
+        """``search`` by row: exclusions and results are rows (``rows_of``), which
+        ``at_rows`` reads the rest of the candidates' data by."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock:
+            results: list[Hits] = [self._no_hits() for _ in range(len(queries))]
             if not self._n_rows:
                 return results
             servable = self.recommendable_count()

@@ -459,3 +459,43 @@ def test_a_click_brings_the_items_nearest_to_it_into_the_next_slate(backend, enc
             sims = vecs @ index.vectors_of([clicked])[1][0]
             nearest = {others[j] for j in np.argsort(-sims)[:related]}
             assert nearest <= set(after)
+
+
+def test_a_compaction_during_slate_choice_is_looked_up_again(backend, encoder):
+    """Candidates travel by index row from the search to their counts and tags; when a
+    compaction moves rows meanwhile (another thread deleting items), the slate is
+    still built from the right items: the same slate, scores and features as when
+    nothing moved."""
+    from app.engine import Pick
+    from app.store import UserData
+    with make_client(backend, encoder) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t, "tags": [t[-6:]]}
+                                            for i, t in MOVIES]})
+        engine = c.app.state.engine
+        index = engine.index
+        now = time.time()
+        ctx = encoder.encode(["late night thriller"])[0]
+        user = UserData([{"item_id": "m-2", "event": "click", "ts": now - 5}], [])
+        index.record(["m-3", "m-6", "m-7"], ["m-3"])
+        gone = ["m-1", "m-4", "m-5"]  # a third of the catalog: compacted at once
+        search_rows = index.search_rows
+        moves = []
+
+        def search_then_compact(*args):
+            hits = search_rows(*args)
+            if not moves:
+                moves.append(index.row_generation)
+                index.remove(gone)
+            return hits
+
+        index.search_rows = search_then_compact
+        chosen = engine.choose_batch([Pick(user, ctx, set(), None, 4, 0.0, now)])[0]
+        del index.search_rows
+        assert moves and index.row_generation != moves[0]
+        expected = engine.choose_batch([Pick(user, ctx, set(), None, 4, 0.0, now)])[0]
+        assert not set(gone) & set(chosen[2])
+        assert chosen[2] == expected[2]  # candidates
+        assert np.allclose(chosen[3], expected[3], atol=1e-6)  # scores
+        assert np.array_equal(chosen[4], expected[4])  # per-candidate features
+        stats, _ = index.stats_and_tags_of(chosen[2])
+        assert stats[chosen[2].index("m-3")].tolist() == [1, 1]

@@ -312,3 +312,43 @@ def test_related_equals_one_search_per_seed_and_follows_catalog_changes(monkeypa
     check(["i5", "i9"], 10, {"i1"})
     assert idx.related([["i7"]], 5, [set()])[0][0] == []  # a removed seed gives nothing
     assert idx.related([["i5"]], 3, [set()])[0][0][:2] == ["i5", "i200"]
+
+
+def test_reading_candidates_by_row_gives_what_reading_them_by_id_gives():
+    """The serving path carries candidates by row (``search_rows``, ``related_rows``,
+    ``engaging_rows``, then ``at_rows``); it returns the same items, embeddings, counts
+    and tags as the id-keyed methods, and refuses rows that a compaction moved."""
+    rng = np.random.default_rng(11)
+    n_items = 1200
+    ids = [f"i{i}" for i in range(n_items)]
+    vecs = unit(rng, n_items, 16)
+    idx = CandidateIndex(16, exact_threshold=1000, ivf_nprobe=64)  # IVF: the re-rank path
+    idx.upsert(ids, vecs, tags=[["comedy"] if i % 3 else ["drama", "war"]
+                                for i in range(n_items)])
+    assert idx.kind == "ivf"
+    idx.record(ids[:50] * 3, ids[:20])
+    queries = unit(rng, 3, 16)
+    exclude = [{"i1", "i2", "nope"}, set(), set(ids[100:400])]
+    banned = idx.rows_of(exclude)
+    assert [len(b) for b in banned] == [2, 0, 300]  # unknown ids are dropped
+    generation = idx.row_generation
+
+    def same(by_row, by_id):
+        looked = idx.at_rows([rows for rows, _ in by_row], generation)
+        for (rows, emb), (got_ids, stats, tags), (want_ids, want_emb) in zip(
+                by_row, looked, by_id, strict=True):
+            assert got_ids == want_ids
+            assert np.array_equal(emb, want_emb) and np.array_equal(idx.vectors_at(rows), emb)
+            want_stats, want_tags = idx.stats_and_tags_of(want_ids)
+            assert np.array_equal(stats, want_stats) and np.array_equal(tags, want_tags)
+
+    same(idx.search_rows(queries, 40, banned), idx.search(queries, 40, exclude))
+    seeds = [["i5", "i9"], ["i7"], ["nope", "i11"]]
+    same(idx.related_rows(seeds, 10, banned), idx.related(seeds, 10, exclude))
+    same(idx.engaging_rows(10, banned), idx.engaging(10, exclude))
+
+    idx.remove(ids[: n_items // 3])  # past the compaction threshold: rows move
+    assert idx.row_generation != generation
+    assert idx.at_rows([np.arange(5)], generation) is None
+    rows = idx.rows_of([["i500"]])[0]
+    assert idx.at_rows([rows], idx.row_generation)[0][0] == ["i500"]

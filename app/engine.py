@@ -294,13 +294,19 @@ class Engine:
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encoder.encode(texts))
 
-    async def context_embedding(self, text: str) -> np.ndarray:
-        """LRU, then the store's cache, then the (micro-batched) transformer."""
-        key = text_key(self.encoder.model_id, text)
-        vec = self.cache.get(key)
+    def _cached_context(self, text: str) -> np.ndarray | None:
+        """The context's embedding if this process's LRU holds it (counted as a hit)."""
+        vec = self.cache.get(text_key(self.encoder.model_id, text))
         if vec is not None:
             self.metrics.cache_hits.inc()
+        return vec
+
+    async def context_embedding(self, text: str) -> np.ndarray:
+        """LRU, then the store's cache, then the (micro-batched) transformer."""
+        vec = self._cached_context(text)
+        if vec is not None:
             return vec
+        key = text_key(self.encoder.model_id, text)
         try:
             raw = await self.store.get_embedding(key)
         except StoreUnavailable:
@@ -369,10 +375,11 @@ class Engine:
             except StoreUnavailable:  # degrade to a context-only state
                 return UserData([], [])
 
-        async def context() -> np.ndarray | None:
-            return await self.context_embedding(context_text) if context_text else None
-
-        user_data, ctx = await asyncio.gather(user(), context())
+        ctx = self._cached_context(context_text) if context_text else None
+        if ctx is not None or not context_text:  # the common case: no task to gather
+            user_data = await user()
+        else:
+            user_data, ctx = await asyncio.gather(user(), self.context_embedding(context_text))
         banned = set(exclude)
         if exclude_seen:
             banned.update(user_data.touched)

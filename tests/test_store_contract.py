@@ -340,3 +340,29 @@ async def test_claiming_leaves_entries_that_are_not_idle_long_enough(store):
     assert await store.claim_stream("other", 60.0, 100) == []
     assert len(await store.claim_stream("other", 0.0, 100)) == 1
     assert await store.read_stream("busy", 100, pending=True) == []
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0",
+                                 "unix:///tmp/nothing.sock"])
+def test_commands_go_out_as_redis_py_would_send_them(url):
+    """A standalone store packs commands with hiredis (redis-py's asyncio client packs in
+    Python); on every connection kind its URL selects, the bytes sent are redis-py's, and
+    what Redis cannot take fails as redis-py fails."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import DataError
+
+    pool = RedisStore(url).r.connection_pool
+    ours = pool.make_connection()
+    theirs = aioredis.ConnectionPool.from_url(url).make_connection()
+    assert isinstance(ours, type(theirs)) and type(ours) is not type(theirs)
+    state = np.random.default_rng(0).random(1155).astype(np.float32).tobytes()
+    for args in [("HSET", "p:imp:r1", "state", state, "ts", repr(time.time()), "version", 3),
+                 ("ZADD", "z", 0.1 + 0.2, "a", -1e-300, "b", 2 ** 70, "c"),
+                 ("SET", bytearray(b"k"), memoryview(b"v"), "EX", 5),
+                 ("CONFIG GET", "maxmemory"), (b"CLIENT SETNAME", "n"), ("SET", "k", "é")]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+    assert (b"".join(ours.pack_commands([("GET", "a"), ("INCRBYFLOAT", "b", 1.5)]))
+            == b"".join(theirs.pack_commands([("GET", "a"), ("INCRBYFLOAT", "b", 1.5)])))
+    for bad in (None, True):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", bad)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -133,6 +134,38 @@ def _guard(fn):
 
 
 
+class _HiredisPacking:
+    """Packs commands with hiredis's C packer instead of redis-py's Python one.
+
+    redis-py's asyncio connections pack every argument in Python (its sync client
+    already packs with hiredis): about 39 us per command of an impression's pipeline
+    on this machine, the largest part of a recommendation's store cost on the event
+    loop. The bytes sent are the same (floats are written as ``repr`` writes them)."""
+
+    def pack_command(self, *args) -> list[bytes]:
+        if isinstance(args[0], str):  # "CONFIG GET" and the like: split as redis-py does
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # hiredis takes no bytearray: as bytes, as redis-py sends it
+            pass
+        try:
+            return [hiredis.pack_command(tuple(
+                bytes(a) if isinstance(a, bytearray) else a for a in args))]
+        except TypeError as exc:  # None, a bool, ...: redis-py's error for them
+            raise rexc.DataError(str(exc)) from exc
+
+
+def _packing_with_hiredis(pool: aioredis.ConnectionPool) -> aioredis.ConnectionPool:
+    """Make the pool's connections (of the class its URL chose: TCP, TLS or a Unix
+    socket) pack commands with hiredis; call before the pool makes a connection."""
+    base = pool.connection_class
+    pool.connection_class = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
+    return pool
+
+
 class RedisStore(Store):
     def __init__(self, url: str, prefix: str = "recsvc", max_connections: int = 64,
                  cluster: bool = False) -> None:
@@ -146,9 +179,9 @@ class RedisStore(Store):
         else:
             # A blocking pool: under a burst, a call waits (up to 5 s) for a free
             # connection instead of failing at once with "Too many connections".
-            pool = aioredis.BlockingConnectionPool.from_url(
+            pool = _packing_with_hiredis(aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=5, decode_responses=False,
-                socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+                socket_timeout=5, socket_connect_timeout=2, health_check_interval=10))
             self.r = aioredis.Redis(connection_pool=pool)
         self._hold = self.r.register_script(_HOLD_LEASE)
         self._release = self.r.register_script(_RELEASE_LEASE)

@@ -133,14 +133,14 @@ def _guard(fn):
     return wrapper
 
 
-
 class _HiredisPacking:
     """Packs commands with hiredis's C packer instead of redis-py's Python one.
 
     redis-py's asyncio connections pack every argument in Python (its sync client
-    already packs with hiredis): about 39 us per command of an impression's pipeline
-    on this machine, the largest part of a recommendation's store cost on the event
-    loop. The bytes sent are the same (floats are written as ``repr`` writes them)."""
+    already packs with hiredis): an impression's seven commands took 62 us to pack on
+    this machine, 21 us with hiredis, on the event loop of every recommendation. The
+    bytes sent are the same (floats are written as ``repr`` writes them). A Redis
+    Cluster client keeps redis-py's packing (its nodes make their own connections)."""
 
     def pack_command(self, *args) -> list[bytes]:
         if isinstance(args[0], str):  # "CONFIG GET" and the like: split as redis-py does

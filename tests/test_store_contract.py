@@ -366,3 +366,47 @@ def test_commands_go_out_as_redis_py_would_send_them(url):
     for bad in (None, True):
         with pytest.raises(DataError):
             ours.pack_command("SET", "k", bad)
+
+
+async def test_a_hung_redis_fails_calls_at_their_deadline_and_is_used_again_after():
+    """A Redis that stops answering (paused, overloaded, behind a partition): each call
+    fails with StoreUnavailable at the store's deadline, single commands and pipelines
+    alike, instead of holding the request. Once it answers again so does the store,
+    and no call reads a reply meant for a call that was cut off."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    from tests.conftest import free_port, wait_port
+
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=10)
+        s = RedisStore(f"redis://127.0.0.1:{port}/0", "hang", timeout_s=0.5)
+        await s.put_embedding("old", b"old value", 60)
+        await s.add_event("u1", {"item_id": "i1", "event": "click", "ts": 1.0}, 10)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await s.get_embedding("old")
+            with pytest.raises(StoreUnavailable):
+                await s.get_users(["u1", "u2"])
+            with pytest.raises(StoreUnavailable):
+                await s.log_impression(imp("during"), ttl_s=60, shown_max=10)
+            assert time.monotonic() - started < 3.0
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        await s.put_embedding("new", b"new value", 60)
+        assert await s.get_embedding("new") == b"new value"
+        users = await s.get_users(["u1", "u2"])
+        assert [h["item_id"] for h in users["u1"].history] == ["i1"] and not users["u2"].history
+        assert await s.get_embedding("old") == b"old value"
+        await s.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

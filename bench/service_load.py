@@ -7,9 +7,12 @@ at each in turn, interleaved, several times: it restarts the service from the
 catalog and histories ``bench.load`` cached (no re-embedding), warms it, runs
 ``wrk -t2 -c16`` with ``bench/wrk/traffic.lua`` and prints the request rate,
 latencies and the cores used by the service, Redis and ``wrk`` meanwhile (from
-``/proc``; a service using about one core is bound by its GIL).
+``/proc``; a service using about one core is bound by its GIL). With
+``--feedback-slates N`` it then serves N slates and posts clicks on their items
+with ``bench/wrk/feedback.lua`` for ``--seconds`` (as ``bench.load`` does).
 
     python -m bench.service_load [--warmup 40] [--seconds 20] [--topology api]
+        [--feedback-slates 3000]
 
 Needs ``wrk``, ``redis-server`` and a cache made by ``python -m bench.load``.
 """
@@ -20,12 +23,13 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.load import wait_redis
+from bench.load import served_pairs, wait_redis, wrk_feedback
 from bench.server import private_redis, running_service_process
 from bench.soak import wrk
 
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="api: RECSVC_ROLE=api, no learner (default); all: `recsvc serve`")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "recsvc" / "bench-load"))
     ap.add_argument("--service-env", nargs="*", default=[], metavar="RECSVC_X=V")
+    ap.add_argument("--feedback-slates", type=int, default=0,
+                    help="then serve this many slates and measure feedback on them")
     args = ap.parse_args(argv)
     workdir = os.path.join(args.cache_dir, f"items-{args.items}")
     if not os.path.exists(os.path.join(workdir, "dump.rdb")):
@@ -100,9 +106,19 @@ def main(argv: list[str] | None = None) -> None:
             sampler.start()
             res = wrk(url, args.seconds, args.connections, 2, traffic)
             sampler.join()
+            feedback = None
+            if args.feedback_slates:
+                with tempfile.TemporaryDirectory() as tmp:
+                    pairs = os.path.join(tmp, "pairs.txt")
+                    served_pairs(url, args.feedback_slates, args.users, pairs)
+                    feedback = wrk_feedback(url, args.seconds, args.connections, pairs)
     print(f"POST /v1/recommend: {res['rate']:.0f} req/s, p50 {res['p50_us'] / 1000:.1f} ms, "
           f"p99 {res['p99_us'] / 1000:.1f} ms, {res['errors']} errors")
     print("cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
+    if feedback is not None:
+        print(f"POST /v1/feedback: {feedback['rate']:.0f} accepted/s, p50 "
+              f"{feedback['p50_us'] / 1000:.1f} ms, p99 {feedback['p99_us'] / 1000:.1f} ms, "
+              f"{feedback['errors']} errors")
 
 
 if __name__ == "__main__":

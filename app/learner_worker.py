@@ -473,9 +473,11 @@ class LearnerWorker:
             else:
                 log.error("weights are not finite: not published; version %d keeps "
                           "serving and the learner goes back to it", self.version)
-                self.learner.rejected_updates += 1
                 await self._reload_published()
                 self._dirty = False
+                # counted once the learner is back on the published weights: whoever
+                # watches the count (the stats, a test) then sees it recovered, too
+                self.learner.rejected_updates += 1
         acks = list(dict.fromkeys(self._acks))
         stats = {**self.stats(), "version": weights.version if weights else self.version}
         if not await self.store.commit_learning(self.consumer, acks, stats, self._log_backlog,

@@ -126,8 +126,8 @@ def _guard(fn):
     bound the whole call, every round trip in it, by the store's ``timeout_s``.
 
     One deadline per call instead of redis-py's socket timeout, which arms a timer for
-    every reply it reads (seven per logged impression: about 6% of the event loop's
-    time under feedback load). A call cut off by its deadline disconnects the
+    every reply it reads, one per command of a pipeline (about 6% of the event loop's
+    GIL time under feedback load). A call cut off by its deadline disconnects the
     connection it was reading from (redis-py's handling of a cancelled read), so the
     next call never reads a stale reply."""
 

@@ -401,6 +401,24 @@ async def test_a_hung_redis_fails_calls_at_their_deadline_and_is_used_again_afte
             assert time.monotonic() - started < 3.0
         finally:
             os.kill(proc.pid, signal.SIGCONT)
+        # paused between the dedupe marker and the feedback's writes: the writes and
+        # the marker's release after them (past the call's deadline) both give up
+        write_feedback = s._write_feedback
+
+        async def pause_then_write(*args):
+            os.kill(proc.pid, signal.SIGSTOP)
+            await write_feedback(*args)
+
+        s._write_feedback = pause_then_write
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(s.record_feedback("r", "u9", "i9", "click", None, 1.0,
+                                                         0.0, 60, 10), 10)
+            assert time.monotonic() - started < 3.0
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            del s._write_feedback
         await s.put_embedding("new", b"new value", 60)
         assert await s.get_embedding("new") == b"new value"
         users = await s.get_users(["u1", "u2"])

@@ -531,9 +531,11 @@ class RedisStore(Store):
                           f"e:{e.item_id}:{e.event}")
             await pipe.execute()
         except BaseException:
-            # Not stored: release the markers so the clients' retries are not duplicates.
+            # Not stored: release the markers so the clients' retries are not duplicates,
+            # within a deadline of its own (the call's may be what ended the writes)
             try:
-                await self._delete_each([marker for _, _, marker in accepted])
+                async with asyncio.timeout(self.timeout_s):
+                    await self._delete_each([marker for _, _, marker in accepted])
             finally:
                 raise
 

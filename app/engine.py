@@ -294,19 +294,16 @@ class Engine:
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encoder.encode(texts))
 
-    def _cached_context(self, text: str) -> np.ndarray | None:
-        """The context's embedding if this process's LRU holds it (counted as a hit)."""
-        vec = self.cache.get(text_key(self.encoder.model_id, text))
+    def _cached_context(self, key: str) -> np.ndarray | None:
+        """The embedding of the context with ``text_key`` ``key``, if this process's LRU
+        holds it (counted as a hit): the common case, answered without an await."""
+        vec = self.cache.get(key)
         if vec is not None:
             self.metrics.cache_hits.inc()
         return vec
 
-    async def context_embedding(self, text: str) -> np.ndarray:
-        """LRU, then the store's cache, then the (micro-batched) transformer."""
-        vec = self._cached_context(text)
-        if vec is not None:
-            return vec
-        key = text_key(self.encoder.model_id, text)
+    async def _uncached_context(self, key: str, text: str) -> np.ndarray:
+        """After an LRU miss: the store's cache, then the (micro-batched) transformer."""
         try:
             raw = await self.store.get_embedding(key)
         except StoreUnavailable:
@@ -375,11 +372,13 @@ class Engine:
             except StoreUnavailable:  # degrade to a context-only state
                 return UserData([], [])
 
-        ctx = self._cached_context(context_text) if context_text else None
-        if ctx is not None or not context_text:  # the common case: no task to gather
+        key = text_key(self.encoder.model_id, context_text) if context_text else None
+        ctx = self._cached_context(key) if key else None
+        if ctx is not None or not key:  # the common case: no task to gather
             user_data = await user()
         else:
-            user_data, ctx = await asyncio.gather(user(), self.context_embedding(context_text))
+            user_data, ctx = await asyncio.gather(
+                user(), self._uncached_context(key, context_text))
         banned = set(exclude)
         if exclude_seen:
             banned.update(user_data.touched)
@@ -413,8 +412,8 @@ class Engine:
         self.metrics.items_explored.inc(int(choice.explored.sum()))
         return slate
 
-    def _add_sources(self, found: dict[int, Hits], picks: list[Pick],
-                     recent: list[RecentItems], banned: list[np.ndarray]) -> None:
+    def _add_sources(self, found: dict[int, Hits], recent: list[RecentItems],
+                     banned: list[np.ndarray]) -> None:
         """Append to each search result candidates from two more sources, which the
         query alone would not reach, so the Q-network's per-candidate features can rank
         them: the items nearest to what the user last engaged with
@@ -461,7 +460,7 @@ class Engine:
                 queries[to_search, : self.layout.dim], s.candidates,
                 [banned[i] for i in to_search]), strict=True)) if to_search else {}
             if found:
-                self._add_sources(found, picks, recent, banned)
+                self._add_sources(found, recent, banned)
             for i, p in enumerate(picks):
                 if p.candidates is not None:
                     wanted = [c for c in dict.fromkeys(p.candidates)

@@ -123,6 +123,31 @@ def served_pairs(url: str, slates: int, users: int, path: str) -> int:
     return len(lines)
 
 
+def measure_feedback(url: str, slates: int, users: int, seconds: int,
+                     connections: int) -> tuple[dict, int]:
+    """Serve ``slates`` slates, then ``wrk`` clicks on their items for ``seconds``:
+    the feedback result and the number of (slate, item) pairs clicked on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_path = os.path.join(tmp, "pairs.txt")
+        n_pairs = served_pairs(url, slates, users, pairs_path)
+        return wrk_feedback(url, seconds, connections, pairs_path), n_pairs
+
+
+def cache_workdir(cache_dir: str, items: int) -> str:
+    """Where the Redis snapshot of an ``items``-item catalog and its users is kept."""
+    return os.path.join(cache_dir, f"items-{items}")
+
+
+def service_env(redis_url: str, topology: str, service_env_args: list[str]) -> dict[str, str]:
+    """The environment of the service under test: the private Redis, the CPU, the
+    API role unless ``topology`` is ``all``, and ``RECSVC_X=V`` overrides."""
+    env = {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load", "RECSVC_DEVICE": "cpu",
+           **dict(kv.split("=", 1) for kv in service_env_args)}
+    if topology != "all":
+        env["RECSVC_ROLE"] = "api"
+    return env
+
+
 def wrk_feedback(url: str, seconds: int, connections: int, pairs_path: str) -> dict:
     """``wrk`` posting feedback on served slates, with the accepted rate and errors."""
     res = run_wrk(FEEDBACK_LUA, url, seconds, connections, 2, {"FEEDBACK_PAIRS": pairs_path})
@@ -181,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
-    extra = dict(kv.split("=", 1) for kv in args.service_env)
-    workdir = os.path.join(args.cache_dir, f"items-{args.items}") if args.cache_dir else None
+    workdir = cache_workdir(args.cache_dir, args.items) if args.cache_dir else None
     traffic = {"SOAK_USERS": str(args.users), "SOAK_CONTEXTS": str(args.contexts)}
 
     print(f"load benchmark: {args.items:,} items, {args.users:,} users with "
@@ -194,10 +218,7 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     with private_redis(workdir) as redis_url, contextlib.ExitStack() as stack:
         wait_redis(redis_url)
-        env = {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load",
-               "RECSVC_DEVICE": "cpu", **extra}
-        if args.topology != "all":
-            env["RECSVC_ROLE"] = "api"
+        env = service_env(redis_url, args.topology, args.service_env)
         if args.topology == "api+learner":
             stack.enter_context(running_service_process(env, 600, command="learner"))
         with running_service_process(env, 600) as (url, _):
@@ -205,10 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             print(histories(url, args, redis_url, workdir is not None), flush=True)
             wrk(url, args.warmup, args.connections, 2, traffic)  # every context cached
             service = wrk(url, args.seconds, args.connections, 2, traffic)
-            with tempfile.TemporaryDirectory() as tmp:
-                pairs_path = os.path.join(tmp, "pairs.txt")
-                n_pairs = served_pairs(url, args.feedback_slates, args.users, pairs_path)
-                feedback = wrk_feedback(url, args.seconds, args.connections, pairs_path)
+            feedback, n_pairs = measure_feedback(url, args.feedback_slates, args.users,
+                                                 args.seconds, args.connections)
         stack.close()  # the learner, if any, stops too: the floors run alone
         floor_io = run_floor(args.seconds, args.connections, traffic, redis_url)
     floor = run_floor(args.seconds, args.connections, traffic)

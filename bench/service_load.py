@@ -23,13 +23,12 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.load import served_pairs, wait_redis, wrk_feedback
+from bench.load import cache_workdir, measure_feedback, service_env, wait_redis
 from bench.server import private_redis, running_service_process
 from bench.soak import wrk
 
@@ -83,17 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feedback-slates", type=int, default=0,
                     help="then serve this many slates and measure feedback on them")
     args = ap.parse_args(argv)
-    workdir = os.path.join(args.cache_dir, f"items-{args.items}")
+    workdir = cache_workdir(args.cache_dir, args.items)
     if not os.path.exists(os.path.join(workdir, "dump.rdb")):
         sys.exit(f"no cached catalog in {workdir}: run `python -m bench.load --items "
                  f"{args.items}` once first")
     traffic = {"SOAK_USERS": str(args.users), "SOAK_CONTEXTS": str(args.contexts)}
     with private_redis(workdir) as redis_url:
         wait_redis(redis_url)
-        env = {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": "load",
-               "RECSVC_DEVICE": "cpu", **dict(kv.split("=", 1) for kv in args.service_env)}
-        if args.topology == "api":
-            env["RECSVC_ROLE"] = "api"
+        env = service_env(redis_url, args.topology, args.service_env)
         with running_service_process(env, 600) as (url, proc):
             print(f"warming up for {args.warmup} s", flush=True)
             wrk(url, args.warmup, args.connections, 2, traffic)
@@ -106,12 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             sampler.start()
             res = wrk(url, args.seconds, args.connections, 2, traffic)
             sampler.join()
-            feedback = None
-            if args.feedback_slates:
-                with tempfile.TemporaryDirectory() as tmp:
-                    pairs = os.path.join(tmp, "pairs.txt")
-                    served_pairs(url, args.feedback_slates, args.users, pairs)
-                    feedback = wrk_feedback(url, args.seconds, args.connections, pairs)
+            feedback = (measure_feedback(url, args.feedback_slates, args.users, args.seconds,
+                                         args.connections)[0]
+                        if args.feedback_slates else None)
     print(f"POST /v1/recommend: {res['rate']:.0f} req/s, p50 {res['p50_us'] / 1000:.1f} ms, "
           f"p99 {res['p99_us'] / 1000:.1f} ms, {res['errors']} errors")
     print("cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))

@@ -2,6 +2,7 @@
 logs, model rollback and the erasure of a user, against both store backends."""
 
 import logging
+import time
 
 import pytest
 import torch
@@ -157,13 +158,18 @@ def test_rollback_serves_the_previous_weights_and_learning_continues_from_them(s
     body = r.json()
     assert body["restored_from"] == first and body["version"] > second
     assert weights(store.get_weights, body["version"]) == weights(store.get_weights, first)
-    # this replica serves it at once, and reports it
-    assert recommend_with(c, admin, "after")["model_version"] == body["version"]
-    assert c.get("/v1/model", headers=admin).json()["version"] == body["version"]
+    # this replica serves it at once, and reports it (or a version the learner built
+    # on it since: what it had learned on the replaced weights and not committed is
+    # learned again on the restored ones)
+    assert recommend_with(c, admin, "after")["model_version"] >= body["version"]
+    assert c.get("/v1/model", headers=admin).json()["version"] >= body["version"]
     # the learner continues from the restored weights instead of overwriting them
     third = _learn_a_version(c, admin, "roll-3")
-    assert third == body["version"] + 1
-    assert weights(store.weights_parent, third) == body["version"]
+    assert third >= body["version"] + 1
+    lineage = [third]
+    while lineage[-1] > body["version"]:
+        lineage.append(weights(store.weights_parent, lineage[-1]))
+    assert lineage[-1] == body["version"]
     # and it did not overwrite the restored version with the weights it had before
     assert weights(store.get_weights, body["version"]) == weights(store.get_weights, first)
 
@@ -205,3 +211,155 @@ def test_erasing_a_user_drops_their_pending_impressions(backend, encoder):
         wait_for(lambda: c.get("/v1/model").json()["pending_impressions"] == 0)
         assert [r["request_id"] for r in c.get("/v1/log").json()["records"]] \
             == [kept["request_id"]]
+
+
+def test_a_rollback_is_never_overwritten_by_a_learner_commit(secured):
+    """The learner has learned on version N; a rollback publishes N+1 just after the
+    learner looked for newer versions and before it commits. The commit is refused
+    (compare and set on the version), the rollback keeps serving, and the entries whose
+    learning was dropped are not acknowledged: they are learned again on top of it.
+    At 3b796b0 the learner's N+1 replaced the rollback's N+1."""
+    c, admin = secured, as_key(ADMIN)
+    store = c.app.state.engine.store
+    learner = c.app.state.learner
+
+    def call(coro_fn, *args):
+        return c.portal.call(coro_fn, *args)
+
+    first = _learn_a_version(c, admin, "cas-1")
+    _learn_a_version(c, admin, "cas-2")
+    restored = call(store.get_weights, first)
+    commit = store.commit_learning
+    raced = []
+
+    async def rollback_first(*args, **kwargs):
+        weights = args[-1] if len(args) >= 6 else kwargs.get("weights")
+        if weights is not None and not raced:
+            raced.append(weights.version)
+            rollback = c.app.state.engine.rollback  # through the API's own path
+            await rollback()
+        return await commit(*args, **kwargs)
+
+    store.commit_learning = rollback_first
+    try:
+        recommend_with(c, admin, "cas-3")
+        slate = recommend_with(c, admin, "cas-3")
+        c.post("/v1/feedback", headers=admin, json={"request_id": slate["request_id"],
+                                                    "item_id": slate["items"][0]["item_id"],
+                                                    "event": "click"})
+        wait_for(lambda: raced)
+    finally:
+        store.commit_learning = commit
+    rolled = raced[0]  # the rollback took the number the learner was about to publish
+    wait_for(lambda: call(store.latest_version) >= rolled)
+    assert call(store.get_weights, rolled) == restored
+    # the learner continues from the rollback: its next version's parent is it
+    after = _learn_a_version(c, admin, "cas-4")
+    assert after > rolled and call(store.weights_parent, after) == rolled
+    assert call(store.get_weights, rolled) == restored
+    assert learner.version >= after
+
+
+def test_nothing_of_an_erased_user_comes_back(backend, encoder):
+    """A closed impression already in the learner's backlog when the user is erased is
+    not appended to the evaluation log afterwards (at 3b796b0 it was: the erasure had
+    scanned the log before the learner's next commit wrote it)."""
+    with make_client(backend, encoder, reward_wait_s=0.2, publish_interval_s=3.0) as c:
+        c.post("/v1/items", json=ITEMS)
+        learner = c.app.state.learner
+        warm = recommend(c, user="someone", k=3)  # a first version, so the next waits
+        c.post("/v1/feedback", json={"request_id": warm["request_id"],
+                                     "item_id": warm["items"][0]["item_id"],
+                                     "event": "click"})
+        wait_for(lambda: c.get("/v1/model").json()["version"] >= 1)
+        slate = recommend(c, user="erase-me", k=3)
+        c.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                     "item_id": slate["items"][0]["item_id"],
+                                     "event": "click"})
+        # learned and closed, waiting in the backlog for the next version's commit
+        wait_for(lambda: any(r["request_id"] == slate["request_id"]
+                             for r in learner._log_backlog))
+        assert c.delete("/v1/users/erase-me").status_code == 204
+        version = c.get("/v1/model").json()["version"]
+        wait_for(lambda: not learner._log_backlog and
+                 c.get("/v1/model").json()["version"] > version, timeout=15)
+        records = c.get("/v1/log").json()["records"]
+        assert all(r["user_id"] != "erase-me" for r in records), records
+        assert c.get("/v1/users/erase-me").json()["history"] == []
+
+
+async def test_feedback_racing_an_erasure_does_not_bring_the_history_back(redis_url,
+                                                                          redis_prefix):
+    """The feedback was validated against its slate, then the user was erased, then the
+    feedback's writes ran: the history stays empty (at 3b796b0 they recreated it)."""
+    from app.store.redis_store import RedisStore
+
+    s = RedisStore(redis_url, redis_prefix)
+    await s.log_impression(imp_for("r", "racer"), 60, 10)
+    write = s._write_feedback
+
+    async def erase_then_write(*args):
+        await s.delete_user("racer")
+        await write(*args)
+
+    s._write_feedback = erase_then_write
+    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, time.time(), 60, 10)
+    assert out.status == "accepted"
+    assert (await s.get_user("racer")).history == []
+    assert not await s.r.exists(s._user("racer", "hist"))
+    await s.close()
+
+
+def imp_for(rid, user):
+    import numpy as np
+
+    from app.store import Impression
+    return Impression(rid, user, time.time(), 1, np.ones(4, np.float32).tobytes(), ["a", "b"],
+                      [0.9, 0.5], [False, False])
+
+
+def test_a_keyless_service_refuses_to_listen_beyond_loopback():
+    """Serving with no key on an address other hosts reach is refused unless asked for
+    (at 3b796b0 compose ran the replicas on 0.0.0.0 with no keys)."""
+    from app.cli import refuse_open_exposure
+
+    open_settings = Settings()
+    refuse_open_exposure(open_settings, "127.0.0.1")  # the development default
+    refuse_open_exposure(open_settings, "localhost")
+    for host in ("0.0.0.0", "10.1.2.3", "::"):
+        with pytest.raises(SystemExit, match="RECSVC_API_KEYS"):
+            refuse_open_exposure(open_settings, host)
+    refuse_open_exposure(Settings(api_keys="k"), "0.0.0.0")
+    refuse_open_exposure(Settings(allow_open=True), "0.0.0.0")
+
+
+def test_without_keys_the_rate_limit_counts_clients_behind_a_trusted_proxy(encoder):
+    """Behind a proxy every request comes from its address; with the proxy trusted,
+    the limit counts each client named by X-Forwarded-For (at 3b796b0 all clients of a
+    proxy shared one count)."""
+    cfg = dict(**FAST, rate_limit=2, rate_limit_window_s=60, trusted_proxies="127.0.0.0/8")
+    with TestClient(create_app(Settings(**cfg), encoder=encoder),
+                    client=("127.0.0.1", 40000)) as c:  # the proxy's address
+        def get(client):
+            return c.get("/v1/model", headers={"X-Forwarded-For": f"{client}, 127.0.0.1"})
+        codes = [get("203.0.113.7").status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        assert get("203.0.113.8").status_code == 200  # another client, its own count
+
+
+def test_the_learners_status_needs_an_admin_key_when_keys_are_set(redis_url, redis_prefix):
+    from app.learner_process import create_learner_app
+
+    settings = Settings(**FAST, redis_url=redis_url, key_prefix=redis_prefix,
+                        api_keys=API, admin_keys=ADMIN)
+    with TestClient(create_learner_app(settings)) as c:
+        assert_error(c.get("/status"), 401)
+        assert_error(c.get("/status", headers=as_key(API)), 403)
+        assert c.get("/status", headers=as_key(ADMIN)).status_code == 200
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/docs").status_code == 404 and c.get("/openapi.json").status_code == 404
+
+
+def test_the_api_docs_need_a_key_when_keys_are_set(secured):
+    assert_error(secured.get("/openapi.json"), 401)
+    assert secured.get("/openapi.json", headers=as_key(API)).status_code == 200

@@ -12,7 +12,8 @@ def make_store(settings) -> Store:
 
         return RedisStore(settings.redis_url, prefix=settings.key_prefix,
                           max_connections=settings.redis_max_connections,
-                          cluster=settings.redis_cluster)
+                          cluster=settings.redis_cluster, user_ttl_s=settings.user_ttl_s,
+                          stream_max=settings.stream_max)
     from app.store.memory import MemoryStore
 
-    return MemoryStore()
+    return MemoryStore(user_ttl_s=settings.user_ttl_s)

@@ -18,6 +18,11 @@ class StoreUnavailable(Exception):
     """The backing store cannot be reached; callers answer 503 or degrade."""
 
 
+class VersionConflict(Exception):
+    """A weights version was published meanwhile (a rollback, another learner): the
+    publish that assumed otherwise was refused and wrote nothing."""
+
+
 @dataclass
 class ItemRecord:
     item_id: str
@@ -71,6 +76,11 @@ class Impression:
     # per slot, a bitmask of the ensemble's agents that ranked the item in their own
     # top-k (models.ensemble): the credit its reward gives each agent; empty without one
     agents: list[int] = field(default_factory=list)
+    # per slot, a bitmask of the candidate sources that retrieved the item
+    # (models.ensemble.SOURCES): the evidence each source's budget is learned from
+    sources: list[int] = field(default_factory=list)
+    # per slot, the item's rank in its source's list: how deep the policy's picks reach
+    depths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +107,9 @@ class WeightsUpdate:
     blob: bytes
     parent: int = 0  # the version it replaces in serving (what a rollback returns to)
     keep: int = 5    # only the newest ``keep`` versions are kept
+    # the version that must still be the latest for this one to be published (compare
+    # and set: a rollback published meanwhile is never overwritten); None: no check
+    expected: int | None = None
 
 
 def change_id_key(change_id: str) -> tuple[int, int]:
@@ -111,6 +124,14 @@ class Store(abc.ABC):
     # -- lifecycle ---------------------------------------------------------------
     @abc.abstractmethod
     async def ping(self) -> bool: ...
+
+    async def stream_length(self) -> int:
+        """Entries of the event stream no learner has committed yet (the backlog)."""
+        return 0
+
+    async def check_writable(self) -> None:  # noqa: B027 - optional hook
+        """Raise ``StoreUnavailable`` unless the store accepts writes now (readiness
+        reports it; an embedded store always does)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -270,15 +291,18 @@ class Store(abc.ABC):
         """Atomically, and only while ``owner`` holds the lease: publish ``weights``
         (when given), store the counters, append closed impressions to the evaluation
         log and acknowledge the stream entries. Returns ``False``, writing nothing, when
-        the lease is not ``owner``'s."""
+        the lease is not ``owner``'s; raises ``VersionConflict``, writing nothing, when
+        ``weights.expected`` is not the latest version any more."""
 
     # -- model ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
-                              parent: int = 0, keep: int = 5) -> None:
+                              parent: int = 0, keep: int = 5, expected: int | None = None
+                              ) -> None:
         """Store a weights version and make it the latest. ``parent`` is the version it
         replaces in serving (what a rollback returns to); only the newest ``keep``
-        versions are kept."""
+        versions are kept. With ``expected``, only if that is still the latest version
+        (else ``VersionConflict``, nothing written)."""
 
     @abc.abstractmethod
     async def weights_parent(self, version: int) -> int:

@@ -1,16 +1,20 @@
 """The embedded backend: in-process dictionaries for the single-process mode.
 
-Nothing survives a restart, by design: this is the development default. TTLs are
-honoured lazily on read, so behaviour matches the Redis backend. Every method runs
-without awaiting, so each is atomic on the event loop (``commit_learning`` included).
+Nothing survives a restart, by design: this is the development default. Every key
+has a bound, as in Redis: impressions, feedback markers and cached embeddings expire
+with their TTLs, and a user's history, shown items and impression list expire
+``user_ttl_s`` after their last write. Expired entries read as absent at once and are
+freed at the next write (``ExpiringMap``), so memory stays flat under a steady load.
+Every method runs without awaiting, so each is atomic on the event loop
+(``commit_learning`` included).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.store.base import (
     CatalogChange,
     Impression,
@@ -18,22 +22,33 @@ from app.store.base import (
     Store,
     StreamEntry,
     UserData,
+    VersionConflict,
     WeightsUpdate,
     change_id_key,
 )
+from app.store.expiry import ExpiringMap
 
 CATALOG_CHANGES_KEPT = 10_000
+USER_TTL_S = 30 * 86_400
+ERASED_KEPT_S = 86_400  # as the Redis backend's tombstones
 
 
 class MemoryStore(Store):
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, user_ttl_s: float = USER_TTL_S) -> None:
+        self.clock = clock
+        self.user_ttl_s = user_ttl_s
         self._items: dict[str, ItemRecord] = {}
-        self._emb: dict[str, tuple[bytes, float]] = {}
+        self._emb: ExpiringMap[str, bytes] = ExpiringMap()
         self._history: dict[str, list[dict]] = {}
         self._shown: dict[str, list[tuple[str, float]]] = {}
         self._user_imps: dict[str, set[str]] = {}
-        self._imps: dict[str, tuple[Impression, float]] = {}
-        self._dedupe: dict[str, tuple[float, float]] = {}
+        # a user's history, shown items and impression list live until this expires
+        self._users: ExpiringMap[str, None] = ExpiringMap(lambda user, _: self._forget(user))
+        self._imps: ExpiringMap[str, Impression] = ExpiringMap(self._imp_expired)
+        self._dedupe: ExpiringMap[str, float] = ExpiringMap()
+        # user -> when erased: their closed impressions still in a learner's backlog are
+        # left out of the evaluation log
+        self._erased: ExpiringMap[str, float] = ExpiringMap()
         # The stream holds only unacknowledged work: acked entries are dropped.
         self._entries: dict[str, dict[str, str]] = {}
         self._undelivered: deque[str] = deque()
@@ -54,9 +69,41 @@ class MemoryStore(Store):
     async def ping(self) -> bool:
         return True
 
+    async def stream_length(self) -> int:
+        return len(self._entries)
+
+    # -- expiry --------------------------------------------------------------------
+    def _purge(self) -> None:
+        """Free what has expired (a heap pop per expired entry: run on every write)."""
+        now = self.clock.time()
+        for expiring in (self._imps, self._dedupe, self._emb, self._users, self._erased):
+            expiring.purge(now)
+
+    def _imp_expired(self, request_id: str, imp: Impression) -> None:
+        ids = self._user_imps.get(imp.user_id)
+        if ids is not None:
+            ids.discard(request_id)
+            if not ids:
+                del self._user_imps[imp.user_id]
+
+    def _touch_user(self, user_id: str) -> None:
+        self._users.put(user_id, None, self.clock.time() + self.user_ttl_s)
+
+    def _forget(self, user_id: str) -> None:
+        self._history.pop(user_id, None)
+        self._shown.pop(user_id, None)
+        for rid in self._user_imps.pop(user_id, set()):
+            self._imps.pop(rid)
+
+    def held(self) -> dict[str, int]:
+        """How many entries of each kind are held (expired ones included until freed)."""
+        return {"impressions": len(self._imps), "feedback_markers": len(self._dedupe),
+                "embeddings": len(self._emb), "users": len(self._users),
+                "stream": len(self._entries), "log": len(self._log)}
+
     # catalog
     def _new_id(self) -> str:
-        return f"{int(time.time() * 1000)}-{next(self._seq)}"
+        return f"{int(self.clock.time() * 1000)}-{next(self._seq)}"
 
     def _announce(self, origin: str, item_ids: list[str]) -> None:
         self._changes.append((self._new_id(), origin, list(item_ids)))
@@ -93,29 +140,29 @@ class MemoryStore(Store):
 
     # embedding cache
     async def get_embedding(self, key: str) -> bytes | None:
-        hit = self._emb.get(key)
-        if hit is None or hit[1] < time.time():
-            self._emb.pop(key, None)
-            return None
-        return hit[0]
+        return self._emb.get(key, self.clock.time())
 
     async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None:
-        self._emb[key] = (vector, time.time() + ttl_s)
+        self._purge()
+        self._emb.put(key, vector, self.clock.time() + ttl_s)
 
     # users
     async def get_user(self, user_id: str) -> UserData:
+        self._purge()  # a user whose data expired reads as new
         return UserData(list(self._history.get(user_id, [])), list(self._shown.get(user_id, [])))
 
     async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
+        self._purge()
+        self._touch_user(user_id)
         hist = self._history.setdefault(user_id, [])
         hist.append(dict(entry))
         del hist[:-max_len]
 
     async def delete_user(self, user_id: str) -> None:
-        self._history.pop(user_id, None)
-        self._shown.pop(user_id, None)
-        for rid in self._user_imps.pop(user_id, set()):
-            self._imps.pop(rid, None)
+        now = self.clock.time()
+        self._erased.put(user_id, now, now + ERASED_KEPT_S)
+        self._users.pop(user_id)
+        self._forget(user_id)
         doomed = {e for e, f in self._entries.items() if f.get("user_id") == user_id}
         for entry_id in doomed:
             del self._entries[entry_id]
@@ -131,7 +178,9 @@ class MemoryStore(Store):
         self._undelivered.append(entry_id)
 
     async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
-        self._imps[imp.request_id] = (imp, time.time() + ttl_s)
+        self._purge()
+        self._touch_user(imp.user_id)
+        self._imps.put(imp.request_id, imp, self.clock.time() + ttl_s)
         self._user_imps.setdefault(imp.user_id, set()).add(imp.request_id)
         shown = self._shown.setdefault(imp.user_id, [])
         shown.extend((i, imp.ts) for i in imp.item_ids)
@@ -140,26 +189,26 @@ class MemoryStore(Store):
                       "user_id": imp.user_id, "ts": repr(imp.ts)})
 
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
-        now = time.time()
+        now = self.clock.time()
         out = {}
         for rid in request_ids:
-            hit = self._imps.get(rid)
-            if hit is not None and hit[1] >= now:
-                out[rid] = hit[0]
+            hit = self._imps.get(rid, now)
+            if hit is not None:
+                out[rid] = hit
         return out
 
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:
         key = f"{request_id}\x00{item_id}\x00{event}"
-        seen = self._dedupe.get(key)
-        if seen is not None and seen[1] >= time.time():
-            return False, seen[0]
-        self._dedupe[key] = (reward, time.time() + ttl_s)
-        hit = self._imps.get(request_id)
-        if hit is not None:
-            hit[0].rewards[item_id] = hit[0].rewards.get(item_id, 0.0) + reward
-            hit[0].events.setdefault(item_id, []).append(event)
+        seen = self._dedupe.get(key, self.clock.time())
+        if seen is not None:
+            return False, seen
+        self._dedupe.put(key, reward, self.clock.time() + ttl_s)
+        imp = self._imps.get(request_id, self.clock.time())
+        if imp is not None:
+            imp.rewards[item_id] = imp.rewards.get(item_id, 0.0) + reward
+            imp.events.setdefault(item_id, []).append(event)
         await self.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
                                        "value": value}, history_max)
         self._append({"type": "feedback", "request_id": request_id, "user_id": user_id,
@@ -169,7 +218,11 @@ class MemoryStore(Store):
 
     # evaluation log
     async def append_log(self, records: list[dict], max_len: int) -> None:
-        self._log.extend(dict(r) for r in records)
+        now = self.clock.time()
+        for r in records:
+            erased = self._erased.get(r.get("user_id", ""), now)
+            if erased is None or erased < r.get("ts", 0.0):
+                self._log.append(dict(r))
         while len(self._log) > max_len:
             self._log.popleft()
 
@@ -186,7 +239,7 @@ class MemoryStore(Store):
         while self._undelivered and len(out) < count:
             entry_id = self._undelivered.popleft()
             self._pending[entry_id] = consumer
-            self._delivered_at[entry_id] = time.monotonic()
+            self._delivered_at[entry_id] = self.clock.monotonic()
             out.append((entry_id, self._entries[entry_id]))
         return out
 
@@ -198,7 +251,7 @@ class MemoryStore(Store):
 
     async def claim_stream(self, consumer: str, min_idle_s: float, count: int,
                            ) -> list[StreamEntry]:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         ids = [e for e in self._pending if now - self._delivered_at[e] >= min_idle_s][:count]
         for e in ids:
             self._pending[e] = consumer
@@ -207,7 +260,7 @@ class MemoryStore(Store):
 
     # learner lease
     async def hold_lease(self, owner: str, ttl_s: float) -> bool:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if self._lease is None or self._lease[0] == owner or self._lease[1] <= now:
             self._lease = (owner, now + ttl_s)
             return True
@@ -218,7 +271,7 @@ class MemoryStore(Store):
             self._lease = None
 
     async def lease_holder(self) -> str | None:
-        if self._lease is None or self._lease[1] <= time.monotonic():
+        if self._lease is None or self._lease[1] <= self.clock.monotonic():
             return None
         return self._lease[0]
 
@@ -229,7 +282,7 @@ class MemoryStore(Store):
             return False
         if weights is not None:
             await self.publish_weights(weights.version, weights.blob, {}, weights.parent,
-                                       weights.keep)
+                                       weights.keep, weights.expected)
         self._stats.update(stats)
         await self.append_log(log_records, log_max)
         await self.ack(acks)
@@ -237,7 +290,10 @@ class MemoryStore(Store):
 
     # model
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
-                              parent: int = 0, keep: int = 5) -> None:
+                              parent: int = 0, keep: int = 5, expected: int | None = None
+                              ) -> None:
+        if expected is not None and self._version != expected:
+            raise VersionConflict(f"version {expected} is not the latest any more")
         self._weights[version] = blob
         self._parents[version] = parent
         for old in [v for v in self._weights if v <= version - keep]:

@@ -9,25 +9,36 @@ commit is one script on one node):
   {p}:catalog                   stream of catalog changes (origin, item ids), trimmed to
                                 about 10,000 entries; replicas follow it
   {p}:emb:{model}:{hash}        cached context embedding (TTL)
-  {p}:user:{<uid>}:hist|shown|imps   a user's history, shown items, impression ids
-  {p}:imp:{rid}                 logged impression, with r:{item} reward sums and
-                                e:{item}:{event} markers of accepted feedback (TTL)
-  {p}:fb:{rid}:{item}:{event}   feedback dedupe marker holding the reward (TTL)
+  {p}:user:{<uid>}:hist|shown   a user's history and shown items (TTL: RECSVC_USER_TTL_S
+                                after the last write)
+  {p}:user:{<uid>}:impz         a user's impression ids scored by expiry, pruned as they
+                                expire (":imps", a set, in releases before it)
+  {p}:user:{<uid>}:erased       when the user was last erased (a day's TTL): feedback on
+                                a slate served before it does not bring the history back
+  {p}:imp:{rid}                 logged impression, with an e:{item}:{event} field holding
+                                the reward of each accepted feedback event (TTL)
+  {p}:fb:{rid}:{item}:{event}   feedback dedupe marker: "pending", then the reward (TTL)
   {p}:{model}:events            stream of impressions and feedback, consumer group "learners"
   {p}:{model}:log               capped stream of closed impressions, for off-policy evaluation
   {p}:{model}:lease             the learner lease: holder's id (PX TTL)
+  {p}:{model}:erased            users erased in the last day, scored by when: closed
+                                impressions of theirs still in a learner's backlog are
+                                left out of the evaluation log
   {p}:{model}:version|w:N|parent:N|stats   weights versions, the version each replaced
                                 (for rollback), learner counters
   {p}:rl:{key id}:{window}      per-key request count of one rate-limit window (TTL)
 
-Acknowledged stream entries are deleted, so the stream holds only unprocessed
-work and is never trimmed past it.
+Acknowledged stream entries are deleted, so the stream holds only unprocessed work;
+it is trimmed at ``stream_max`` entries, a bound reached only when no learner
+consumes it for long (``recsvc_stream_backlog`` alerts well before). Every key has a
+TTL or a cap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Iterable
 
 import hiredis
@@ -45,14 +56,42 @@ from app.store.base import (
     StoreUnavailable,
     StreamEntry,
     UserData,
+    VersionConflict,
     WeightsUpdate,
     change_id_key,
 )
 
 GROUP = "learners"
+# erasure tombstones are kept this long: longer than any feedback write or learner
+# commit can take to land after the erasure it races
+ERASED_KEPT_S = 86_400
+# a feedback dedupe marker whose writes have not all landed yet (see feedback_on_slates)
+PENDING = b"pending"
+
+# KEYS: a user's history, the user's erasure tombstone; ARGV: entry (JSON), its event
+# key, max length, the time of the slate it is feedback on, the history's TTL. Appends
+# the entry unless an entry with the same key is among the last ``max length`` already
+# (a retried write does not add the same event twice), or the user was erased after
+# that slate was served (feedback racing the erasure does not bring the history back).
+_APPEND_ONCE = """
+local erased = redis.call('GET', KEYS[2])
+if erased and tonumber(erased) >= tonumber(ARGV[4]) then return 0 end
+local key = '"key":' .. cjson.encode(ARGV[2])
+for _, entry in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[3]), -1)) do
+  if string.find(entry, key, 1, true) then return 0 end
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 CATALOG_CHANGES_KEPT = 10_000
+# Replies that mean "unavailable", not "wrong": the connection or the server is down,
+# loading, out of memory (maxmemory with noeviction), a replica after a failover
+# (READONLY), a replica whose primary is down, a cluster mid-resharding (TRYAGAIN).
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError,
-         rexc.ClusterDownError, OSError)
+         rexc.ClusterDownError, rexc.OutOfMemoryError, rexc.ReadOnlyError,
+         rexc.MasterDownError, rexc.TryAgainError, OSError)
 
 _HOLD_LEASE = """
 local cur = redis.call('GET', KEYS[1])
@@ -68,13 +107,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: lease, events, stats, log, version, w:N, parent:N, w:N-keep, parent:N-keep
+# KEYS: lease, events, stats, log, version, w:N, parent:N, w:N-keep, parent:N-keep, erased
 # ARGV: owner ('' = no lease check: a rollback through the API), group, log max,
-#       n acks, ids..., n stats, k, v..., n log records, uid, json..., has weights, blob, N,
-#       parent
-# Acknowledging comes first: if it fails, nothing else is written.
+#       n acks, ids..., n stats, k, v..., n log records, (uid, ts, json)..., has weights,
+#       blob, N,
+#       parent, and last the version that must be the latest ('' = no check)
+# Returns 1; 0 (nothing written) when the lease is not the owner's; 2 (nothing written)
+# when the latest version is not the expected one. Acknowledging comes first: if it
+# fails, nothing else is written.
 _COMMIT = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[#ARGV] ~= '' and tonumber(redis.call('GET', KEYS[5]) or '0') ~= tonumber(ARGV[#ARGV])
+then return 2 end
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for j = i, i + n - 1, 500 do
@@ -87,10 +131,14 @@ n = tonumber(ARGV[i]); i = i + 1
 for j = i, i + 2 * n - 1, 2 do redis.call('HSET', KEYS[3], ARGV[j], ARGV[j + 1]) end
 i = i + 2 * n
 n = tonumber(ARGV[i]); i = i + 1
-for j = i, i + 2 * n - 1, 2 do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '=', ARGV[3], '*', 'user_id', ARGV[j], 'json', ARGV[j + 1])
+for j = i, i + 3 * n - 1, 3 do
+  local erased = redis.call('ZSCORE', KEYS[10], ARGV[j])
+  if not erased or tonumber(erased) < tonumber(ARGV[j + 1]) then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '=', ARGV[3], '*', 'user_id', ARGV[j], 'json',
+               ARGV[j + 2])
+  end
 end
-i = i + 2 * n
+i = i + 3 * n
 if ARGV[i] == '1' then
   redis.call('SET', KEYS[6], ARGV[i + 1])
   redis.call('SET', KEYS[7], ARGV[i + 3])
@@ -121,6 +169,21 @@ def _events_of(h: dict[bytes, bytes]) -> dict[str, list[str]]:
     return out
 
 
+def _rewards_of(h: dict[bytes, bytes]) -> dict[str, float]:
+    """Item -> the sum of its accepted feedback's rewards. Each ``e:{item}:{event}``
+    field holds its event's reward; impressions written before that held ``r:{item}``
+    sums (and 1 in the ``e:`` fields), which are read as they are."""
+    old = {k[2:].decode(): float(v) for k, v in h.items() if k.startswith(b"r:")}
+    if old:
+        return old
+    out: dict[str, float] = {}
+    for k, v in h.items():
+        if k.startswith(b"e:"):
+            item_id = k[2:].decode().rsplit(":", 1)[0]
+            out[item_id] = out.get(item_id, 0.0) + float(v)
+    return out
+
+
 def _guard(fn):
     """Turn connection-level failures into StoreUnavailable (the API answers 503), and
     bound the whole call, every round trip in it, by the store's ``timeout_s``.
@@ -137,6 +200,10 @@ def _guard(fn):
             async with asyncio.timeout(self.timeout_s):
                 return await fn(self, *args, **kwargs)
         except _DOWN as exc:  # TimeoutError, the deadline's, is an OSError
+            if isinstance(exc, rexc.ReadOnlyError):
+                # a failover made this server a replica: reconnect, so the address
+                # (a DNS name, a service) can lead to the new primary
+                await self.reconnect()
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     return wrapper
@@ -177,12 +244,19 @@ def _packing_with_hiredis(pool: aioredis.ConnectionPool) -> aioredis.ConnectionP
 
 class RedisStore(Store):
     def __init__(self, url: str, prefix: str = "recsvc", max_connections: int = 64,
-                 cluster: bool = False, timeout_s: float = 5.0) -> None:
+                 cluster: bool = False, timeout_s: float = 5.0,
+                 user_ttl_s: int = 30 * 86_400, stream_max: int = 1_000_000) -> None:
         """``cluster``: ``url`` names any node of a Redis Cluster. ``timeout_s``: the
-        longest any call may take before it fails with ``StoreUnavailable``."""
+        longest any call may take before it fails with ``StoreUnavailable``.
+        ``user_ttl_s``: a user's history and shown items expire this long after their
+        last write. ``stream_max``: the event stream is trimmed to about this many
+        entries, a bound for when no learner consumes it (``stream_length`` is the
+        backlog to alert on long before)."""
         self.url = url
         self.p = prefix
         self.timeout_s = timeout_s
+        self.user_ttl_s = user_ttl_s
+        self.stream_max = stream_max
         if cluster:
             self.r = aioredis.RedisCluster.from_url(
                 url, max_connections=max_connections, decode_responses=False,
@@ -235,6 +309,30 @@ class RedisStore(Store):
     @_guard
     async def ping(self) -> bool:
         return bool(await self.r.ping())
+
+    @_guard
+    async def stream_length(self) -> int:
+        """Entries in the event stream: acknowledged ones are deleted, so this is the
+        work no learner has committed yet."""
+        return int(await self.r.xlen(self._stream))
+
+    @_guard
+    async def check_writable(self) -> None:
+        """A write that expires: PING answers on a server that refuses every write (out
+        of memory, a replica after a failover), this does not."""
+        await self.r.set(f"{self.p}:probe", b"1", ex=60)
+
+    async def reconnect(self) -> None:
+        """Drop every connection, so the next calls connect afresh: after a failover the
+        address leads to the new primary, and a connection kept to the old one (now a
+        replica, answering READONLY) would be kept forever otherwise."""
+        try:
+            if isinstance(self.r, aioredis.RedisCluster):
+                await self.r.aclose()  # nodes and slots are looked up again on next use
+            else:
+                await self.r.connection_pool.disconnect(inuse_connections=True)
+        except Exception:  # noqa: BLE001 - best effort: the next call reconnects anyway
+            pass
 
     # catalog
     def _announce(self, pipe, origin: str, item_ids: list[str]) -> None:
@@ -350,13 +448,27 @@ class RedisStore(Store):
         pipe = self.r.pipeline(transaction=False)  # one key: the order is kept
         pipe.rpush(key, orjson.dumps(entry))
         pipe.ltrim(key, -max_len, -1)
+        pipe.expire(key, self.user_ttl_s)
         await pipe.execute()
 
     @_guard
     async def delete_user(self, user_id: str) -> None:
-        imps_key = self._user(user_id, "imps")
-        rids = [r.decode() for r in await self.r.smembers(imps_key)]
-        await self.r.delete(self._user(user_id, "hist"), self._user(user_id, "shown"), imps_key)
+        # Tombstones first: a feedback write racing this erasure, and a closed impression
+        # already in the learner's backlog for the evaluation log, are both refused by
+        # them (the history script and the commit script check), so nothing of the user
+        # comes back once this call returns.
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self._user(user_id, "erased"), repr(now), ex=ERASED_KEPT_S)
+        pipe.zadd(self._model("erased"), {user_id: now})
+        pipe.zremrangebyscore(self._model("erased"), "-inf", now - ERASED_KEPT_S)
+        await pipe.execute()
+        imps_key, old_key = self._user(user_id, "impz"), self._user(user_id, "imps")
+        rids = [r.decode() for r in await self.r.zrange(imps_key, 0, -1)]
+        if await self.r.type(old_key) == b"set":  # written by releases before the ZSET
+            rids += [r.decode() for r in await self.r.smembers(old_key)]
+        await self.r.delete(self._user(user_id, "hist"), self._user(user_id, "shown"), imps_key,
+                            old_key)
         if rids:
             await self._delete_each([self._imp(rid) for rid in rids])
         # Logged events of the user still waiting in the stream are erased too,
@@ -399,21 +511,26 @@ class RedisStore(Store):
         pipe = self.r.pipeline(transaction=False)
         for imp in imps:
             shown_key = self._user(imp.user_id, "shown")
-            imps_key = self._user(imp.user_id, "imps")
+            imps_key = self._user(imp.user_id, "impz")
             pipe.hset(self._imp(imp.request_id), mapping={
                 "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
                 "state": imp.state, "items": orjson.dumps(imp.item_ids),
                 "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
                 "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
-                "agents": orjson.dumps(imp.agents)})
+                "agents": orjson.dumps(imp.agents), "sources": orjson.dumps(imp.sources),
+                "depths": orjson.dumps(imp.depths)})
             pipe.expire(self._imp(imp.request_id), ttl_s)
             if imp.item_ids:
                 pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
                 pipe.ltrim(shown_key, -shown_max, -1)
-            pipe.sadd(imps_key, imp.request_id)
+                pipe.expire(shown_key, self.user_ttl_s)
+            # the user's impression ids, scored by when each expires: pruned as they do
+            pipe.zadd(imps_key, {imp.request_id: imp.ts + ttl_s})
+            pipe.zremrangebyscore(imps_key, "-inf", imp.ts)
             pipe.expire(imps_key, ttl_s)
             pipe.xadd(self._stream, {"type": "impression", "request_id": imp.request_id,
-                                     "user_id": imp.user_id, "ts": repr(imp.ts)})
+                                     "user_id": imp.user_id, "ts": repr(imp.ts)},
+                      maxlen=self.stream_max, approximate=True)
         await pipe.execute()
 
     @_guard
@@ -431,9 +548,10 @@ class RedisStore(Store):
                                       orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]),
                                       orjson.loads(h.get(b"features", b"[]")),
                                       int(h.get(b"n_cand", 0)),
-                                      {k[2:].decode(): float(v) for k, v in h.items()
-                                       if k.startswith(b"r:")}, _events_of(h),
-                                      orjson.loads(h.get(b"agents", b"[]")))
+                                      _rewards_of(h), _events_of(h),
+                                      orjson.loads(h.get(b"agents", b"[]")),
+                                      orjson.loads(h.get(b"sources", b"[]")),
+                                      orjson.loads(h.get(b"depths", b"[]")))
         return out
 
     @_guard
@@ -448,39 +566,48 @@ class RedisStore(Store):
     async def feedback_on_slates(self, events: list[FeedbackEvent], ttl_s: int,
                                  history_max: int) -> list[FeedbackOutcome]:
         """Two round trips for the whole list: the slates are read, and the dedupe
-        markers set, in one pipeline; the writes of the accepted follow in another.
-        Markers set for feedback that then proves invalid are deleted again (a third
-        round trip, on that path only). No script: the keys hash to different Cluster
-        slots."""
+        markers claimed, in one pipeline; the writes of the accepted follow in another.
+        No script spans both: the keys hash to different Cluster slots.
+
+        Exactly once, whatever fails between the client and Redis: a marker is claimed
+        as ``pending`` and becomes the reward only after the writes landed, and every
+        write is idempotent (the impression holds one field per event, the history
+        append skips an entry already there, a repeated stream entry is skipped by the
+        learner). So a retry that finds its marker pending redoes the writes and is
+        accepted, and a retry after the writes landed is a duplicate; a marker is
+        released only for feedback that proved invalid, where nothing was written."""
         await self._ensure_group()
         markers = [self._marker(e.request_id, e.item_id, e.event) for e in events]
         pipe = self.r.pipeline(transaction=False)
         for e, marker in zip(events, markers, strict=True):
             # two fields, not HGETALL: the stored state is ~4.6 KB that feedback never reads
-            pipe.hmget(self._imp(e.request_id), ["user_id", "items"])
-            pipe.set(marker, repr(e.reward), nx=True, ex=ttl_s)
+            pipe.hmget(self._imp(e.request_id), ["user_id", "items", "ts"])
+            pipe.set(marker, PENDING, nx=True, ex=ttl_s)
             pipe.get(marker)
         replies = await pipe.execute()
         out: list[FeedbackOutcome] = []
         release: list[str] = []
-        accepted: list[tuple[FeedbackEvent, str, str]] = []
+        accepted: list[tuple[FeedbackEvent, str, str, float]] = []
+        claimed: dict[str, float] = {}  # marker -> reward, for repeats within this list
         for n, (e, marker) in enumerate(zip(events, markers, strict=True)):
-            (user_id, items), fresh, first = replies[3 * n: 3 * n + 3]
+            (user_id, items, served), fresh, first = replies[3 * n: 3 * n + 3]
             if user_id is None or items is None or e.item_id not in orjson.loads(items):
                 if fresh:
                     release.append(marker)
                 out.append(FeedbackOutcome("unknown_request" if user_id is None or items is None
                                            else "not_in_slate"))
-            elif not fresh:
-                out.append(FeedbackOutcome("duplicate",
-                                           float(first) if first is not None else e.reward))
-            else:
-                accepted.append((e, user_id.decode(), marker))
+            elif marker in claimed:
+                out.append(FeedbackOutcome("duplicate", claimed[marker]))
+            elif not fresh and first is not None and first != PENDING:
+                out.append(FeedbackOutcome("duplicate", float(first)))
+            else:  # claimed now, or left pending by a delivery whose writes may not have landed
+                claimed[marker] = e.reward
+                accepted.append((e, user_id.decode(), marker, float(served or 0.0)))
                 out.append(FeedbackOutcome("accepted", e.reward))
         if release:
             await self._delete_each(release)
         if accepted:
-            await self._write_feedback(accepted, history_max)
+            await self._write_feedback(accepted, history_max, ttl_s)
         return out
 
     async def _delete_each(self, keys: list[str]) -> None:
@@ -499,45 +626,43 @@ class RedisStore(Store):
                               ttl_s: int, history_max: int) -> tuple[bool, float]:
         await self._ensure_group()
         marker = self._marker(request_id, item_id, event)
-        if not await self.r.set(marker, repr(reward), nx=True, ex=ttl_s):
+        if not await self.r.set(marker, PENDING, nx=True, ex=ttl_s):
             first = await self.r.get(marker)
-            return False, float(first) if first is not None else reward
+            if first is not None and first != PENDING:
+                return False, float(first)
+        served = await self.r.hget(self._imp(request_id), "ts")
         await self._write_feedback(
-            [(FeedbackEvent(request_id, item_id, event, value, reward, ts), user_id, marker)],
-            history_max)
+            [(FeedbackEvent(request_id, item_id, event, value, reward, ts), user_id, marker,
+              float(served or 0.0))], history_max, ttl_s)
         return True, reward
 
-    async def _write_feedback(self, accepted: list[tuple[FeedbackEvent, str, str]],
-                              history_max: int) -> None:
-        """The writes of accepted feedback ``(event, user id, dedupe marker)``, in one
-        pipeline; if they fail the markers are released, so that the clients' retries
-        are not taken for duplicates."""
-        try:
-            pipe = self.r.pipeline(transaction=False)
-            for e, user_id, _ in accepted:
-                hist = self._user(user_id, "hist")
-                pipe.rpush(hist, orjson.dumps({"item_id": e.item_id, "event": e.event,
-                                               "ts": e.ts, "value": e.value}))
-                pipe.ltrim(hist, -history_max, -1)
-                pipe.xadd(self._stream, {"type": "feedback", "request_id": e.request_id,
-                                         "user_id": user_id, "item_id": e.item_id,
-                                         "event": e.event, "reward": repr(e.reward),
-                                         "ts": repr(e.ts)})
-                # only while the impression exists (HINCRBYFLOAT would create it, no TTL)
-                pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
-                          "redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[2]) "
-                          "redis.call('HSET', KEYS[1], ARGV[3], 1) end return 0",
-                          1, self._imp(e.request_id), f"r:{e.item_id}", repr(e.reward),
-                          f"e:{e.item_id}:{e.event}")
-            await pipe.execute()
-        except BaseException:
-            # Not stored: release the markers so the clients' retries are not duplicates,
-            # within a deadline of its own (the call's may be what ended the writes)
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    await self._delete_each([marker for _, _, marker in accepted])
-            finally:
-                raise
+    async def _write_feedback(self, accepted: list[tuple[FeedbackEvent, str, str, float]],
+                              history_max: int, ttl_s: int) -> None:
+        """The writes of accepted feedback ``(event, user id, dedupe marker, the slate's
+        time)``, in one pipeline, each idempotent, and last the markers' move from
+        pending to the reward. If any fails, the markers stay pending: the clients'
+        retries (they got 503) redo the writes, which changes nothing that landed."""
+        pipe = self.r.pipeline(transaction=False)
+        for e, user_id, _, served in accepted:
+            key = f"{e.request_id}:{e.item_id}:{e.event}"
+            pipe.eval(_APPEND_ONCE, 2, self._user(user_id, "hist"),
+                      self._user(user_id, "erased"),
+                      orjson.dumps({"item_id": e.item_id, "event": e.event, "ts": e.ts,
+                                    "value": e.value, "key": key}), key, history_max,
+                      repr(served), self.user_ttl_s)
+            pipe.xadd(self._stream, {"type": "feedback", "request_id": e.request_id,
+                                     "user_id": user_id, "item_id": e.item_id,
+                                     "event": e.event, "reward": repr(e.reward),
+                                     "ts": repr(e.ts)}, maxlen=self.stream_max,
+                      approximate=True)
+            # one field per event, set (not added to): the same event twice is one reward;
+            # only while the impression exists (HSET would create it, with no TTL)
+            pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
+                      "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+                      1, self._imp(e.request_id), f"e:{e.item_id}:{e.event}", repr(e.reward))
+        for e, _, marker, _ in accepted:
+            pipe.set(marker, repr(e.reward), ex=ttl_s)
+        await pipe.execute()
 
     # evaluation log
     @_guard
@@ -640,14 +765,21 @@ class RedisStore(Store):
         keep = weights.keep if weights else 1
         keys = [self._model(k) for k in ("lease", "events", "stats", "log", "version",
                                          f"w:{version}", f"parent:{version}",
-                                         f"w:{version - keep}", f"parent:{version - keep}")]
+                                         f"w:{version - keep}", f"parent:{version - keep}",
+                                         "erased")]
         args: list = [owner, GROUP, max(log_max, 1)]
         args += _counted(acks)
         args += [len(stats)] + [x for k, v in stats.items() for x in (k, repr(float(v)))]
-        args += [len(log_records)] + [x for rec in log_records
-                                      for x in (rec["user_id"], orjson.dumps(rec))]
+        # a user erased after a record's slate was served: the script leaves it out
+        args += [len(log_records)] + [x for rec in log_records for x in (
+            rec["user_id"], repr(float(rec.get("ts", 0.0))), orjson.dumps(rec))]
         args += [1, weights.blob, version, weights.parent] if weights else [0]
-        return bool(await self._commit(keys=keys, args=args))
+        expected = weights.expected if weights else None
+        args.append("" if expected is None else expected)
+        done = int(await self._commit(keys=keys, args=args))
+        if done == 2:
+            raise VersionConflict(f"version {expected} is not the latest any more")
+        return bool(done)
 
     @_guard
     async def commit_learning(self, owner: str, acks: list[str], stats: dict[str, float],
@@ -658,8 +790,10 @@ class RedisStore(Store):
     # model
     @_guard
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
-                              parent: int = 0, keep: int = 5) -> None:
-        await self._run_commit("", [], stats, [], 1, WeightsUpdate(version, blob, parent, keep))
+                              parent: int = 0, keep: int = 5, expected: int | None = None
+                              ) -> None:
+        await self._run_commit("", [], stats, [], 1,
+                               WeightsUpdate(version, blob, parent, keep, expected))
 
     @_guard
     async def latest_version(self) -> int:

@@ -1,0 +1,141 @@
+"""An accepted feedback event is stored exactly once, whatever fails between the
+client and Redis: a retry after a failed write is accepted and stored, a retry after
+writes whose reply was lost is a duplicate, and redone writes add nothing twice.
+
+At 3b796b0 the first case answered the retry ``duplicate`` with nothing stored (the
+marker's release failed too), and the second stored the event twice (two stream and
+history entries, a doubled reward in the evaluation log)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from app.store import Impression, StoreUnavailable
+from app.store.base import FeedbackEvent
+from app.store.redis_store import RedisStore
+from tests.conftest import free_port, wait_port
+
+
+@pytest.fixture
+async def paused_store():
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, timeout=10)
+    s = RedisStore(f"redis://127.0.0.1:{port}/0", "once", timeout_s=0.5)
+    await s.log_impression(Impression("r", "u", time.time(), 1,
+                                      np.ones(4, np.float32).tobytes(), ["a", "b"],
+                                      [0.9, 0.5], [False, False]), 60, 10)
+    yield s, proc
+    os.kill(proc.pid, signal.SIGCONT)
+    await s.close()
+    proc.terminate()
+    proc.wait(10)
+
+
+async def _stored(s: RedisStore) -> tuple[int, int, float]:
+    """Feedback stream entries, history entries, and the impression's reward for "a"."""
+    entries = await s.r.xrange(s._stream)
+    feedback = sum(1 for _, f in entries if f[b"type"] == b"feedback")
+    history = (await s.get_user("u")).history
+    reward = (await s.get_impressions(["r"]))["r"].rewards.get("a", 0.0)
+    return feedback, len(history), reward
+
+
+async def test_a_retry_after_writes_that_never_landed_is_accepted_and_stored(paused_store):
+    """Redis died after the dedupe marker was set, before the writes (and before any
+    release of the marker could reach it)."""
+    s, _ = paused_store
+    write = s._write_feedback
+
+    async def redis_died(*args):
+        raise StoreUnavailable("connection lost")
+
+    s._write_feedback = redis_died
+    with pytest.raises(StoreUnavailable):
+        await s.record_feedback("r", "u", "a", "click", None, 1.0, 5.0, 60, 10)
+    s._write_feedback = write
+    accepted, reward = await s.record_feedback("r", "u", "a", "click", None, 1.0, 6.0, 60, 10)
+    assert accepted and reward == 1.0
+    assert await _stored(s) == (1, 1, 1.0)
+    again, _ = await s.record_feedback("r", "u", "a", "click", None, 1.0, 7.0, 60, 10)
+    assert not again and await _stored(s) == (1, 1, 1.0)
+
+
+async def test_a_redis_paused_mid_write_stores_the_event_once(paused_store):
+    """Redis stops answering with the writes on the wire: the call fails at its
+    deadline; whatever of the writes Redis carries out once it resumes, the client's
+    retry is answered with a 2xx and the event is stored once."""
+    s, proc = paused_store
+    write = s._write_feedback
+
+    async def pause_then_write(*args):
+        os.kill(proc.pid, signal.SIGSTOP)
+        await write(*args)
+
+    s._write_feedback = pause_then_write
+    with pytest.raises(StoreUnavailable):
+        await s.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
+    os.kill(proc.pid, signal.SIGCONT)
+    s._write_feedback = write
+    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
+    assert out.status in ("accepted", "duplicate") and out.reward == 1.0
+    assert await _stored(s) == (1, 1, 1.0)
+
+
+async def test_a_retry_after_writes_whose_reply_was_lost_is_a_duplicate(paused_store):
+    """The feedback's writes land, but their reply misses the call's deadline."""
+    s, _ = paused_store
+    make_pipeline = s.r.pipeline
+    lost = []
+
+    def pipeline(*args, **kwargs):
+        pipe = make_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def landed_then_timed_out(*a, **k):
+            writes = any(c[0][0] == "XADD" for c in pipe.command_stack)
+            replies = await execute(*a, **k)
+            if not lost and writes:
+                lost.append(True)  # the writes of the feedback: their reply is lost
+                raise redis.exceptions.TimeoutError("the reply missed the deadline")
+            return replies
+
+        pipe.execute = landed_then_timed_out
+        return pipe
+
+    s.r.pipeline = pipeline
+    with pytest.raises(StoreUnavailable):
+        await s.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
+    del s.r.pipeline
+    assert lost
+    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
+    assert out.status == "duplicate" and out.reward == 1.0
+    assert await _stored(s) == (1, 1, 1.0)
+
+
+async def test_redone_writes_add_nothing_twice(paused_store):
+    """The writes landed but not the marker's last step (the connection dropped between
+    the commands of one pipeline): the retry redoes them, and the history and the
+    impression's reward hold the event once (the stream entry it repeats is skipped
+    by the learner, which learns a feedback key once)."""
+    s, _ = paused_store
+    marker = s._marker("r", "a", "click")
+    await s.r.set(marker, b"pending", ex=60)
+    await s._write_feedback([(FeedbackEvent("r", "a", "click", None, 1.0, 5.0), "u", marker, 0.0)],
+                            10, 60)
+    await s.r.set(marker, b"pending", ex=60)  # as if the marker's step had not landed
+    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
+    assert out.status == "accepted"
+    feedback, history, reward = await _stored(s)
+    assert history == 1 and reward == 1.0
+    again = await s.feedback_on_slate("r", "a", "click", None, 1.0, 7.0, 60, 10)
+    assert again.status == "duplicate"
+

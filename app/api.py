@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.auth import KeyRing, authenticate, rate_limit, require_admin
+from app.auth import KeyRing, authenticate, require_admin
 from app.engine import Engine
 from app.errors import APIError, FastJSONResponse, install_error_handlers
+from app.gate import RequestGate
 from app.learner_worker import LearnerWorker
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import MetricsMiddleware
 from app.schemas import (
     ErrorOut,
     EventIn,
@@ -38,7 +39,6 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.store import Store, StoreUnavailable, make_store
-from app.store.base import FeedbackEvent
 
 log = logging.getLogger("recsvc.api")
 
@@ -91,10 +91,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     app.state.metrics = metrics
     app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGate, settings=settings, keyring=app.state.keyring,
+                       metrics=metrics, store=lambda: getattr(
+                           getattr(app.state, "engine", None), "store", None))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate), Depends(rate_limit)],
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)],
                    responses=_ERRORS)
 
     # -- catalog -------------------------------------------------------------------------
@@ -145,35 +147,22 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     @v1.post("/feedback", response_model=FeedbackOut, status_code=202,
              responses={200: {"model": FeedbackOut, "description": "duplicate"}})
     async def feedback(body: FeedbackIn, engine: Engine = Depends(_engine)):
-        # Slates served while the store was down may still be held in memory: log them
-        # first, so feedback on them is never a 404 (a no-op when nothing is held).
-        await engine.flush_unlogged()
-        reward = settings.rewards.reward(body.event, body.value)  # the body is validated
-        out = await engine.record_feedback(FeedbackEvent(
-            body.request_id, body.item_id, body.event, body.value, reward, time.time()))
+        out = await engine.feedback(body.request_id, body.item_id, body.event, body.value)
         if out.status == "unknown_request":
             raise APIError(404, "unknown_request",
                            f"request_id {body.request_id!r} is unknown or expired")
         if out.status == "not_in_slate":
             raise APIError(422, "item_not_in_slate",
                            f"item_id: {body.item_id!r} was not in that slate")
-        if out.status == "duplicate":
-            return FastJSONResponse({"accepted": True, "reward": out.reward, "duplicate": True},
-                                  status_code=200)
-        metrics.feedback.labels(body.event).inc()
-        if reward > 0:
-            engine.index.record((), (body.item_id,))
-        return FastJSONResponse({"accepted": True, "reward": reward, "duplicate": False},
-                                status_code=202)
+        duplicate = out.status == "duplicate"
+        return FastJSONResponse({"accepted": True, "reward": out.reward,
+                                 "duplicate": duplicate}, status_code=200 if duplicate else 202)
 
     @v1.post("/events", response_model=EventOut, status_code=202)
     async def events(body: EventIn, engine: Engine = Depends(_engine)):
         if not (await engine.store.get_items([body.item_id])):
             raise APIError(404, "item_not_found", f"no item {body.item_id!r}")
-        await engine.store.add_event(body.user_id, {"item_id": body.item_id,
-                                                    "event": body.event, "ts": time.time(),
-                                                    "value": body.value}, settings.history_len)
-        metrics.events.labels(body.event).inc()
+        await engine.add_event(body.user_id, body.item_id, body.event, body.value)
         return {"accepted": True}
 
     # -- users -----------------------------------------------------------------------------
@@ -189,7 +178,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         return Response(status_code=204)
 
     # -- model -------------------------------------------------------------------------------
-    @v1.get("/model", response_model=ModelOut)
+    @v1.get("/model", response_model=ModelOut, response_model_exclude_unset=True)
     async def model(engine: Engine = Depends(_engine)):
         with contextlib.suppress(StoreUnavailable):
             await engine.refresh_weights()
@@ -199,7 +188,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
                         feedback_learned=int(stats.get("feedback_learned", 0)),
                         epsilon=engine.epsilon,
                         pending_impressions=int(stats.get("pending_impressions", 0)),
-                        device=engine.device)
+                        device=engine.device, **engine.ensemble_report)
 
     @v1.post("/model/rollback", response_model=RollbackOut, dependencies=_ADMIN,
              responses={**_ADMIN_ERRORS, 409: {"model": ErrorOut,
@@ -235,15 +224,24 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
     async def readyz(request: Request):
+        """200 once this process can serve recommendations (encoder, index and catalog
+        loaded), whatever the store's health: with the store unavailable it still
+        serves them, degraded, so a load balancer must keep sending it traffic. The
+        store's health is in the body (``store``) and in ``recsvc_store_up``."""
         engine: Engine | None = getattr(request.app.state, "engine", None)
         if engine is None or not engine.ready:
             raise APIError(503, "not_ready", "the service is starting", {"Retry-After": "1"})
         try:
-            await engine.store.ping()
-        except StoreUnavailable as exc:
-            raise APIError(503, "store_unavailable", "the store does not answer",
-                           {"Retry-After": "2"}) from exc
-        return {"status": "ready", "catalog_size": len(engine.index)}
+            async with asyncio.timeout(2.0):
+                await engine.store.check_writable()
+            store, detail = "ok", None
+        except (StoreUnavailable, TimeoutError) as exc:
+            store, detail = "unavailable", str(exc) or type(exc).__name__
+        metrics.store_up.set(1 if store == "ok" else 0)
+        body = {"status": "ready", "catalog_size": len(engine.index), "store": store}
+        if detail:
+            body["store_detail"] = detail
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():

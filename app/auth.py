@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
-import time
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from app.errors import APIError
-from app.store import StoreUnavailable
 
 
 def _digest(key: str) -> bytes:
@@ -53,16 +50,11 @@ class KeyRing:
 
 
 async def authenticate(request: Request) -> Principal:
-    """Every ``/v1`` route: ``401`` without a valid ``X-API-Key`` (when keys are set)."""
-    ring: KeyRing = request.app.state.keyring
-    if not ring.enabled:
-        host = request.client.host if request.client else "unknown"
-        principal = Principal(f"ip:{host}", True)
-    else:
-        principal = ring.identify(request.headers.get("x-api-key", ""))
-        if principal is None:
-            raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
-    request.state.principal = principal
+    """Every ``/v1`` route: who is calling, as the request gate (``app.gate``) found from
+    the headers before the body was read (it answered ``401`` already otherwise)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
     return principal
 
 
@@ -74,28 +66,3 @@ async def require_admin(request: Request) -> None:
         ring: KeyRing = request.app.state.keyring
         hint = "" if ring.has_admin else " (no RECSVC_ADMIN_KEYS are configured)"
         raise APIError(403, "forbidden", f"this operation needs an admin key{hint}")
-
-
-async def rate_limit(request: Request) -> None:
-    """``429`` with ``Retry-After`` once a key made ``RECSVC_RATE_LIMIT`` requests in
-    the current window. Counted in the store, so with Redis every replica shares
-    the count. If the store is down the request is let through: an outage must
-    not turn into refusing every recommendation."""
-    settings = request.app.state.settings
-    if settings.rate_limit <= 0:
-        return
-    principal: Principal = request.state.principal
-    window = settings.rate_limit_window_s
-    now = time.time()
-    start = math.floor(now / window) * window
-    try:
-        count = await request.app.state.engine.store.count_request(
-            principal.key_id, int(start), window)
-    except StoreUnavailable:
-        return
-    if count > settings.rate_limit:
-        request.app.state.metrics.rate_limited.inc()
-        retry = max(1, math.ceil(start + window - now))
-        raise APIError(429, "rate_limited",
-                       f"more than {settings.rate_limit} requests in {window} s for this key",
-                       {"Retry-After": str(retry)})

@@ -20,32 +20,56 @@ def _settings():
     return settings
 
 
-def _uvicorn(app, args: argparse.Namespace, grace_s: float) -> None:
+def refuse_open_exposure(settings, host: str) -> None:
+    """Exit when a service reachable from other hosts would answer anyone: no key is
+    configured and the host is not a loopback address, unless ``RECSVC_ALLOW_OPEN``
+    asks for it. The open development default stays on 127.0.0.1."""
+    import ipaddress
+
+    if settings.key_list or settings.admin_key_list or settings.allow_open:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        sys.exit(f"refusing to serve on {host} with no API key: set RECSVC_API_KEYS and "
+                 "RECSVC_ADMIN_KEYS (or RECSVC_ALLOW_OPEN=true for an open service on "
+                 "purpose)")
+
+
+def _uvicorn(app, args: argparse.Namespace, settings) -> None:
     import uvicorn
+
+    from app.http_limits import limited_protocol
 
     # SIGTERM: uvicorn stops accepting, drains in-flight requests (up to the grace
     # period), then the app's lifespan flushes held impressions and the learner's
-    # uncommitted learning before the process exits.
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s)
+    # uncommitted learning before the process exits. Headers are bounded in size and
+    # time (app.http_limits), connections and tasks in number (503 beyond).
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
+                http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
+                limit_concurrency=settings.max_concurrency, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)
 
 
 def _serve(args: argparse.Namespace) -> None:
     from app.api import create_app
 
     settings = _settings()
+    refuse_open_exposure(settings, args.host)
     if settings.role == "api" and not settings.redis_url:
         sys.exit("RECSVC_ROLE=api needs RECSVC_REDIS_URL: API replicas and `recsvc learner` "
                  "share the store")
-    _uvicorn(create_app(settings, run_learner=settings.role == "all"), args,
-             settings.shutdown_grace_s)
+    _uvicorn(create_app(settings, run_learner=settings.role == "all"), args, settings)
 
 
 def _learner(args: argparse.Namespace) -> None:
     from app.learner_process import create_learner_app
 
     settings = _settings()
-    _uvicorn(create_learner_app(settings), args, settings.shutdown_grace_s)
+    refuse_open_exposure(settings, args.host)
+    _uvicorn(create_learner_app(settings), args, settings)
 
 
 def read_items(path: Path):

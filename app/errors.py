@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -9,8 +10,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.store import StoreUnavailable
+
+log = logging.getLogger("recsvc.api")
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
@@ -44,6 +48,25 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
 
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the
+    methods of the first route that matched the path (GET where DELETE exists too)."""
+    methods: set[str] = set()
+
+    def visit(routes) -> None:
+        for route in routes:
+            inner = getattr(route, "original_router", None)  # an included router
+            if inner is not None:
+                visit(inner.routes)
+                continue
+            match, _ = route.matches(request.scope)  # PARTIAL: the path, not the method
+            if match != Match.NONE:
+                methods.update(getattr(route, "methods", None) or ())
+
+    visit(app.router.routes)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -59,9 +82,18 @@ def install_error_handlers(app: FastAPI) -> None:
                               f"{first['field']}: {first['message']}", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(app, request))}
         return error_response(exc.status_code, _CODES.get(exc.status_code, "error"),
-                              str(exc.detail), headers=getattr(exc, "headers", None))
+                              str(exc.detail), headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        # API.md's error body even for a bug; the traceback goes to the log
+        log.error("unhandled error: %r", exc, exc_info=exc)
+        return error_response(500, "internal", "the service failed on this request")
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(_: Request, exc: StoreUnavailable):

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from app.auth import KeyRing
 from app.catalog import CatalogReplica
 from app.errors import APIError, install_error_handlers
 from app.learner_worker import LearnerWorker
@@ -100,8 +101,11 @@ def create_learner_app(settings: Settings | None = None) -> FastAPI:
             pool.shutdown(wait=False, cancel_futures=True)
             await store.close()
 
-    app = FastAPI(title="recsvc learner", lifespan=lifespan)
+    # no interactive docs on the learner's port: it serves operators, not clients
+    app = FastAPI(title="recsvc learner", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     install_error_handlers(app)
+    keyring = KeyRing(settings.key_list, settings.admin_key_list)
     _gauges(registry, app)
 
     @app.get("/healthz")
@@ -122,6 +126,14 @@ def create_learner_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/status")
     async def status(request: Request):
+        """With keys configured, an admin key is needed: the status names the lease's
+        holder, which whoever can reach Redis could use to take it."""
+        if keyring.enabled:
+            principal = keyring.identify(request.headers.get("x-api-key", ""))
+            if principal is None:
+                raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
+            if not principal.admin:
+                raise APIError(403, "forbidden", "the learner's status needs an admin key")
         learner: LearnerWorker = request.app.state.learner
         return {"consumer": learner.consumer, "active": learner.active,
                 "takeovers": learner.takeovers, "claimed": learner.claimed,

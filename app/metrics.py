@@ -39,6 +39,11 @@ class Metrics:
                                    registry=r)
         self.catalog_size = Gauge("recsvc_catalog_items", "items in this process's index",
                                   registry=r)
+        self.stream_backlog = Gauge("recsvc_stream_backlog", "entries of the event stream no "
+                                    "learner has committed yet", registry=r)
+        self.store_up = Gauge("recsvc_store_up", "1 while the store accepts writes (as last "
+                              "checked by /readyz), 0 while it is unavailable", registry=r)
+        self.store_up.set(1)
         Gauge("recsvc_explored_fraction", "fraction of served items that were explored",
               registry=r).set_function(
             lambda: _ratio(self.items_explored, self.items_served))

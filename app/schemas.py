@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128,
                                       pattern=r"^[A-Za-z0-9_.:@-]+$")]
@@ -20,7 +27,8 @@ class ItemIn(Strict):
     text: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
     tags: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = \
         Field(default_factory=list, max_length=64)
-    available: bool = True
+    # strict: JSON's true and false only (the schema says boolean; 0 and "yes" are refused)
+    available: StrictBool = True
 
 
 class ItemsIn(Strict):
@@ -48,11 +56,11 @@ class RecommendIn(Strict):
     context: Context | None = None
     k: int = Field(10, ge=1, le=100)
     exclude: list[Id] = Field(default_factory=list, max_length=1000)
-    exclude_seen: bool = True
+    exclude_seen: StrictBool = True
     candidates: list[Id] | None = Field(None, max_length=1000)
-    explore: bool = True
-    explain: bool = Field(False, description="add each item's main reasons (an addition "
-                          "to API.md: the other fields are unchanged)")
+    explore: StrictBool = True
+    explain: StrictBool = Field(False, description="add each item's main reasons (an "
+                                "addition to API.md: the other fields are unchanged)")
 
 
 class Reason(BaseModel):
@@ -85,7 +93,23 @@ class RecommendOut(BaseModel):
     items: list[SlateItem]
 
 
+def _value_rules_schema(schema: dict) -> None:
+    """State in the schema what ``_value_rules`` checks: ``rating`` needs a value of
+    0..5, ``dwell`` one of seconds >= 0 (JSON Schema if/then, so generated clients and
+    schema fuzzers know a dwell without a value is invalid)."""
+    schema["allOf"] = [
+        {"if": {"properties": {"event": {"const": "rating"}}, "required": ["event"]},
+         "then": {"properties": {"value": {"type": "number", "minimum": 0, "maximum": 5}},
+                  "required": ["value"]}},
+        {"if": {"properties": {"event": {"const": "dwell"}}, "required": ["event"]},
+         "then": {"properties": {"value": {"type": "number", "minimum": 0}},
+                  "required": ["value"]}},
+    ]
+
+
 class _EventValue(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_value_rules_schema)
+
     event: Event
     # Python's JSON parser accepts NaN and Infinity; they must never reach a reward.
     value: float | None = Field(None, allow_inf_nan=False)
@@ -131,6 +155,23 @@ class UserOut(BaseModel):
     history: list[HistoryEntry]
 
 
+class ArmValue(BaseModel):
+    value: float = Field(description="estimated reward per shown item it vouched for "
+                         "(clipped self-normalised IPS from the logged propensities)")
+    se: float = Field(description="standard error of that estimate")
+
+
+class AgentValue(ArmValue):
+    weight: float = Field(description="its weight in the fused ranking")
+
+
+class SourceValue(ArmValue):
+    reach: float | None = Field(description="how deep into its ranked list the greedy "
+                                "picks reach (95th percentile of their ranks), which sets "
+                                "how many candidates it gives; null while too few picks "
+                                "came from it")
+
+
 class ModelOut(BaseModel):
     version: int
     updates: int
@@ -138,6 +179,11 @@ class ModelOut(BaseModel):
     epsilon: float
     pending_impressions: int
     device: str
+    # additive (v1.1): what the fused ensemble learned, when it is on
+    agents: dict[str, AgentValue] | None = Field(
+        None, description="each ranking agent's estimated value and fusion weight")
+    sources: dict[str, SourceValue] | None = Field(
+        None, description="each candidate source's estimated value and reach")
 
 
 class PartImportance(BaseModel):

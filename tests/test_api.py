@@ -215,7 +215,19 @@ def test_feedback_is_seen_by_the_next_request(client):
     assert first in [i["item_id"] for i in keep["items"]]
 
 
-def test_items_a_user_ignored_rest_unless_the_slate_would_be_short(client):
+@pytest.fixture
+def resting_client(backend, encoder):
+    """A service that always rests passed-over items, as without the ensemble; with it,
+    resting waits until the logistic agent learns that re-shown items are passed over
+    again (tests/test_ensemble.py)."""
+    with make_client(backend, encoder, ensemble=False) as c:
+        r = c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        assert r.status_code == 200
+        yield c
+
+
+def test_items_a_user_ignored_rest_unless_the_slate_would_be_short(resting_client):
+    client = resting_client
     first = recommend(client, k=3, explore=False)
     ignored = [i["item_id"] for i in first["items"]]
     others = [m for m, _ in MOVIES if m not in ignored][:3]
@@ -399,18 +411,18 @@ def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):
         together = engine.choose_batch(picks)
         for pick, batched in zip(picks, together, strict=True):
             alone = engine.choose_batch([pick])[0]
-            assert batched[2] == alone[2]  # candidate ids
-            assert np.allclose(batched[3], alone[3], atol=1e-5)  # scores
-            assert batched[5].indices.tolist() == alone[5].indices.tolist()
-        assert "m-6" not in together[1][2] and "zz" not in together[2][2]
-        assert len(together[3][5].indices) == 10
+            assert batched.ids == alone.ids  # candidate ids
+            assert np.allclose(batched.scores, alone.scores, atol=1e-5)  # scores
+            assert batched.choice.indices.tolist() == alone.choice.indices.tolist()
+        assert "m-6" not in together[1].ids and "zz" not in together[2].ids
+        assert len(together[3].choice.indices) == 10
 
 
 def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
     """Tags feed the per-candidate tag-affinity features: re-sending an item with new tags
     and the same text re-indexes it (no re-embedding needed), and a user who just
     clicked a comedy sees comedies' tag affinity rise."""
-    from models.state import tag_vectors
+    from models.state import FEATURE_GROUPS, tag_vectors
     with make_client(backend, encoder) as c:
         items = [{"item_id": i, "text": t, "tags": ["comedy"] if n % 2 else ["drama"]}
                  for n, (i, t) in enumerate(MOVIES)]
@@ -432,8 +444,9 @@ def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
         ids = [i for i, _ in MOVIES[1:]]
         chosen = c.app.state.engine.choose_batch(
             [Pick(clicked, None, set(), ids, 3, 0.0, now)])[0]
-        got, feats = chosen[2], chosen[4]
-        tag_positive = dict(zip(got, feats[:, -2].tolist(), strict=True))
+        got, feats = chosen.ids, chosen.features
+        tag_positive = dict(zip(got, feats[:, FEATURE_GROUPS["tags"].start].tolist(),
+                                strict=True))
         assert tag_positive[MOVIES[3][0]] > 0.99  # another comedy
         assert tag_positive[drama] == 0.0
 
@@ -442,8 +455,11 @@ def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
 def test_a_click_brings_the_items_nearest_to_it_into_the_next_slate(backend, encoder, related):
     """Beside the two candidates the embedding query retrieves, the related source adds
     the items nearest to what the user just clicked (not the clicked item itself,
-    which exclude_seen bans, nor the items resting after being ignored)."""
-    with make_client(backend, encoder, candidates=2, related_candidates=related) as c:
+    which exclude_seen bans, nor the items resting after being ignored: without the
+    ensemble they always rest). The engagement source is off, so only these two
+    sources fill the slate."""
+    with make_client(backend, encoder, candidates=2, related_candidates=related,
+                     engaging_candidates=0, ensemble=False) as c:
         c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
         first = recommend(c, k=2, explore=False)
         clicked, ignored = (i["item_id"] for i in first["items"])
@@ -493,9 +509,41 @@ def test_a_compaction_during_slate_choice_is_looked_up_again(backend, encoder):
         del index.search_rows
         assert moves and index.row_generation != moves[0]
         expected = engine.choose_batch([Pick(user, ctx, set(), None, 4, 0.0, now)])[0]
-        assert not set(gone) & set(chosen[2])
-        assert chosen[2] == expected[2]  # candidates
-        assert np.allclose(chosen[3], expected[3], atol=1e-6)  # scores
-        assert np.array_equal(chosen[4], expected[4])  # per-candidate features
-        stats, _ = index.stats_and_tags_of(chosen[2])
-        assert stats[chosen[2].index("m-3")].tolist() == [1, 1]
+        assert not set(gone) & set(chosen.ids)
+        assert chosen.ids == expected.ids  # candidates
+        assert np.allclose(chosen.scores, expected.scores, atol=1e-6)  # scores
+        assert np.array_equal(chosen.features, expected.features)  # per-candidate features
+        stats, _ = index.stats_and_tags_of(chosen.ids)
+        assert stats[chosen.ids.index("m-3")].tolist() == [1, 1]
+
+
+def test_405_names_every_method_of_the_path(client):
+    """At 3b796b0 the Allow header named only GET on paths that have DELETE too."""
+    for path in ("/v1/items/m-1", "/v1/users/u-1"):
+        r = client.put(path, json={})
+        assert_error(r, 405)
+        assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "DELETE"}
+
+
+@pytest.mark.parametrize("body", [
+    {"items": [{"item_id": "m-x", "text": "t", "available": 0}]},
+    {"items": [{"item_id": "m-x", "text": "t", "available": "yes"}]},
+])
+def test_booleans_are_json_booleans(client, body):
+    """The schema says boolean: 0 and "yes" are refused, not coerced (at 3b796b0 an
+    item with ``available: 0`` was stored as unavailable)."""
+    assert_error(client.post("/v1/items", json=body), 422, "validation_error")
+    for field in ("exclude_seen", "explore", "explain"):
+        assert_error(client.post("/v1/recommend", json={"user_id": "u", field: 0}), 422)
+
+
+def test_the_schema_says_which_events_need_a_value(client):
+    """A dwell without a value is refused, and the published schema says so (at
+    3b796b0 the schema allowed it: a client generated from it got 422s)."""
+    spec = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("FeedbackIn", "EventIn"):
+        rules = {r["if"]["properties"]["event"]["const"]: r["then"]
+                 for r in spec[name]["allOf"]}
+        assert rules["dwell"]["required"] == ["value"] and rules["rating"]["required"] == [
+            "value"]
+        assert rules["rating"]["properties"]["value"]["maximum"] == 5

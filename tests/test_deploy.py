@@ -52,7 +52,9 @@ def test_manifest_is_valid_against_the_kubernetes_schema(name, doc):
 def test_settings_passed_to_the_pods_are_real_settings():
     known = {f"RECSVC_{n.upper()}" for n in Settings.model_fields}
     passed = set(_by_kind("ConfigMap")["recsvc-settings"]["data"])
-    passed |= set(_by_kind("Secret")["recsvc-keys"]["stringData"])
+    secret = set(_by_kind("Secret")["recsvc-keys"]["stringData"])
+    assert secret - {"REDIS_PASSWORD"} <= known  # the one for Redis itself
+    passed |= secret - {"REDIS_PASSWORD"}
     for deployment in _by_kind("Deployment").values():
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             passed |= {e["name"] for e in container.get("env", [])}
@@ -86,3 +88,34 @@ def test_prometheus_config_scrapes_both_roles_and_the_configmap_matches_it():
     for deployment in _by_kind("Deployment").values():
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
+
+
+def test_what_ships_is_closed_by_default():
+    """No usable keys or passwords ship; Redis needs a password and only recsvc's pods
+    reach it; containers cannot escalate, write their root filesystem or keep
+    capabilities (at 3b796b0: placeholder keys that worked, an open Redis, no
+    NetworkPolicy, and none of these security contexts)."""
+    secret = _by_kind("Secret")["recsvc-keys"]["stringData"]
+    assert all(v == "" for v in secret.values()), secret
+    redis = _by_kind("StatefulSet")["recsvc-redis"]["spec"]["template"]["spec"]
+    assert "--requirepass" in redis["containers"][0]["args"]
+    policy = _by_kind("NetworkPolicy")["recsvc-redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "recsvc-redis"
+    allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]
+    assert set(allowed) == {"recsvc-api", "recsvc-learner"}
+    for deployment in _by_kind("Deployment").values():
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in spec["containers"]:
+            ctx = container["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["readOnlyRootFilesystem"] is True
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            refs = {e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e}
+            assert refs == {"recsvc-keys"}  # keys and the Redis URL come from the Secret
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    for name in ("api", "learner"):
+        env = compose["services"][name]["environment"]
+        assert ":?" in env["RECSVC_API_KEYS"] and ":?" in env["RECSVC_ADMIN_KEYS"]
+        assert "RECSVC_REDIS_PASSWORD" in env["RECSVC_REDIS_URL"]
+    assert "--requirepass" in " ".join(compose["services"]["redis"]["command"])

@@ -5,7 +5,7 @@ much that user liked the movie's genres in their real MovieLens ratings,
 calibrated so that a uniformly random slate gets 3% per item. The demo prints the
 CTR of successive windows of requests (the learning curve of the live service)
 next to the expected CTR of random slates and of the oracle (each user's 10 best
-movies). The quality benchmark with peers is ``bench/quality``.
+movies). Learning quality against tuned peers is measured by ``bench.family``.
 """
 
 from __future__ import annotations

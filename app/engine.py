@@ -11,33 +11,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 import threading
-import time
-from collections import deque
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from app.batching import MicroBatcher, StoreBatcher
 from app.catalog import CatalogReplica, index_records
+from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import APIError
 from app.explain import explain_slate, importance
-from app.features import resting_items, user_state_and_history
+from app.features import latest_first, resting_items, user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
 from app.metrics import Metrics
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
-from app.store.base import FeedbackEvent, FeedbackOutcome
+from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
-from models.ensemble import EnsembleParams, default_params, params_from_tensors, top_k_masks
+from models.ensemble import (
+    SOURCES,
+    EnsembleParams,
+    default_params,
+    params_from_tensors,
+    report_from_tensors,
+    top_k_masks,
+)
 from models.exploration import SlateChoice, epsilon_greedy_slate
-from models.index import CandidateIndex, Hits, set_search_threads
+from models.index import CandidateIndex, set_search_threads
 from models.lru import LRUCache
 from models.qnet import (
     QNetwork,
@@ -46,10 +54,18 @@ from models.qnet import (
     split_weights,
     weights_shape,
 )
-from models.state import RecentItems, StateLayout, candidate_features
+from models.session import SessionGaps, session_start
+from models.state import FEATURE_GROUPS, RecentItems, StateLayout, candidate_features
 
 # the related-items source searches around this many of the user's latest positive items
 RELATED_SEEDS = 3
+# catalog texts per forward pass of an upsert: what a request's context may wait for
+CATALOG_CHUNK = 16
+# resting items that stay in the candidates for the exploration alone (the newest ones)
+RESTING_EXPLORED = 20
+# a source whose picks all come from the top of its list still gives this share of its
+# setting: room for the policy to change its mind
+MIN_SHARE = 0.25
 
 log = logging.getLogger("recsvc.engine")
 
@@ -64,11 +80,44 @@ class Pick:
     k: int
     epsilon: float
     now: float
+    # resting items (passed over just now) that only the exploration may place, newest
+    # first: how the learner keeps finding out whether resting them pays
+    explore_only: list[str] = field(default_factory=list)
 
 
-# (the scorer that chose, state, candidate ids, ranking scores, candidate features,
-#  choice, per slot the bitmask of ensemble agents that picked it: empty without one)
-Chosen = tuple[Scorer, np.ndarray, list[str], np.ndarray, np.ndarray, SlateChoice, list[int]]
+def _encode_in_background(encoder, texts: list[str]) -> np.ndarray:
+    """``encoder.encode`` as background work where the encoder can tell (a
+    ``TextEncoder``); other encoders (a test's, a benchmark's cache) just encode."""
+    if "background" in inspect.signature(encoder.encode).parameters:
+        return encoder.encode(texts, background=True)
+    return encoder.encode(texts)
+
+
+@dataclass
+class Candidates:
+    """One request's candidates by index row: their embeddings, and per candidate a
+    bitmask of the sources (``models.ensemble.SOURCES``) that retrieved it."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    sources: np.ndarray  # int64 bits
+    depths: np.ndarray   # each one's rank in its source's list
+    explore_only: np.ndarray | None = None  # bool per candidate: never the greedy pick
+
+
+@dataclass
+class Chosen:
+    """What ``choose_batch`` decided for one request."""
+
+    scorer: Scorer          # the weights version that chose
+    state: np.ndarray
+    ids: list[str]          # the candidates
+    scores: np.ndarray      # their ranking scores
+    features: np.ndarray    # their per-candidate features
+    choice: SlateChoice
+    agents: list[int]       # per slot, the ensemble agents that ranked it top-k (or [])
+    sources: list[int]      # per slot, the sources that retrieved it
+    depths: list[int]       # per slot, its rank in that source's list
 
 
 @dataclass
@@ -83,14 +132,18 @@ class Slate:
 
 class Engine:
     def __init__(self, settings: Settings, store: Store, metrics: Metrics,
-                 encoder: TextEncoder | None = None) -> None:
+                 encoder: TextEncoder | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        self.clock = clock
         self.store = store
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.compute_threads = 2
         self.executor = ThreadPoolExecutor(max_workers=self.compute_threads,
                                            thread_name_prefix="recsvc-compute")
+        # catalog embedding has a thread of its own: a 1,000-item upsert (tens of
+        # seconds of transformer on a CPU) never holds a thread that serves requests
+        self.catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
         self.encoder = encoder
         self.index: CandidateIndex | None = None
         self.catalog: CatalogReplica | None = None
@@ -98,8 +151,12 @@ class Engine:
         self.scorer: Scorer | None = None
         self.cache: LRUCache[str, np.ndarray] = LRUCache(settings.embedding_cache_size)
         self.learner_stats: dict[str, float] = {}
+        # each agent's and source's estimated value, as the served version saved them
+        self.ensemble_report: dict = {}
         self.ready = False
         self._rng = np.random.default_rng(settings.seed)
+        # where users' sessions end, learned from the gaps between their slates
+        self.sessions = SessionGaps()
         self._rng_lock = threading.Lock()
         self._batcher: MicroBatcher[str, np.ndarray] | None = None
         self._chooser: MicroBatcher[Pick, Chosen] | None = None
@@ -110,7 +167,9 @@ class Engine:
             self._write_impressions)
         self._feedback_writes: StoreBatcher[FeedbackEvent, FeedbackOutcome] = StoreBatcher(
             self._write_feedback)
-        self._unlogged: deque[Impression] = deque(maxlen=settings.unlogged_max)
+        # impressions served while the store was down, by request id, oldest first
+        self._unlogged: OrderedDict[str, Impression] = OrderedDict()
+        self._flusher: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
         self._refused_version = 0
 
@@ -119,7 +178,10 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # -- lifecycle -------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, follow: bool = True) -> None:
+        """Load the encoder, the catalog and the newest weights; then, with ``follow``,
+        poll the store for new versions and catalog changes every ``weights_poll_s``
+        (a simulation calls ``follow_store`` on its own clock instead)."""
         if self.encoder is None:
             s = self.settings
             self.encoder = await self.run(
@@ -147,9 +209,10 @@ class Engine:
         await self.catalog.try_load()
         self.metrics.catalog_size.set(len(self.index))
         await self.refresh_weights()
-        self._follower = PeriodicLoop("store-follower", self._follow_store,
-                                      self.settings.weights_poll_s)
-        self._follower.start()
+        if follow:
+            self._follower = PeriodicLoop("store-follower", self.follow_store,
+                                          self.settings.weights_poll_s)
+            self._follower.start()
         # What start-up built (the catalog's ids, the index's tables, the encoder) lives
         # as long as the process: leave it out of the cyclic GC's full passes, which
         # otherwise walk all of it and stall every request in flight.
@@ -166,6 +229,7 @@ class Engine:
                 log.error("store unreachable at shutdown: %d impressions were not logged",
                           len(self._unlogged))
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.catalog_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- weights -----------------------------------------------------------------------
     async def refresh_weights(self) -> None:
@@ -185,27 +249,29 @@ class Engine:
                           "a compatible one", latest, self.scorer.version)
                 self._refused_version = latest
             return
-        net, ensemble, adaptation = await self.run(self._decode, blob)
+        net, ensemble, adaptation, report = await self.run(self._decode, blob)
         if not all_finite(net):  # the learner never publishes these; a store might
             log.error("weights version %d are not finite: version %d keeps serving",
                       latest, self.scorer.version)
             return
         self.scorer = Scorer(net, latest, self.device, ensemble, adaptation)
+        self.ensemble_report = report
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)
 
-    def _decode(self, blob: bytes
-                ) -> tuple[QNetwork, EnsembleParams | None, AdaptationRule | None]:
+    def _decode(self, blob: bytes) -> tuple[QNetwork, EnsembleParams | None,
+                                            AdaptationRule | None, dict]:
         """The network of a weights blob, ranking as this server ranks, and for the
         options that are on, their state saved beside it (an untrained one if the
-        learner saved none: the setting was just turned on)."""
+        learner saved none: the setting was just turned on), with the ensemble's
+        values for ``GET /v1/model``."""
         net, extra = split_weights(blob, self.device)
         net = self._ranking(net)
         s = self.settings
         ensemble = (params_from_tensors(extra) or default_params()) if s.ensemble_on else None
         adaptation = ((rule_from_tensors(extra) or AdaptationRule(np.zeros(N_RULE)))
                       if s.adaptation else None)
-        return net, ensemble, adaptation
+        return net, ensemble, adaptation, report_from_tensors(extra) if ensemble else {}
 
     def _ranking(self, net: QNetwork) -> QNetwork:
         """Rank by this server's head weights (a multi-task network's heads are summed
@@ -226,17 +292,24 @@ class Engine:
                            f"version {latest} has no earlier weights kept to return to")
         stats = await self.store.get_stats()
         version = latest + 1
-        await self.store.publish_weights(
-            version, blob, {**stats, "version": version},
-            parent=await self.store.weights_parent(parent), keep=self.settings.weights_kept)
+        try:
+            await self.store.publish_weights(
+                version, blob, {**stats, "version": version},
+                parent=await self.store.weights_parent(parent),
+                keep=self.settings.weights_kept, expected=latest)
+        except VersionConflict as exc:
+            raise APIError(409, "version_conflict", f"version {latest} was replaced while "
+                           "rolling back; look at GET /v1/model and retry") from exc
         await self.refresh_weights()
         log.warning("rollback: version %d serves the weights of version %d", version, parent)
         return version, parent
 
-    async def _follow_store(self) -> None:
+    async def follow_store(self) -> None:
+        """Log held impressions, serve a newer weights version, apply catalog changes."""
+        self.flush_in_background()
         with contextlib.suppress(StoreUnavailable):  # keep serving what we have
-            await self.flush_unlogged()
             await self.refresh_weights()
+            self.metrics.stream_backlog.set(await self.store.stream_length())
             if await self.catalog.follow():
                 self.metrics.catalog_size.set(len(self.index))
 
@@ -259,29 +332,72 @@ class Engine:
         store call with the concurrent requests' events."""
         return await self._feedback_writes.submit(event)
 
+    async def feedback(self, request_id: str, item_id: str, event: str,
+                       value: float | None) -> FeedbackOutcome:
+        """``POST /v1/feedback`` past validation: the reward from the reward map, the
+        event recorded against its slate, and a positive one counted for the item's
+        popularity."""
+        # A slate served while the store was down may still be held in memory: log it
+        # first, so feedback on it is never a 404; the rest are logged in the background.
+        held = self._unlogged.get(request_id)
+        if held is not None:
+            await self.store.log_impressions([held], self.settings.impression_ttl_s,
+                                             self.settings.shown_len)
+            self._unlogged.pop(request_id, None)
+        self.flush_in_background()
+        reward = self.settings.rewards.reward(event, value)
+        out = await self.record_feedback(FeedbackEvent(
+            request_id, item_id, event, value, reward, self.clock.time()))
+        if out.status == "accepted":
+            self.metrics.feedback.labels(event).inc()
+            if reward > 0:
+                self.index.record((), (item_id,))
+        return out
+
+    async def add_event(self, user_id: str, item_id: str, event: str,
+                        value: float | None) -> None:
+        """``POST /v1/events``: an interaction outside any slate, into the history."""
+        await self.store.add_event(user_id, {"item_id": item_id, "event": event,
+                                             "ts": self.clock.time(), "value": value},
+                                   self.settings.history_len)
+        self.metrics.events.labels(event).inc()
+
     # -- impressions served while the store was down ------------------------------------
     def _keep_unlogged(self, imp: Impression, reason: Exception) -> None:
         """Hold the impression in memory (bounded) to log it once the store is back, so
         slates served during an outage can still get feedback and be learned from."""
-        if len(self._unlogged) == self._unlogged.maxlen:
+        if len(self._unlogged) >= self.settings.unlogged_max:
+            self._unlogged.popitem(last=False)
             self.metrics.impressions_dropped.inc()
-        self._unlogged.append(imp)
+        self._unlogged[imp.request_id] = imp
         if len(self._unlogged) == 1:
             log.warning("store unreachable (%s): holding impressions in memory until it is "
                         "back", reason)
 
-    async def flush_unlogged(self) -> int:
-        """Log held impressions, oldest first; stops (keeping the rest) if the store fails."""
+    def flush_in_background(self) -> None:
+        """Start logging held impressions, unless that is under way or none are held:
+        no request waits for a backlog of up to ``unlogged_max`` of them."""
+        if self._unlogged and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # the next poll or feedback retries
+            await self.flush_unlogged()
+
+    async def flush_unlogged(self, batch: int = 500) -> int:
+        """Log held impressions, oldest first, ``batch`` per pipeline; stops (keeping the
+        rest) if the store fails."""
         done = 0
         if not self._unlogged:
             return 0
         async with self._flush_lock:  # one flusher at a time: each impression logged once
             while self._unlogged:
-                await self.store.log_impression(self._unlogged[0],
-                                                self.settings.impression_ttl_s,
-                                                self.settings.shown_len)
-                self._unlogged.popleft()
-                done += 1
+                chunk = list(self._unlogged.values())[:batch]
+                await self.store.log_impressions(chunk, self.settings.impression_ttl_s,
+                                                 self.settings.shown_len)
+                for imp in chunk:
+                    self._unlogged.pop(imp.request_id, None)
+                done += len(chunk)
         if done:
             log.info("store is back: logged %d impressions held during the outage", done)
         return done
@@ -293,6 +409,15 @@ class Engine:
     # -- embeddings --------------------------------------------------------------------
     def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encoder.encode(texts))
+
+    def _encode_catalog(self, texts: list[str]) -> np.ndarray:
+        """Embed catalog texts a chunk at a time, giving way to requests: the encoder
+        serves one forward pass at a time, so a request's context waits for one chunk
+        (a fraction of a second), not for the whole upsert."""
+        if not texts:
+            return np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return np.concatenate([_encode_in_background(self.encoder, texts[i:i + CATALOG_CHUNK])
+                               for i in range(0, len(texts), CATALOG_CHUNK)])
 
     def _cached_context(self, key: str) -> np.ndarray | None:
         """The embedding of the context with ``text_key`` ``key``, if this process's LRU
@@ -327,7 +452,8 @@ class Engine:
         keys = {i: text_key(self.encoder.model_id, it.text) for i, it in latest.items()}
         existing = await self.store.get_items(list(latest))
         to_embed = [i for i in latest if i not in existing or existing[i].text_key != keys[i]]
-        vectors = await self.run(self.encoder.encode, [latest[i].text for i in to_embed])
+        vectors = await asyncio.get_running_loop().run_in_executor(
+            self.catalog_executor, self._encode_catalog, [latest[i].text for i in to_embed])
         fresh = dict(zip(to_embed, vectors, strict=True))
         records = [ItemRecord(i, it.text, list(it.tags), it.available,
                               fresh[i].tobytes() if i in fresh else existing[i].embedding, keys[i])
@@ -382,26 +508,39 @@ class Engine:
         banned = set(exclude)
         if exclude_seen:
             banned.update(user_data.touched)
-        resting = resting_items(user_data, self.settings.rest_shown)
-        if resting:  # unless too few would be left: a short slate is worse than a repeat
+        explore_only: list[str] = []
+        now = self.clock.time()
+        since = float("-inf")
+        if user_data.shown:  # the gap since the user's last slate: where sessions end
+            last = user_data.shown[-1][1]
+            self.sessions.add(now - last)
+            since = session_start(sorted({ts for _, ts in user_data.shown}), now,
+                                  self.sessions.threshold())
+        resting = resting_items(user_data, self.settings.rest_shown, since)
+        if resting and self._resting_pays(self.scorer):
+            # unless too few would be left: a short slate is worse than a repeat
             left = (len(set(candidates) - banned - resting) if candidates is not None
                     else self.index.recommendable_count() - len(banned | resting))
             if left >= k:
+                if candidates is None and explore:
+                    explore_only = [i for i in latest_first(user_data, resting)
+                                    if i not in banned][:RESTING_EXPLORED]
                 banned |= resting
-        now = time.time()
         pick = Pick(user_data, ctx, banned, candidates, k,
-                    self.epsilon if explore else 0.0, now)
-        scorer, state, ids, scores, feats, choice, agents = await self._chooser.submit(pick)
+                    self.epsilon if explore else 0.0, now, explore_only)
+        chosen = await self._chooser.submit(pick)
+        scorer, state, ids, choice = chosen.scorer, chosen.state, chosen.ids, chosen.choice
         version = scorer.version
         slate = Slate(new_ulid(), version, [ids[i] for i in choice.indices],
-                      scores[choice.indices], choice)
+                      chosen.scores[choice.indices], choice)
         if explain:  # with the weights that chose the slate
             slate.explanations = await self.run(
                 explain_slate, self.layout, scorer, self.index, self.settings, user_data, ctx,
                 slate.item_ids, choice.explored.tolist(), now)
         imp = Impression(slate.request_id, user_id, now, version, state.tobytes(),
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
-                         feats[choice.indices].tolist(), len(ids), agents=agents)
+                         chosen.features[choice.indices].tolist(), len(ids),
+                         agents=chosen.agents, sources=chosen.sources, depths=chosen.depths)
         try:
             await self._impression_writes.submit(imp)
         except StoreUnavailable as exc:
@@ -412,64 +551,128 @@ class Engine:
         self.metrics.items_explored.inc(int(choice.explored.sum()))
         return slate
 
-    def _add_sources(self, found: dict[int, Hits], recent: list[RecentItems],
-                     banned: list[np.ndarray]) -> None:
-        """Append to each search result candidates from two more sources, which the
-        query alone would not reach, so the Q-network's per-candidate features can rank
-        them: the items nearest to what the user last engaged with
-        (``CandidateIndex.related_rows``, from cached neighbour lists) and the items with
-        the highest smoothed CTR (``CandidateIndex.engaging_rows``). Each source skips
-        what is banned or already a candidate (by row: no id is looked up again)."""
-        s = self.settings
+    @staticmethod
+    def _resting_pays(scorer: Scorer) -> bool:
+        """Whether items the user just passed over rest (are left out of retrieval).
 
-        def merge(i: int, rows: np.ndarray, items: np.ndarray) -> None:
-            if len(rows):
-                found[i] = (np.concatenate([found[i][0], rows]),
-                            np.concatenate([found[i][1], items]))
+        Without the ensemble, always (``RECSVC_REST_SHOWN``). With it, while the
+        logistic agent holds that a recent pass-over lowers the odds of a click, its
+        exposure weight below zero by more than one posterior standard deviation:
+        whether users come back to what they scrolled past is learned, not assumed.
+        Before any evidence the weight is at its prior, 0, so nothing rests until the
+        first re-shown items are seen to be passed over again."""
+        e = scorer.ensemble
+        if e is None:
+            return True
+        j = FEATURE_GROUPS["exposure"].start
+        return bool(e.theta[j] + np.sqrt(max(float(e.a_inv[j, j]), 0.0)) < 0.0)
+
+    def _budgets(self, scorer: Scorer) -> dict[str, int]:
+        """How many candidates each source gives: its setting, or, once the ensemble
+        learned how deep into the source's list the greedy picks reach
+        (``EnsembleParams.reach``), half as deep again plus a margin, but never under
+        ``MIN_SHARE`` of the setting (the related source's count is per seed item)."""
+        s = self.settings
+        ceilings = {"query": s.candidates, "related": s.related_candidates * RELATED_SEEDS,
+                    "engaging": s.engaging_candidates, "history": s.history_len}
+        reach = scorer.ensemble.reach if scorer.ensemble is not None else None
+        out = {}
+        for j, name in enumerate(SOURCES):
+            ceiling = ceilings[name]
+            if reach is not None and ceiling and not np.isnan(reach[j]):
+                ceiling = int(min(ceiling, max(np.ceil(MIN_SHARE * ceiling),
+                                               np.ceil(1.5 * reach[j]) + 8)))
+            out[name] = ceiling
+        out["related"] = int(np.ceil(out["related"] / RELATED_SEEDS))
+        return out
+
+    def _add_sources(self, found: dict[int, Candidates], picks: list[Pick],
+                     recent: list[RecentItems], banned: list[np.ndarray],
+                     budgets: dict[str, int]) -> None:
+        """Append to each search result candidates from the sources the query alone
+        would not reach, so the per-candidate features can rank them: the items nearest
+        to what the user last engaged with (``CandidateIndex.related_rows``, from cached
+        neighbour lists), the items with the highest smoothed CTR
+        (``CandidateIndex.engaging_rows``) and the user's own positives (when the
+        request does not exclude them). Each source skips what is banned or already a
+        candidate (by row: no id is looked up again); whether its candidates earn is
+        learned (``_budgets``)."""
+
+        def merge(i: int, rows: np.ndarray, items: np.ndarray | None, source: str | None
+                  ) -> None:
+            """Append candidates of ``source`` (None: resting items, explore only)."""
+            if not len(rows):
+                return
+            c = found[i]
+            items = self.index.vectors_at(rows) if items is None else items
+            bit = 0 if source is None else 1 << SOURCES.index(source)
+            held = None if c.explore_only is None else np.concatenate(
+                [c.explore_only, np.full(len(rows), source is None)])
+            found[i] = Candidates(np.concatenate([c.rows, rows]),
+                                  np.concatenate([c.vectors, items]),
+                                  np.concatenate([c.sources, np.full(len(rows), bit, np.int64)]),
+                                  np.concatenate([c.depths, np.arange(len(rows))]), held)
 
         def excluded(i: int) -> np.ndarray:
-            return np.concatenate([banned[i], found[i][0]])
+            return np.concatenate([banned[i], found[i].rows])
 
-        if s.related_candidates:
+        if budgets["related"]:
             # around each of the latest positives, newest first
             seeded = [i for i in found if recent[i].positive_ids]
             for i, (rows, items) in zip(seeded, self.index.related_rows(
                     [recent[i].positive_ids[-RELATED_SEEDS:][::-1] for i in seeded],
-                    s.related_candidates, [excluded(i) for i in seeded]), strict=True):
-                merge(i, rows, items)
-        if s.engaging_candidates:
+                    budgets["related"], [excluded(i) for i in seeded]), strict=True):
+                merge(i, rows, items, "related")
+        if budgets["engaging"]:
             order = list(found)
             for i, (rows, items) in zip(order, self.index.engaging_rows(
-                    s.engaging_candidates, [excluded(i) for i in order]), strict=True):
-                merge(i, rows, items)
+                    budgets["engaging"], [excluded(i) for i in order]), strict=True):
+                merge(i, rows, items, "engaging")
+        if budgets["history"]:
+            for i in found:
+                own = [item_id for item_id in dict.fromkeys(reversed(recent[i].positive_events))
+                       if item_id not in picks[i].banned][: budgets["history"]]
+                if own:
+                    rows = self.index.servable_rows(own)
+                    merge(i, rows[~np.isin(rows, found[i].rows)], None, "history")
+        for i in found:
+            found[i].explore_only = np.zeros(len(found[i].rows), dtype=bool)
+            if picks[i].explore_only:
+                rows = self.index.servable_rows(picks[i].explore_only)
+                merge(i, rows[~np.isin(rows, found[i].rows)], None, None)
 
-    def _candidates(self, picks: list[Pick], queries: np.ndarray, recent: list[RecentItems]
-                    ) -> list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
-        """Per pick, its candidates' ids, embeddings, counts and tags.
+    def _candidates(self, picks: list[Pick], queries: np.ndarray, recent: list[RecentItems],
+                    budgets: dict[str, int]) -> list[tuple[list[str], Candidates, np.ndarray,
+                                                           np.ndarray]]:
+        """Per pick, its candidates' ids, rows, embeddings and sources, counts and tags.
 
         Candidates travel by index row from the searches to the counts and tags (one
         id lookup per banned or explicitly named item, none per retrieved candidate);
         if rows move meanwhile (a compaction after many deletes, in another thread),
         the whole lookup is done again."""
-        s = self.settings
+        query_bit = 1 << SOURCES.index("query")
         while True:
             generation = self.index.row_generation
             banned = self.index.rows_of([p.banned for p in picks])
             to_search = [i for i, p in enumerate(picks) if p.candidates is None]
-            found: dict[int, Hits] = dict(zip(to_search, self.index.search_rows(
-                queries[to_search, : self.layout.dim], s.candidates,
-                [banned[i] for i in to_search]), strict=True)) if to_search else {}
+            hits = self.index.search_rows(queries[to_search, : self.layout.dim],
+                                          budgets["query"], [banned[i] for i in to_search]
+                                          ) if to_search else []
+            found = {i: Candidates(rows, vectors, np.full(len(rows), query_bit, np.int64),
+                                   np.arange(len(rows)))
+                     for i, (rows, vectors) in zip(to_search, hits, strict=True)}
             if found:
-                self._add_sources(found, recent, banned)
+                self._add_sources(found, picks, recent, banned, budgets)
             for i, p in enumerate(picks):
                 if p.candidates is not None:
                     wanted = [c for c in dict.fromkeys(p.candidates)
                               if c not in p.banned and self.index.is_recommendable(c)]
                     rows = self.index.rows_of([wanted])[0]
-                    found[i] = (rows, self.index.vectors_at(rows))
-            looked = self.index.at_rows([found[i][0] for i in range(len(picks))], generation)
+                    found[i] = Candidates(rows, self.index.vectors_at(rows),
+                                          np.zeros(len(rows), np.int64), np.arange(len(rows)))
+            looked = self.index.at_rows([found[i].rows for i in range(len(picks))], generation)
             if looked is not None:
-                return [(ids, found[i][1], stats, tags)
+                return [(ids, found[i], stats, tags)
                         for i, (ids, stats, tags) in enumerate(looked)]
 
     def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
@@ -485,13 +688,17 @@ class Engine:
         built = [user_state_and_history(self.layout, p.user_data, p.ctx, self.index, s.rewards,
                                         s.history_len, s.history_decay, p.now) for p in picks]
         queries, values = scorer.query(np.stack([b[0] for b in built]))
-        candidates = self._candidates(picks, queries, [b[1] for b in built])
+        candidates = self._candidates(picks, queries, [b[1] for b in built],
+                                      self._budgets(scorer))
         out: list[Chosen] = []
+        base_ctr = self.index.base_ctr()
         for i, p in enumerate(picks):
             state, recent = built[i]
-            ids, items, stats, tags = candidates[i]
+            ids, found, stats, tags = candidates[i]
+            items = found.vectors
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
-                                       stats, items, tags, recent, s.exposure_recent_s)
+                                       stats, items, tags, recent, s.exposure_recent_s,
+                                       base_ctr)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
             if scorer.adaptation is not None:  # a new user: the learned correction
                 adjustment = scorer.adaptation.adjust(self.layout, state, feats)
@@ -502,9 +709,15 @@ class Engine:
                 agent_scores = scorer.ensemble.agent_scores(self.layout, state, items, feats,
                                                             scores)
                 scores = scorer.ensemble.fuse(agent_scores)
+            held_back = found.explore_only
+            if held_back is not None and held_back.any() and not held_back.all():
+                # below every other candidate: only the random branch places them
+                scores = np.where(held_back, scores[~held_back].min() - 1.0, scores)
             with self._rng_lock:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
             agents = ([] if agent_scores is None
                       else top_k_masks(agent_scores, choice.indices, p.k))
-            out.append((scorer, state, ids, scores, feats, choice, agents))
+            out.append(Chosen(scorer, state, ids, scores, feats, choice, agents,
+                              found.sources[choice.indices].tolist(),
+                              found.depths[choice.indices].tolist()))
         return out

@@ -56,7 +56,7 @@ def user_state_and_history(layout: StateLayout, user: UserData, context: np.ndar
     neg_known, neg = index.vectors_of(neg_ids)
     gap = None if last_ts is None else now - last_ts
     recent = RecentItems(pos, neg, index.tags_of(pos_known), index.tags_of(neg_known),
-                         tuple(pos_known))
+                         tuple(pos_known), tuple(pos_ids))
     return build_state(layout, context, pos, neg, gap, decay), recent
 
 
@@ -66,14 +66,26 @@ def context_of(layout: StateLayout, state: np.ndarray) -> np.ndarray | None:
     return layout.context(state).copy() if has_context else None
 
 
-def resting_items(user: UserData, latest: int) -> set[str]:
-    """Items among the user's ``latest`` shown that they did not act on.
+def resting_items(user: UserData, latest: int, since: float = float("-inf")) -> set[str]:
+    """Items among the user's ``latest`` shown, since ``since`` (the start of their
+    session), that they did not act on.
 
-    Showing a user again what they just scrolled past is the commonest way a
-    recommender wastes a slate: an ignored item is much less likely to be taken on
-    its next showing. These items rest (are not retrieved) until newer slates push
-    them out of the window; any interaction with an item ends its rest.
+    Showing a user again what they just scrolled past is a common way to waste a
+    slate: within a session a passed-over item is often passed over again. Across
+    sessions it is fresh again, so only this session's showings count. These items
+    rest (are not retrieved) while the session lasts and they stay in the window;
+    any interaction with an item ends its rest.
     """
     if latest <= 0 or not user.shown:
         return set()
-    return {item_id for item_id, _ in user.shown[-latest:] if item_id not in user.touched}
+    return {item_id for item_id, ts in user.shown[-latest:]
+            if ts >= since and item_id not in user.touched}
+
+
+def latest_first(user: UserData, items: set[str]) -> list[str]:
+    """Those of ``items`` the user was shown, most recently shown first."""
+    out = []
+    for item_id, _ in reversed(user.shown):
+        if item_id in items:
+            out.append(item_id)
+    return list(dict.fromkeys(out))

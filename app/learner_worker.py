@@ -24,18 +24,18 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.features import context_of, user_state
 from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
-from app.store.base import WeightsUpdate
+from app.store.base import VersionConflict, WeightsUpdate
 from models.adaptation import AdaptationLearner, rule_features
 from models.ensemble import EnsembleLearner, linear_features
 from models.index import CandidateIndex
@@ -49,6 +49,9 @@ log = logging.getLogger("recsvc.learner")
 
 
 SWEEP_EVERY_S = 10.0  # how often the lease holder claims entries stuck on other consumers
+# up to this many items, next actions come from one matrix product over a copy of the
+# servable embeddings (64 queries x 50k items: about 1.2 GFLOP, tens of ms on one core)
+SNAPSHOT_MAX = 50_000
 
 
 @dataclass
@@ -65,9 +68,33 @@ class Transition:
     item_id: str
     reward: np.ndarray  # (heads,): one entry per head of the Q-network
     context: np.ndarray | None
-    features: np.ndarray  # the item's per-candidate features when it was shown
     mask: np.ndarray  # (heads,): 1 for the heads this transition trains
-    agents: int = 0  # the ensemble agents that picked the item (bitmask; 0: none known)
+    slot: SlotRecord  # where and how the item was shown
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What the impression logged of the slot an item was shown in."""
+
+    index: int             # the slot, 0 at the top
+    propensity: float      # the probability the item was placed there
+    features: np.ndarray   # the item's per-candidate features then
+    agents: int = 0        # the ensemble agents that ranked it top-k (bitmask; 0: unknown)
+    sources: int = 0       # the candidate sources that retrieved it (bitmask; 0: unknown)
+    depth: int = 0         # its rank in that source's list
+    explored: bool = False  # placed by the random branch
+
+    @classmethod
+    def of(cls, imp: Impression, item_id: str) -> SlotRecord:
+        j = imp.item_ids.index(item_id)
+        features = np.zeros(N_ITEM_FEATURES, dtype=np.float32)
+        if imp.features:  # an older release's layout is cut or padded to this one's
+            logged = np.asarray(imp.features[j], dtype=np.float32)[:N_ITEM_FEATURES]
+            features[: len(logged)] = logged
+        return cls(j, float(imp.propensities[j]) if imp.propensities else 1.0, features,
+                   imp.agents[j] if imp.agents else 0, imp.sources[j] if imp.sources else 0,
+                   imp.depths[j] if imp.depths else 0,
+                   bool(imp.explored[j]) if imp.explored else False)
 
 
 def _feedback_target(heads: tuple[str, ...], event: str, reward: float
@@ -110,18 +137,6 @@ def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
     return out
 
 
-def _slot_features(imp: Impression, item_id: str) -> np.ndarray:
-    """Per-candidate features the item had when it was placed in this slate."""
-    if imp.features:
-        return np.asarray(imp.features[imp.item_ids.index(item_id)], dtype=np.float32)
-    return np.zeros(N_ITEM_FEATURES, dtype=np.float32)
-
-
-def _slot_agents(imp: Impression, item_id: str) -> int:
-    """Which ensemble agents ranked the item in their top-k when it was shown."""
-    return imp.agents[imp.item_ids.index(item_id)] if imp.agents else 0
-
-
 def _log_record(imp: Impression, rewards: dict[str, float], default: float) -> dict:
     """What off-policy evaluation needs of a closed impression."""
     return {"request_id": imp.request_id, "user_id": imp.user_id, "ts": imp.ts,
@@ -134,8 +149,9 @@ def _log_record(imp: Impression, rewards: dict[str, float], default: float) -> d
 class LearnerWorker:
     def __init__(self, settings: Settings, store: Store, index: CandidateIndex,
                  layout: StateLayout, device: str, run=None, consumer: str | None = None,
-                 ) -> None:
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        self.clock = clock
         self.store = store
         self.index = index
         self.layout = layout
@@ -150,6 +166,7 @@ class LearnerWorker:
         self.claimed = 0  # entries taken over from earlier holders
         self._next_sweep = 0.0
         self.learner = DQNLearner(layout.size, layout.dim, settings.dqn, device)
+        self._snapshot: tuple[int, np.ndarray] = (-1, np.zeros((0, layout.dim), np.float32))
         self.ensemble = EnsembleLearner() if settings.ensemble_on else None
         self.adaptation = AdaptationLearner() if settings.adaptation else None
         self.pending: dict[str, PendingImpression] = {}
@@ -166,7 +183,7 @@ class LearnerWorker:
         self.transitions = 0
         self._dirty = False
         self._last_publish = float("-inf")  # the first version is due at once
-        self._loop = PeriodicLoop("learner", self._iteration, settings.learner_poll_s)
+        self._loop = PeriodicLoop("learner", self.learn_round, settings.learner_poll_s)
         # renews the lease while a long round (a backlog, a big training batch) runs, so
         # the lease outlives rounds longer than its TTL
         self._keeper = PeriodicLoop("learner-lease", self._renew, settings.lease_ttl_s / 4)
@@ -199,7 +216,8 @@ class LearnerWorker:
         if self._pool:
             self._pool.shutdown(wait=True)
 
-    async def _iteration(self) -> None:
+    async def learn_round(self) -> None:
+        """One round of the learner loop: hold the lease, then read, learn, commit."""
         try:
             if not await self.hold_lease():
                 return  # a standby: another learner holds the lease
@@ -282,9 +300,9 @@ class LearnerWorker:
         lease may have read entries after the holder's takeover claim and will never
         commit them. Entries of our own that wait for their reward window come back too
         and are recognised as waiting."""
-        if time.monotonic() < self._next_sweep:
+        if self.clock.monotonic() < self._next_sweep:
             return []
-        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        self._next_sweep = self.clock.monotonic() + SWEEP_EVERY_S
         s = self.settings
         stuck_s = s.reward_wait_s + 2 * s.lease_ttl_s + s.publish_interval_s
         return await self.store.claim_stream(self.consumer, stuck_s, s.learner_read_count)
@@ -308,7 +326,7 @@ class LearnerWorker:
         unacknowledged and are read again (``_reread``). Keys of what was learned
         make the repeat learn nothing twice.
         """
-        now = time.time() if now is None else now
+        now = self.clock.time() if now is None else now
         new_imps: dict[str, str] = {}  # request id -> stream entry id
         feedback = []
         for entry_id, f in entries:
@@ -349,9 +367,8 @@ class LearnerWorker:
             state = np.frombuffer(imp.state, dtype=np.float32)
             reward, mask = target
             transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
-                                          context_of(self.layout, state),
-                                          _slot_features(imp, f["item_id"]), mask,
-                                          _slot_agents(imp, f["item_id"])))
+                                          context_of(self.layout, state), mask,
+                                          SlotRecord.of(imp, f["item_id"])))
 
         closed: list[dict] = []
         default = self.settings.rewards.default
@@ -371,8 +388,7 @@ class LearnerWorker:
             for item_id, (reward, mask) in _silence_targets(self.settings.heads, stored,
                                                             default).items():
                 transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
-                                              _slot_features(p.imp, item_id), mask,
-                                              _slot_agents(p.imp, item_id)))
+                                              mask, SlotRecord.of(p.imp, item_id)))
             closed.append(_log_record(p.imp, stored.rewards, default))
             learned_keys.append((rid,))
 
@@ -402,7 +418,7 @@ class LearnerWorker:
         if not rows:
             return False
         # vectors_of keeps order and drops unknown ids, so embeddings align with rows
-        feats = np.stack([t.features for t in rows])
+        feats = np.stack([t.slot.features for t in rows])
         actions = np.concatenate([embeddings, feats], axis=1)
         next_states = {}
         for t in rows:
@@ -417,26 +433,46 @@ class LearnerWorker:
         rewards = np.stack([t.reward for t in rows])
         slots = self.learner.add(states, actions, rewards, nexts,
                                  mask=np.stack([t.mask for t in rows]))
-        self._learn_options(states, actions, rewards[:, 0],
-                            np.array([t.agents for t in rows], dtype=np.int64))
-        return self.learner.train(self._next_actions, slots)
+        self._learn_options(states, actions, rewards[:, 0], [t.slot for t in rows])
+        return self.learner.train(self._next_actions, slots,
+                                  max_steps=self.settings.max_steps_per_round)
 
     def _learn_options(self, states: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                       agents: np.ndarray) -> None:
+                       logged: list[SlotRecord]) -> None:
         """The ensemble's and the adaptation rule's updates, from one reward per
         transition (settings refuse either option with several heads), before the
         network's own steps: the rule fits the residuals of the network it corrects."""
         d = self.layout.dim
         if self.ensemble is not None:
             x = linear_features(self.layout, states, actions[:, :d], actions[:, d:])
-            self.ensemble.update(x, rewards.astype(np.float64), agents)
+            self.ensemble.update(
+                x, rewards.astype(np.float64),
+                np.array([s.agents for s in logged], dtype=np.int64),
+                np.array([s.propensity for s in logged]),
+                np.array([s.index for s in logged], dtype=np.float64),
+                np.array([s.sources for s in logged], dtype=np.int64),
+                np.array([s.depth for s in logged], dtype=np.float64),
+                np.array([not s.explored for s in logged]))
         if self.adaptation is not None:
             phi = rule_features(self.layout, states, actions[:, d:])
             if phi.any():
                 self.adaptation.update(phi, rewards - self.learner.q_of(states, actions))
 
     def _next_actions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Online argmax at s': the top inner-product item for the online query."""
+        """Online argmax at s': the top inner-product item for the online query.
+
+        Up to ``SNAPSHOT_MAX`` servable items, one matrix product against a copy of
+        their embeddings taken when the catalog changes (no index lock per step: the
+        serving threads hold it for their searches); above it, the index's search."""
+        if len(self.index) <= SNAPSHOT_MAX:
+            if self._snapshot[0] != self.index.version:
+                self._snapshot = self.index.servable_vectors()
+            vectors = self._snapshot[1]
+            if not len(vectors):
+                return (np.zeros((len(queries), self.layout.dim), dtype=np.float32),
+                        np.zeros(len(queries), dtype=bool))
+            best = (queries @ vectors.T).argmax(1)
+            return vectors[best], np.ones(len(queries), dtype=bool)
         found = self.index.search(queries, 1)
         actions = np.zeros((len(queries), self.layout.dim), dtype=np.float32)
         valid = np.zeros(len(queries), dtype=bool)
@@ -460,7 +496,7 @@ class LearnerWorker:
         and acknowledge the entries they came from, in one step. While a version is
         not due, learning and its acknowledgements wait. Returns whether a version was
         published."""
-        due = time.monotonic() - self._last_publish >= self.settings.publish_interval_s
+        due = self.clock.monotonic() - self._last_publish >= self.settings.publish_interval_s
         if self._dirty and not (due or force):
             return False
         weights = None
@@ -469,7 +505,8 @@ class LearnerWorker:
             if all_finite(self.learner.online):
                 blob = await self.run(self.learner.weights, self._option_tensors())
                 weights = WeightsUpdate(self.version + 1, blob, parent=self.version,
-                                        keep=self.settings.weights_kept)
+                                        keep=self.settings.weights_kept,
+                                        expected=self.version)
             else:
                 log.error("weights are not finite: not published; version %d keeps "
                           "serving and the learner goes back to it", self.version)
@@ -480,8 +517,14 @@ class LearnerWorker:
                 self.learner.rejected_updates += 1
         acks = list(dict.fromkeys(self._acks))
         stats = {**self.stats(), "version": weights.version if weights else self.version}
-        if not await self.store.commit_learning(self.consumer, acks, stats, self._log_backlog,
-                                                self.settings.ope_log_size, weights):
+        try:
+            committed = await self.store.commit_learning(
+                self.consumer, acks, stats, self._log_backlog, self.settings.ope_log_size,
+                weights)
+        except VersionConflict:  # a rollback was published since the check above
+            await self.adopt_newer_weights()
+            return False
+        if not committed:
             self._step_down("the lease was lost before the commit")
             await self._reload_published()
             return False
@@ -490,7 +533,7 @@ class LearnerWorker:
             return False
         self._dirty = False
         self.version = weights.version
-        self._last_publish = time.monotonic()
+        self._last_publish = self.clock.monotonic()
         return True
 
     def _option_tensors(self) -> dict | None:
@@ -503,7 +546,9 @@ class LearnerWorker:
 
     async def adopt_newer_weights(self) -> bool:
         """Follow a version this learner did not publish (a rollback through the API):
-        continue learning from it instead of overwriting it."""
+        continue learning from it instead of overwriting it. What was learned on top of
+        the version it replaces and not committed yet is dropped, and so are those
+        entries' acknowledgements: they are read again and learned on top of it."""
         latest = await self.store.latest_version()
         if latest <= self.version:
             return False
@@ -513,6 +558,9 @@ class LearnerWorker:
         if await self._load(blob, latest):
             log.info("learner continues from version %d (published elsewhere)", latest)
         self.version = latest
+        if self._dirty or self._acks or self._log_backlog:
+            self._forget()
+            self._reread = True
         self._dirty = False
         return True
 

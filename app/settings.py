@@ -47,9 +47,23 @@ class Settings(BaseSettings):
     admin_keys: SecretStr = Field(SecretStr(""),
                                   description="comma-separated admin keys (catalog, users, model)")
     admin_keys_file: str | None = Field(None, description="file of admin keys, one per line")
+    allow_open: bool = Field(False, description="serve with no API key on an address other "
+                             "hosts reach (refused unless this is set)")
+    trusted_proxies: str = Field("", description="comma-separated addresses or networks of "
+                                 "proxies whose X-Forwarded-For names the client (the rate "
+                                 "limit without keys is per client)")
     rate_limit: int = Field(0, description="requests per key per window; 0 = unlimited")
     rate_limit_window_s: int = Field(1, description="length of a rate-limit window")
-    max_body_bytes: int = Field(8 * 1024 * 1024, description="larger request bodies get 413")
+    max_body_bytes: int = Field(8 * 1024 * 1024, description="catalog writes (POST /v1/items) "
+                                "with larger bodies get 413")
+    max_request_bytes: int = Field(1024 * 1024, ge=1024, description="every other request "
+                                   "with a larger body gets 413")
+    max_header_bytes: int = Field(65_536, ge=1024, description="a request whose headers "
+                                  "are larger gets 431 and its connection is closed")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that does not "
+                                    "complete a request's headers this long gets 408")
+    max_concurrency: int = Field(1024, ge=1, description="connections and requests in "
+                                 "flight per process; beyond it, 503")
     shutdown_grace_s: float = Field(30.0, description="SIGTERM: longest wait for in-flight work")
     log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
@@ -65,7 +79,7 @@ class Settings(BaseSettings):
     related_candidates: int = Field(50, ge=0, description="candidates added per request "
                                     "from the items nearest to each of the user's 3 latest "
                                     "positive items; 0 = none")
-    engaging_candidates: int = Field(0, ge=0, description="candidates added per request "
+    engaging_candidates: int = Field(50, ge=0, description="candidates added per request "
                                      "from the items with the highest smoothed CTR, beside "
                                      "the embedding search; 0 = search only")
     exact_index_max: int = Field(50_000, description="from this many items the CPU index is "
@@ -105,9 +119,15 @@ class Settings(BaseSettings):
     replay_size: int = 50_000
     replay_prefault: bool = Field(True, description="commit the replay buffer's memory at "
                                   "start, so resident memory is flat from the first request")
-    steps_per_batch: int = Field(2, description="least gradient steps per learning round")
+    steps_per_batch: int = Field(0, ge=0, description="least gradient steps per learning "
+                                 "round with new transitions (0: only the steps they owe, "
+                                 "so steps per event do not depend on how often rounds run)")
     replay_ratio: float = Field(3.0, gt=0, description="gradient steps per new transition, "
                                 "in units of half a minibatch")
+    max_steps_per_round: int = Field(64, ge=1, description="most gradient steps per learning "
+                                     "round: under more traffic than the learner can train "
+                                     "on, it learns less per event instead of lagging ever "
+                                     "further behind (and losing impressions to their TTL)")
     target_tau: float = 0.01
     grad_clip: float = 5.0
     hidden: int = 256
@@ -120,6 +140,10 @@ class Settings(BaseSettings):
                               "summed reward")
     reward_wait_s: float = Field(30.0, description="reward window after an impression")
     impression_ttl_s: int = Field(86_400, description="feedback accepted this long after recommend")
+    user_ttl_s: int = Field(30 * 86_400, ge=1, description="a user's history and shown items "
+                            "are kept this long after their last write")
+    stream_max: int = Field(1_000_000, ge=1000, description="the event stream is trimmed to "
+                            "about this many entries (reached only if no learner consumes it)")
     unlogged_max: int = Field(100_000, description="impressions held in memory while the "
                                                    "store is down")
     ope_log_size: int = Field(100_000, description="closed impressions kept for evaluation")
@@ -204,6 +228,13 @@ class Settings(BaseSettings):
             if self.reward_map else {}
         base = RewardMap()
         return RewardMap(rewards={**base.rewards, **mapping}, default=self.reward_default)
+
+    @cached_property
+    def proxy_networks(self) -> list:
+        import ipaddress
+
+        return [ipaddress.ip_network(p.strip(), strict=False)
+                for p in self.trusted_proxies.split(",") if p.strip()]
 
     @cached_property
     def key_list(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,8 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
         self.model_id = self._identity()
         self._lock = threading.Lock()
+        self._foreground = 0  # calls on a request's path waiting or running
+        self._count_lock = threading.Lock()
 
     def _identity(self) -> str:
         """Short stable id of the weights, so cached embeddings never mix models."""
@@ -86,20 +89,38 @@ class TextEncoder:
         return h.hexdigest()
 
     @torch.inference_mode()
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embed ``texts`` in batches; returns an ``(len(texts), dim)`` float32 array."""
+    def encode(self, texts: list[str], background: bool = False) -> np.ndarray:
+        """Embed ``texts`` in batches; returns an ``(len(texts), dim)`` float32 array.
+
+        One forward pass runs at a time. A ``background`` call (catalog embedding)
+        takes its turn for each batch only while no request's call is waiting, so a
+        request's context is embedded between two batches of an upsert, not after it.
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with self._lock:
+        if not background:
+            with self._count_lock:
+                self._foreground += 1
+        try:
             for start in range(0, len(texts), self.batch_size):
+                while background and self._foreground:
+                    time.sleep(0.001)
                 chunk = [normalise_text(t) for t in texts[start:start + self.batch_size]]
-                batch = self.tokenizer(chunk, padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[start:start + len(chunk)] = pooled.float().cpu().numpy()
+                with self._lock:
+                    out[start:start + len(chunk)] = self._forward(chunk)
+        finally:
+            if not background:
+                with self._count_lock:
+                    self._foreground -= 1
         return out
+
+    def _forward(self, chunk: list[str]) -> np.ndarray:
+        batch = self.tokenizer(chunk, padding=True, truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.float().cpu().numpy()

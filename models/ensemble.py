@@ -1,43 +1,69 @@
-"""A fused ensemble of agents that score the same candidates.
+"""A fused ensemble of agents that score the same candidates, weighed by their value.
 
 Agents, each scoring every candidate of a request:
 
 - ``q``: the Q-network's Q(s, a);
 - ``popularity``: the candidate's smoothed CTR lift (its popularity feature), which
   needs no learning and is right from the first impressions;
-- ``linear``: LinUCB, a linear contextual bandit on a few features of (state, item):
-  the per-candidate features and the item embedding's similarity to the context and
-  to the user's positive and negative pools, plus an upper-confidence bonus. Ridge
-  regression in 12 dimensions converges after a few hundred events, long before a
-  deep network does.
+- ``linear``: a Bayesian logistic regression (Laplace approximation, updated online)
+  of whether a shown item earns a positive reward, on ``N_LINEAR`` features of
+  (state, item): the per-candidate features and the item embedding's similarity to
+  the context and to the user's positive and negative pools, plus an
+  upper-confidence bonus. A few hundred events fit its dozen weights, long before a
+  deep network converges, and the log-odds scale lets an effect multiply an item's
+  appeal (resting what was just passed over costs a popular item more than a rare
+  one). The slot an item was shown in enters its training as a nuisance covariate,
+  so position bias is not mistaken for the item's appeal.
+
+Nothing here assumes the sign of a dynamic: whether an item like the last click, one
+just passed over, or one the user liked before is worth more or less is a weight
+the rewards set (the logistic model's, and the Q-network's ``w(s)``).
 
 Fusion: each agent's scores are standardised over the request's candidates and
 summed with weights ``w``; the slate is then chosen from the fused scores by the
 same epsilon-greedy, so the logged propensities stay exact for the fused policy.
-``w`` is Hedge-style: ``w_k ∝ exp(eta * (rate_k / max_j rate_j - 1))``, where
-``rate_k`` is the reward rate of the shown items that agent k ranked in its own
-top-k (exponentially forgotten, so the weights follow a changing catalog). An
-agent whose picks earn less loses weight; none is ever switched off.
+The weights follow each agent's *estimated value*: the clipped self-normalised IPS
+estimate (``ValueEstimates``), from the logged propensities, of the reward rate of
+a policy that places the agent's own top-k. An agent whose value is below the best
+one's by several standard errors gets a vanishing weight, so the fusion cannot end
+below its best agent by more than the estimates' noise; agents within noise of each
+other share the weight, which is where a fusion can beat every single agent.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from models.state import FEATURE_GROUPS, StateLayout
+from models.state import FEATURE_GROUPS, N_ITEM_FEATURES, StateLayout
 
 AGENTS = ("q", "popularity", "linear")
-N_LINEAR = 12  # per-candidate features (8), 3 similarities, a bias
+# Where candidates come from: the Q-network's query, the neighbours of the user's latest
+# positives, the most engaging items, the user's own positives. How deep into each
+# source's ranked list the policy's picks reach is learned (``SourceDepths``), and so
+# how many candidates each gives; each source's value is estimated for the report.
+SOURCES = ("query", "related", "engaging", "history")
+N_LINEAR = N_ITEM_FEATURES + 3 + 1  # per-candidate features, 3 similarities, a bias
 POPULARITY_COLUMN = FEATURE_GROUPS["popularity"].start  # the smoothed CTR lift
 PREFIX = "ensemble."
+# The logistic model's prior mean: a popular item is likelier to be taken (the lift
+# is a log-CTR ratio), and a click is rare. The rest starts at 0 (no assumed sign).
+PRIOR_CTR = 0.03
+
+
+def prior_mean() -> np.ndarray:
+    mean = np.zeros(N_LINEAR)
+    mean[POPULARITY_COLUMN] = 1.0
+    mean[-1] = math.log(PRIOR_CTR / (1.0 - PRIOR_CTR))
+    return mean
 
 
 def linear_features(layout: StateLayout, states: np.ndarray, items: np.ndarray,
                     features: np.ndarray) -> np.ndarray:
-    """``(n, N_LINEAR)`` LinUCB inputs of ``n`` (state, item) pairs: row i pairs
+    """``(n, N_LINEAR)`` logistic-model inputs of ``n`` (state, item) pairs: row i pairs
     ``states[i]`` (or the one state, if one is given) with ``items[i]``."""
     states = np.atleast_2d(states)
     if len(states) == 1:  # serving: one state for all candidates, one (n, d) @ (d, 3)
@@ -61,12 +87,16 @@ def standardise(scores: np.ndarray) -> np.ndarray:
 
 @dataclass
 class EnsembleParams:
-    """What serving needs: LinUCB's ``A^-1`` and ``theta``, and the fusion weights."""
+    """What serving needs: the logistic model's covariance ``a_inv`` and mean
+    ``theta``, and the fusion weights."""
 
     a_inv: np.ndarray
     theta: np.ndarray
     weights: np.ndarray  # (len(AGENTS),), summing to 1
-    alpha: float = 0.5   # width of the upper-confidence bonus
+    # (len(SOURCES),) how deep into each source's list the greedy picks reach (the 95th
+    # percentile of their ranks); NaN while too few picks came from it to tell
+    reach: np.ndarray = field(default_factory=lambda: np.full(len(SOURCES), np.nan))
+    alpha: float = 0.1   # width of the upper-confidence bonus, in log-odds
 
     def agent_scores(self, layout: StateLayout, state: np.ndarray, items: np.ndarray,
                      features: np.ndarray, q_scores: np.ndarray) -> np.ndarray:
@@ -83,7 +113,7 @@ class EnsembleParams:
 
 def top_k_masks(agent_scores: np.ndarray, chosen: np.ndarray, k: int) -> list[int]:
     """Per chosen candidate, a bitmask of the agents that rank it in their own top-k:
-    the credit its reward gives each agent."""
+    the target policies whose value its reward is evidence of."""
     k = min(k, agent_scores.shape[1])
     top = np.argpartition(-agent_scores, k - 1, axis=1)[:, :k]
     inside = np.zeros(agent_scores.shape, dtype=bool)
@@ -92,76 +122,259 @@ def top_k_masks(agent_scores: np.ndarray, chosen: np.ndarray, k: int) -> list[in
     return (bits @ inside[:, chosen]).tolist()
 
 
-@dataclass
-class EnsembleLearner:
-    """Learns LinUCB online from every transition and the fusion weights from the
-    rewards of each agent's picks."""
+# a shown item's inverse propensity is clipped here: explored slots count up to this
+# much more than greedy ones, which bounds the estimates' variance
+MAX_IPS_WEIGHT = 20.0
 
-    ridge: float = 1.0
-    eta: float = 10.0
-    horizon: float = 5_000.0  # transitions over which old credit fades (1/e)
+
+@dataclass
+class ValueEstimates:
+    """Per arm (an agent, a candidate source), the clipped self-normalised IPS estimate
+    of the reward rate of the shown items that arm vouched for, with its standard
+    error, exponentially forgotten.
+
+    A shown item with logged propensity ``p`` and reward ``r`` is evidence for every
+    arm whose bit is set on it (the agent ranked it in its own top-k; the source
+    retrieved it). With target policy "place an item the arm vouches for", its
+    importance weight is ``1 / p`` (clipped at ``MAX_IPS_WEIGHT``), so items the
+    fused policy only explored weigh as much as they would under that arm's policy
+    and the greedy picks do not decide alone.
+    """
+
+    arms: int
+    horizon: float = 5_000.0  # shown items over which old evidence fades (1/e)
     prior_rate: float = 0.03
-    prior_count: float = 20.0
-    a: np.ndarray = field(init=False)  # ridge * I plus the x x^T seen
-    b: np.ndarray = field(default_factory=lambda: np.zeros(N_LINEAR))
-    reward_sum: np.ndarray = field(default_factory=lambda: np.zeros(len(AGENTS)))
-    count: np.ndarray = field(default_factory=lambda: np.zeros(len(AGENTS)))
+    prior_weight: float = 20.0
+    sums: np.ndarray = field(init=False)  # per arm: sum w, w r, w^2, w^2 r, w^2 r^2
 
     def __post_init__(self) -> None:
-        self.a = self.ridge * np.eye(N_LINEAR)
+        self.sums = np.zeros((self.arms, 5))
 
-    def update(self, x: np.ndarray, rewards: np.ndarray, masks: np.ndarray) -> None:
+    def update(self, bits: np.ndarray, rewards: np.ndarray, propensities: np.ndarray) -> None:
+        """``bits``: ``(n,)`` masks of the arms each shown item counts for (0: none);
+        ``rewards``, ``propensities``: ``(n,)``."""
+        held = (bits[:, None] >> np.arange(self.arms)) & 1
+        used = held.any(1)
+        if not used.any():
+            return
+        w = np.minimum(1.0 / np.maximum(propensities[used], 1e-12), MAX_IPS_WEIGHT)
+        r = rewards[used]
+        per_item = np.stack([w, w * r, w * w, w * w * r, w * w * r * r], 1)
+        self.sums = (math.exp(-int(used.sum()) / self.horizon) * self.sums
+                     + held[used].T.astype(np.float64) @ per_item)
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per arm, the estimated reward rate (shrunk towards ``prior_rate`` by
+        ``prior_weight`` items' worth) and its standard error."""
+        sw, swr, sww, swwr, swwrr = self.sums.T
+        value = (swr + self.prior_rate * self.prior_weight) / (sw + self.prior_weight)
+        spread = np.maximum(swwrr - 2 * value * swwr + value ** 2 * sww, 0.0)
+        se = np.sqrt(spread + self.prior_rate * self.prior_weight) / (sw + self.prior_weight)
+        return value, se
+
+    def weights(self, sharpness: float = 1.0, floor: float = 0.01) -> np.ndarray:
+        """Weights summing to 1 that fall with each arm's distance below the best arm in
+        standard errors: ``exp(-sharpness * z^2 / 2)`` for ``z = (best - value) /
+        se_of_the_difference``, floored so no arm is switched off for good."""
+        value, se = self.values()
+        best = int(np.argmax(value))
+        z = (value[best] - value) / np.sqrt(se ** 2 + se[best] ** 2 + 1e-18)
+        raw = np.exp(-0.5 * sharpness * z ** 2) + floor
+        return raw / raw.sum()
+
+
+# rank buckets of SourceDepths: 0, 1, 2-3, 4-7, ... up to 4096 and beyond
+DEPTH_EDGES = np.concatenate([[0.0], 2.0 ** np.arange(13)])
+MIN_PICKS = 50.0  # greedy picks from a source before its reach is trusted
+
+
+@dataclass
+class SourceDepths:
+    """How deep into each candidate source's ranked list the policy's greedy picks
+    reach: a forgetting histogram, per source, of the rank its picked items had in it.
+
+    A source whose picks all come from the top of its list is asked for fewer
+    candidates; one whose picks come from near the end of what it gave is asked for
+    all it may give (its setting). Explored slots are left out: a uniform pick says
+    nothing of where the policy's preferences lie."""
+
+    sources: int
+    horizon: float = 5_000.0  # picks over which old evidence fades (1/e)
+    counts: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros((self.sources, len(DEPTH_EDGES)))
+
+    def update(self, bits: np.ndarray, depths: np.ndarray, greedy: np.ndarray) -> None:
+        """``bits``: sources of each shown item; ``depths``: its rank in its source's
+        list; ``greedy``: the slot was the greedy pick (not explored)."""
+        held = ((bits[:, None] >> np.arange(self.sources)) & 1).astype(bool) & greedy[:, None]
+        if not held.any():
+            return
+        bucket = np.searchsorted(DEPTH_EDGES, depths, side="right") - 1
+        fresh = np.zeros_like(self.counts)
+        for s in range(self.sources):
+            np.add.at(fresh[s], bucket[held[:, s]], 1.0)
+        self.counts = math.exp(-int(held.any(1).sum()) / self.horizon) * self.counts + fresh
+
+    def reach(self, quantile: float = 0.95) -> np.ndarray:
+        """Per source, the rank below which ``quantile`` of its picks lie (the upper
+        edge of that bucket); NaN for sources with fewer than ``MIN_PICKS`` picks."""
+        out = np.full(self.sources, np.nan)
+        upper = np.append(DEPTH_EDGES[1:], DEPTH_EDGES[-1] * 2)
+        for s in range(self.sources):
+            total = self.counts[s].sum()
+            if total >= MIN_PICKS:
+                out[s] = upper[int(np.searchsorted(np.cumsum(self.counts[s]),
+                                                   quantile * total))]
+        return out
+
+
+@dataclass
+class LogisticBandit:
+    """Online Bayesian logistic regression with a Gaussian (Laplace) posterior.
+
+    Each batch moves the posterior by a few Newton steps from the previous one (the
+    prior for the batch), and old evidence fades with ``horizon`` (the precision
+    relaxes towards the prior's), so the model follows a world that drifts."""
+
+    dims: int
+    prior_precision: float = 1.0
+    horizon: float = 20_000.0  # transitions over which old evidence fades (1/e)
+    mean: np.ndarray = field(init=False)
+    precision: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prior = np.zeros(self.dims)
+        self.prior[: N_LINEAR] = prior_mean()[: self.dims]
+        self.mean = self.prior.copy()
+        self.precision = self.prior_precision * np.eye(self.dims)
+
+    def update(self, x: np.ndarray, y: np.ndarray, weight: np.ndarray, steps: int = 2
+               ) -> None:
+        """``x``: ``(n, dims)``; ``y``: 0/1 outcomes; ``weight``: per-row weights."""
+        fade = math.exp(-len(x) / self.horizon)
+        base = self.prior_precision * np.eye(self.dims)
+        p0 = fade * self.precision + (1.0 - fade) * base
+        m0 = self.mean
+        w = m0.copy()
+        for _ in range(steps):
+            p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30.0, 30.0)))
+            grad = p0 @ (w - m0) + x.T @ (weight * (p - y))
+            hess = p0 + (x * (weight * p * (1.0 - p))[:, None]).T @ x
+            w = w - np.linalg.solve(hess, grad)
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30.0, 30.0)))
+        self.precision = p0 + (x * (weight * p * (1.0 - p))[:, None]).T @ x
+        self.mean = w
+
+
+# the slot an item was shown in, as the logistic model's training covariate
+def slot_covariate(slots: np.ndarray) -> np.ndarray:
+    return np.log1p(np.asarray(slots, dtype=np.float64))[:, None]
+
+
+@dataclass
+class EnsembleLearner:
+    """Learns the logistic agent from every transition and the fusion weights from
+    each agent's estimated value."""
+
+    model: LogisticBandit = field(default_factory=lambda: LogisticBandit(N_LINEAR + 1))
+    values: ValueEstimates = field(default_factory=lambda: ValueEstimates(len(AGENTS)))
+    sources: ValueEstimates = field(default_factory=lambda: ValueEstimates(len(SOURCES)))
+    depths: SourceDepths = field(default_factory=lambda: SourceDepths(len(SOURCES)))
+
+    def update(self, x: np.ndarray, rewards: np.ndarray, masks: np.ndarray,
+               propensities: np.ndarray | None = None, slots: np.ndarray | None = None,
+               sources: np.ndarray | None = None, depths: np.ndarray | None = None,
+               greedy: np.ndarray | None = None) -> None:
         """``x``: ``(n, N_LINEAR)``; ``rewards``: ``(n,)``; ``masks``: ``(n,)`` agent bits
-        (0 when unknown: the transition then trains LinUCB only)."""
-        self.a += x.T @ x
-        self.b += x.T @ rewards
-        bits = (masks[:, None] >> np.arange(len(AGENTS))) & 1
-        credited = bits.any(1)
-        if credited.any():
-            fade = np.exp(-credited.sum() / self.horizon)
-            self.reward_sum = fade * self.reward_sum + (bits * rewards[:, None]).sum(0)
-            self.count = fade * self.count + bits.sum(0)
-
-    def rates(self) -> np.ndarray:
-        return (self.reward_sum + self.prior_rate * self.prior_count) / (
-            self.count + self.prior_count)
+        (0 when unknown: the transition then trains the logistic model only); and of
+        the shown items, when known: ``propensities``, ``slots``, ``sources`` (bits),
+        their ``depths`` in those sources' lists and whether each was a ``greedy`` pick."""
+        n = len(x)
+        slots = np.zeros(n) if slots is None else slots
+        propensities = np.ones(n) if propensities is None else propensities
+        positive = (rewards > 0).astype(np.float64)
+        self.model.update(np.concatenate([x, slot_covariate(slots)], 1), positive,
+                          np.maximum(np.abs(rewards), 1.0))
+        self.values.update(masks.astype(np.int64), rewards, propensities)
+        if sources is not None:
+            bits = sources.astype(np.int64)
+            self.sources.update(bits, rewards, propensities)
+            if depths is not None and greedy is not None:
+                self.depths.update(bits, depths, greedy.astype(bool))
 
     def params(self) -> EnsembleParams:
-        a_inv = np.linalg.inv(self.a)
-        rates = self.rates()
-        logits = self.eta * (rates / max(rates.max(), 1e-9) - 1.0)
-        w = np.exp(logits - logits.max())
-        return EnsembleParams(a_inv, a_inv @ self.b, w / w.sum())
+        cov = np.linalg.inv(self.model.precision)
+        return EnsembleParams(cov[:N_LINEAR, :N_LINEAR], self.model.mean[:N_LINEAR].copy(),
+                              self.values.weights(), self.depths.reach())
+
+    def report(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        """What ``GET /v1/model`` shows: each agent's and each source's estimated value
+        (reward rate) and its standard error, with the agent's fusion weight and how
+        deep into the source's list the picks reach (None while unknown)."""
+        out: dict[str, dict[str, dict[str, float | None]]] = {"agents": {}, "sources": {}}
+        value, se = self.values.values()
+        weights = self.values.weights()
+        for i, name in enumerate(AGENTS):
+            out["agents"][name] = {"value": float(value[i]), "se": float(se[i]),
+                                   "weight": float(weights[i])}
+        value, se = self.sources.values()
+        reach = self.depths.reach()
+        for i, name in enumerate(SOURCES):
+            out["sources"][name] = {"value": float(value[i]), "se": float(se[i]),
+                                    "reach": None if np.isnan(reach[i]) else float(reach[i])}
+        return out
 
     # -- saved with the weights, so a learner that takes over continues -------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         p = self.params()
-        arrays = {"a": self.a, "b": self.b, "reward_sum": self.reward_sum,
-                  "count": self.count, "a_inv": p.a_inv, "theta": p.theta,
-                  "weights": p.weights}
+        arrays = {"mean": self.model.mean, "precision": self.model.precision,
+                  "values": self.values.sums, "sources": self.sources.sums,
+                  "depths": self.depths.counts, "a_inv": p.a_inv, "theta": p.theta,
+                  "weights": p.weights, "reach": p.reach}
         return {PREFIX + k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
                 for k, v in arrays.items()}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Continue from saved state; False (nothing changed) when there is none."""
+        """Continue from saved state; False (nothing changed) when there is none, or it is
+        of another layout."""
         try:
-            self.a, self.b, self.reward_sum, self.count = (
-                tensors[PREFIX + k].numpy().copy() for k in ("a", "b", "reward_sum", "count"))
+            mean, precision, sums, sources, depths = (
+                tensors[PREFIX + k].numpy().copy()
+                for k in ("mean", "precision", "values", "sources", "depths"))
         except KeyError:
             return False
+        if mean.shape != self.model.mean.shape or sums.shape != self.values.sums.shape:
+            return False
+        self.model.mean, self.model.precision = mean, precision
+        self.values.sums, self.sources.sums, self.depths.counts = sums, sources, depths
         return True
 
 
 def params_from_tensors(tensors: dict[str, torch.Tensor]) -> EnsembleParams | None:
-    """The serving side of saved ensemble state, or None when the weights have none."""
+    """The serving side of saved ensemble state, or None when the weights have none (or
+    have another layout's)."""
     try:
-        return EnsembleParams(tensors[PREFIX + "a_inv"].numpy(),
-                              tensors[PREFIX + "theta"].numpy(),
-                              tensors[PREFIX + "weights"].numpy())
+        params = EnsembleParams(tensors[PREFIX + "a_inv"].numpy(),
+                                tensors[PREFIX + "theta"].numpy(),
+                                tensors[PREFIX + "weights"].numpy(),
+                                tensors[PREFIX + "reach"].numpy())
     except KeyError:
         return None
+    return params if params.theta.shape == (N_LINEAR,) else None
+
+
+def report_from_tensors(tensors: dict[str, torch.Tensor]
+                        ) -> dict[str, dict[str, dict[str, float]]]:
+    """``EnsembleLearner.report`` of saved state (empty when the weights have none)."""
+    learner = EnsembleLearner()
+    if not learner.load(tensors):
+        return {}
+    return learner.report()
 
 
 def default_params() -> EnsembleParams:
-    """Before the learner published anything: LinUCB untrained, equal weights."""
+    """Before the learner published anything: the logistic model at its prior, equal
+    weights."""
     return EnsembleLearner().params()

@@ -22,7 +22,6 @@ batch concurrent queries into one ``search`` call.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
@@ -31,7 +30,7 @@ import faiss
 import numpy as np
 
 from models.lru import LRUCache
-from models.state import TAG_BUCKETS, smoothed_ctr, tag_vectors
+from models.state import PRIOR_CTR, PRIOR_WEIGHT, TAG_BUCKETS, smoothed_ctr, tag_vectors
 
 COMPACT_FRACTION = 0.2
 APPROXIMATE_KINDS = ("ivf", "hnsw")
@@ -46,9 +45,11 @@ BLAS_FROM_QUERIES = 4
 faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
 # rows moved per step when compacting in place: bounds the temporary copy (~30 MB at 384-d)
 COMPACT_CHUNK = 20_000
-# the engagement ranking (``CandidateIndex.engaging``) is recomputed at most this often:
-# one pass over the counts (18 ms at 1M items on this 2-core machine), not one per request
-ENGAGING_REFRESH_S = 1.0
+# the engagement ranking (``CandidateIndex.engaging``) is recomputed once this many more
+# impressions were counted: one pass over the counts (18 ms at 1M items on this 2-core
+# machine) per about a second of traffic at 100 slates/s, not one per request; counted
+# in impressions, not seconds, so a simulation on its own clock ranks alike every run
+ENGAGING_REFRESH_IMPRESSIONS = 1000
 # ``CandidateIndex.related``: an item's neighbour list is kept this many rows deeper
 # than asked (what a request excludes is skipped without a new search) ...
 NEIGHBOUR_MARGIN = 512
@@ -109,12 +110,14 @@ class CandidateIndex:
         self._trained_on = 0
         self._index = self._new_index("flat", self._vectors[:0])
         self._deferred = False  # in a bulk load: FAISS is built once, at its end
-        # rows ranked by smoothed CTR, with the index version and time they were ranked at
+        # rows ranked by smoothed CTR, with the index version and impression count they
+        # were ranked at
         self._engaging: tuple[int, float, np.ndarray] = (-1, 0.0, np.zeros(0, dtype=np.int64))
         # item id -> (index version, its nearest servable rows, whether that is all of them)
         self._neighbours: LRUCache[str, tuple[int, np.ndarray, bool]] = LRUCache(NEIGHBOURS_KEPT)
         self._scratch: np.ndarray | None = None  # see _scratch_mask
         self._uncounted: deque[tuple[Sequence[str], Sequence[str]]] = deque()  # see record
+        self._totals = np.zeros(2)  # shown, clicked over every item ever counted
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
         # bumped whenever rows move (compaction): rows a caller holds stay valid until then
         self.row_generation = 0
@@ -399,6 +402,14 @@ class CandidateIndex:
                     row = self._row_of.get(item_id)
                     if row is not None:
                         self._stats[row, col] += 1.0
+                        self._totals[col] += 1.0
+
+    def base_ctr(self) -> float:
+        """The CTR of every item shown so far: what an item nobody has seen yet is
+        assumed to earn (``models.state.smoothed_ctr``'s prior), so the popularity
+        features read as a lift over this catalog's own rate, whatever it is."""
+        shown, clicked = self._totals
+        return float((clicked + PRIOR_CTR * PRIOR_WEIGHT) / (shown + PRIOR_WEIGHT))
 
     def _per_id(self, tables: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
         """Rows of each per-row table for ``ids``, as float32 (copies); zeros for
@@ -461,6 +472,21 @@ class CandidateIndex:
             self._count_queued()
             return [(self._ids[r].tolist(), self._stats[r].astype(np.float32),
                      self._tags[r].astype(np.float32)) for r in rows]
+
+    def servable_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """The rows of those of ``ids`` that are indexed and servable, in order."""
+        with self._lock:
+            get = self._row_of.get
+            rows = np.fromiter(map(get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+            rows = rows[rows >= 0]
+            return rows[self._servable[rows]]
+
+    def servable_vectors(self) -> tuple[int, np.ndarray]:
+        """The index version and a copy of every servable item's embedding: what a
+        learner takes its next actions from without taking this lock per search."""
+        with self._lock:
+            rows = np.flatnonzero(self._servable[: self._n_rows])
+            return self.version, self._vectors[rows].copy()
 
     def vectors_at(self, rows: np.ndarray) -> np.ndarray:
         """The embeddings of ``rows`` (a copy)."""
@@ -568,7 +594,7 @@ class CandidateIndex:
         users more than its text suggests is far from every query in embedding space,
         so the search alone would never let the Q-network (whose popularity features
         value it) see it. The ranking is shared by all queries and refreshed every
-        ``ENGAGING_REFRESH_S``; a query then only filters it.
+        ``ENGAGING_REFRESH_IMPRESSIONS`` impressions; a query then only filters it.
         """
         with self._lock:
             if n <= 0 or not self._n_rows:
@@ -588,12 +614,12 @@ class CandidateIndex:
         from the cache unless the index changed, the cache is short, or it is stale."""
         self._count_queued()
         version, at, rows = self._engaging
-        now = time.monotonic()
-        if (version == self.version and now - at < ENGAGING_REFRESH_S
+        now = self._totals[0]
+        if (version == self.version and now - at < ENGAGING_REFRESH_IMPRESSIONS
                 and (len(rows) >= wanted or len(rows) == self.recommendable_count())):
             return rows
         servable = np.flatnonzero(self._servable[: self._n_rows])
-        ctr = smoothed_ctr(self._stats[servable])
+        ctr = smoothed_ctr(self._stats[servable], self.base_ctr())
         keep = min(len(servable), max(2 * wanted, 256))  # room for the next calls' exclusions
         if keep < len(servable):
             top = np.argpartition(-ctr, keep - 1)[:keep]

@@ -59,12 +59,13 @@ class DQNLearner:
         torch.manual_seed(self.config.seed)
         self.online = self._fresh_network()
         self.target = copy.deepcopy(self.online).eval()
-        self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
+        self.optim = self._optimizer()
         self.buffer = ReplayBuffer(self.config.buffer_size, state_dim, self.online.action_dim,
                                    seed=self.config.seed, heads=self.config.heads)
         if self.config.prefault_buffer:
             self.buffer.prefault()
         self.updates = 0
+        self._owed = 0.0  # gradient steps owed to new transitions, carried between rounds
         self.rejected_updates = 0
         self.last_loss = float("nan")
         self._good = self._checkpoint()
@@ -76,6 +77,16 @@ class DQNLearner:
         if cfg.head_weights:
             net.set_head_weights(cfg.head_weights)
         return net.to(self.device)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """Adam with its fused kernel: one pass over all parameters instead of a dozen
+        elementwise ops per tensor (3.7 -> 0.5 ms a step for this network on one CPU
+        thread); the plain one where a build has no fused kernel for the device."""
+        params = self.online.parameters()
+        try:
+            return torch.optim.Adam(params, lr=self.config.lr, fused=True)
+        except (RuntimeError, TypeError):
+            return torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
 
     def _checkpoint(self) -> dict:
         return {"online": copy.deepcopy(self.online.state_dict()),
@@ -117,7 +128,7 @@ class DQNLearner:
         fresh = self._fresh_network()
         self.online.load_state_dict(fresh.state_dict())
         self.target.load_state_dict(fresh.state_dict())
-        self.optim = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
+        self.optim = self._optimizer()
         self._good = self._checkpoint()
 
     @torch.no_grad()
@@ -135,13 +146,15 @@ class DQNLearner:
         return self.buffer.add(states, actions, rewards, next_states, done, mask)
 
     def train(self, next_action_fn: NextActionFn, new_slots: np.ndarray | None = None,
-              steps: int | None = None, max_steps: int = 64) -> bool:
+              steps: int | None = None, max_steps: int | None = None) -> bool:
         """Run gradient steps; returns False (and rolls back) if weights went non-finite.
 
-        Every new transition enters at least one minibatch (half of each batch is new
-        data until all of it was used), so the step count grows with the traffic:
-        ``max(steps_per_batch, ceil(replay_ratio * new / (batch/2)))``, capped at
-        ``max_steps``.
+        New transitions owe ``replay_ratio * new / (batch/2)`` steps (half of each batch
+        is new data until all of it was used); owed fractions carry over to the next
+        call, so the steps per transition are the same whether the transitions come in
+        many small rounds or a few large ones: how fast serving runs does not change
+        how much is learned per event. ``steps_per_batch`` is a floor per call with new
+        data, ``max_steps`` an optional cap.
         """
         if len(self.buffer) == 0:
             return True
@@ -149,8 +162,14 @@ class DQNLearner:
         new_slots = np.zeros(0, dtype=np.int64) if new_slots is None else new_slots
         half = max(cfg.batch_size // 2, 1)
         if steps is None:
-            wanted = int(np.ceil(cfg.replay_ratio * len(new_slots) / half))
-            steps = min(max(cfg.steps_per_batch, wanted), max_steps)
+            self._owed += cfg.replay_ratio * len(new_slots) / half
+            due = int(self._owed)
+            self._owed -= due
+            steps = max(cfg.steps_per_batch if len(new_slots) else 0, due)
+            if max_steps is not None:
+                steps = min(steps, max_steps)
+        if steps == 0:  # nothing owed yet: the weights are as good as they were
+            return True
         for step in range(steps):
             include = new_slots[step * half:(step + 1) * half]
             batch = self.buffer.sample(cfg.batch_size, include)
@@ -191,7 +210,6 @@ class DQNLearner:
         nn.utils.clip_grad_norm_(self.online.parameters(), cfg.grad_clip)
         self.optim.step()
         with torch.no_grad():
-            for p_t, p_o in zip(self.target.parameters(), self.online.parameters(),
-                                strict=True):
-                p_t.lerp_(p_o, cfg.target_tau)
+            torch._foreach_lerp_(list(self.target.parameters()),
+                                 list(self.online.parameters()), cfg.target_tau)
         return float(loss.detach())

@@ -39,11 +39,39 @@ from models.adaptation import AdaptationRule
 from models.ensemble import EnsembleParams
 from models.state import N_ITEM_FEATURES
 
+SKIP_RANK = 32
+
+
+class StateSkip(nn.Module):
+    """The query's linear path from the state: a learned gain on each pooled part of the
+    state (context, positive pool, negative pool; ``StateLayout`` order), which is the
+    content prior, plus a rank-``SKIP_RANK`` map of the whole state for what crosses
+    parts. A full ``(state, item_dim)`` matrix here was half of a training step's
+    arithmetic (1157 x 384 weights at the default width) for what these ~50k do."""
+
+    def __init__(self, state_dim: int, item_dim: int, rank: int = SKIP_RANK) -> None:
+        super().__init__()
+        self.item_dim = item_dim
+        self.parts = 3 if state_dim >= 3 * item_dim else 0
+        self.gains = nn.Parameter(torch.zeros(self.parts))
+        self.down = nn.Linear(state_dim, rank, bias=False)
+        self.up = nn.Linear(rank, item_dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        out = self.up(self.down(state))
+        d = self.item_dim
+        for part in range(self.parts):
+            out = out + self.gains[part] * state[:, part * d: (part + 1) * d]
+        return out
+
 
 class QNetwork(nn.Module):
     def __init__(self, state_dim: int, item_dim: int, hidden: int = 256,
-                 item_features: int = N_ITEM_FEATURES, heads: int = 1) -> None:
+                 item_features: int = N_ITEM_FEATURES, heads: int = 1,
+                 skip_rank: int = SKIP_RANK) -> None:
         super().__init__()
+        self.skip_rank = skip_rank
         self.state_dim = state_dim
         self.item_dim = item_dim
         self.item_features = item_features
@@ -57,7 +85,7 @@ class QNetwork(nn.Module):
         self.query_head = nn.Linear(hidden, heads * item_dim)
         self.value_head = nn.Linear(hidden, heads)
         self.feature_head = nn.Linear(hidden, heads * item_features)
-        self.skip = nn.Linear(state_dim, item_dim, bias=False)
+        self.skip = StateSkip(state_dim, item_dim, skip_rank)
         # how the heads' values are summed into the ranking value: a serving setting,
         # not a learned weight, so it is not saved with the weights
         self.register_buffer("head_weights", torch.ones(heads), persistent=False)
@@ -86,21 +114,16 @@ class QNetwork(nn.Module):
         so a new deployment already ranks related items first. Learning moves away
         from this prior as rewards arrive. Requires the StateLayout ordering.
         """
-        d = self.item_dim
-        w = torch.zeros(d, self.state_dim)
-        if self.state_dim >= 3 * d:
-            eye = torch.eye(d)
-            w[:, :d] = 0.5 * scale * eye
-            w[:, d: 2 * d] = scale * eye
-            w[:, 2 * d: 3 * d] = -0.5 * scale * eye
-        self.skip.weight.copy_(w)
+        if self.skip.parts:
+            self.skip.gains.copy_(torch.tensor([0.5 * scale, scale, -0.5 * scale]))
 
     @property
-    def shape(self) -> tuple[int, int, int, int, int]:
-        """``(state_dim, item_dim, hidden, item_features, heads)``: weights of another
-        shape (an older feature layout, another encoder, another number of heads)
-        cannot be loaded into this one."""
-        return self.state_dim, self.item_dim, self.hidden, self.item_features, self.heads
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        """``(state_dim, item_dim, hidden, item_features, heads, skip_rank)``: weights of
+        another shape (an older feature layout, another encoder, another number of
+        heads) cannot be loaded into this one."""
+        return (self.state_dim, self.item_dim, self.hidden, self.item_features, self.heads,
+                self.skip_rank)
 
     @property
     def action_dim(self) -> int:
@@ -153,7 +176,7 @@ def weights_to_bytes(net: QNetwork, extra: dict[str, torch.Tensor] | None = None
     tensors.update(extra or {})
     meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
             "hidden": str(net.hidden), "item_features": str(net.item_features),
-            "heads": str(net.heads)}
+            "heads": str(net.heads), "skip_rank": str(net.skip_rank)}
     return st_save(tensors, metadata=meta)
 
 
@@ -178,12 +201,14 @@ def extra_tensors(blob: bytes) -> dict[str, torch.Tensor]:
     return split_weights(blob)[1]
 
 
-def weights_shape(blob: bytes) -> tuple[int, int, int, int, int]:
+def weights_shape(blob: bytes) -> tuple[int, int, int, int, int, int]:
     """The ``QNetwork.shape`` of serialised weights, read from their header alone
-    (weights saved before multi-task heads existed have one head)."""
+    (weights saved before multi-task heads existed have one head; before the low-rank
+    skip, a full one: rank 0 here, which no network of this release has)."""
     meta = _metadata(blob)
     return (int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
-            int(meta.get("item_features", N_ITEM_FEATURES)), int(meta.get("heads", 1)))
+            int(meta.get("item_features", N_ITEM_FEATURES)), int(meta.get("heads", 1)),
+            int(meta.get("skip_rank", 0)))
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -21,14 +21,20 @@ N_EXPOSURE_FEATURES = 2
 N_POPULARITY_FEATURES = 2
 N_AFFINITY_FEATURES = 2
 N_TAG_FEATURES = 2
+N_REPEAT_FEATURES = 2
 N_ITEM_FEATURES = (N_EXPOSURE_FEATURES + N_POPULARITY_FEATURES + N_AFFINITY_FEATURES
-                   + N_TAG_FEATURES)
+                   + N_TAG_FEATURES + N_REPEAT_FEATURES)
+# Exposure and repeat features fade by this factor per slate (or positive event) since:
+# a count of the user's own steps, so "just now" means the same whether a session's
+# requests are seconds or minutes apart (and whether a benchmark compresses time)
+STEP_DECAY = 0.5
 
 
 def _feature_groups() -> dict[str, slice]:
     groups, start = {}, 0
     for name, width in (("exposure", N_EXPOSURE_FEATURES), ("popularity", N_POPULARITY_FEATURES),
-                        ("affinity", N_AFFINITY_FEATURES), ("tags", N_TAG_FEATURES)):
+                        ("affinity", N_AFFINITY_FEATURES), ("tags", N_TAG_FEATURES),
+                        ("repeat", N_REPEAT_FEATURES)):
         groups[name] = slice(start, start + width)
         start += width
     return groups
@@ -106,31 +112,62 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
                       touched: set[str], now: float, recent_s: float = 1800.0) -> np.ndarray:
     """Per candidate: how recently, and how often, it was shown to this user and ignored.
 
-    ``[exp(-(now - last_shown) / recent_s), log1p(times_shown) / log1p(10)]`` over
-    the user's recently shown items that they did not interact with (``touched``
-    excludes those). Users rarely click what they just scrolled past; with these
-    per-candidate features the Q-network learns how much re-showing costs instead
-    of a hard rule. Vectorised over the candidates: only the (at most
-    ``history_len``) shown items are looped over.
+    ``[sum over its ignored showings of STEP_DECAY ** slates_since * exp(-age / recent_s),
+    log1p(times_shown) / log1p(10)]`` over the user's recently shown items that they
+    did not interact with (``touched`` excludes those); a slate is the showings with one
+    timestamp. Counting slates makes "shown on the last screen" mean the same at any
+    pace of requests, and the time term lets a showing of yesterday fade however few
+    slates came since. Users often pass over what they just scrolled past, or come back
+    to it: the sign is the policy's to learn. Vectorised over the candidates: only the
+    (at most ``history_len``) shown items are looped over.
     """
     feats = np.zeros((len(candidate_ids), N_EXPOSURE_FEATURES), dtype=np.float32)
-    last: dict[str, float] = {}
+    shown = list(shown)
+    if not shown or not len(candidate_ids):
+        return feats
+    weight: dict[str, float] = {}
     count: dict[str, int] = {}
-    for item_id, ts in shown:
+    slates, last_ts = 0, None
+    for item_id, ts in reversed(shown):  # newest first
+        if ts != last_ts:
+            slates, last_ts = slates + (last_ts is not None), ts
         if item_id not in touched:
-            last[item_id] = max(last.get(item_id, ts), ts)
+            fade = STEP_DECAY ** slates * math.exp(-max(now - ts, 0.0) / recent_s)
+            weight[item_id] = weight.get(item_id, 0.0) + fade
             count[item_id] = count.get(item_id, 0) + 1
-    if not last or not len(candidate_ids):
+    if not weight:
         return feats
     # membership through the dict's hash (np.isin sorts object arrays: 100x slower)
-    hit = np.fromiter(map(last.__contains__, candidate_ids), dtype=bool,
+    hit = np.fromiter(map(weight.__contains__, candidate_ids), dtype=bool,
                       count=len(candidate_ids))
     hits = np.flatnonzero(hit)
     if len(hits):
         shown_ids = [candidate_ids[j] for j in hits]
-        age = np.maximum(now - np.array([last[i] for i in shown_ids]), 0.0)
-        feats[hits, 0] = np.exp(-age / recent_s)
+        feats[hits, 0] = [weight[i] for i in shown_ids]
         feats[hits, 1] = np.log1p([count[i] for i in shown_ids]) / math.log1p(10.0)
+    return feats
+
+
+def repeat_features(candidate_ids: Sequence[str], positive_ids: Sequence[str]) -> np.ndarray:
+    """Per candidate: the user's own positive events on this very item,
+    ``[sum over them of STEP_DECAY ** (positive events since), log1p(count) / log1p(10)]``
+    (``positive_ids`` oldest first). Whether a user comes back to what they liked
+    (music, groceries) or is done with it (a film, a fridge) is learned from these;
+    with ``exclude_seen`` such items are not candidates at all."""
+    feats = np.zeros((len(candidate_ids), N_REPEAT_FEATURES), dtype=np.float32)
+    if not positive_ids or not len(candidate_ids):
+        return feats
+    weight: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for age, item_id in enumerate(reversed(positive_ids)):
+        weight[item_id] = weight.get(item_id, 0.0) + STEP_DECAY ** age
+        count[item_id] = count.get(item_id, 0) + 1
+    hits = np.flatnonzero(np.fromiter(map(weight.__contains__, candidate_ids), dtype=bool,
+                                      count=len(candidate_ids)))
+    if len(hits):
+        ids = [candidate_ids[j] for j in hits]
+        feats[hits, 0] = [weight[i] for i in ids]
+        feats[hits, 1] = np.log1p([count[i] for i in ids]) / math.log1p(10.0)
     return feats
 
 
@@ -228,17 +265,21 @@ class RecentItems:
     positive_tags: np.ndarray
     negative_tags: np.ndarray
     positive_ids: tuple[str, ...]  # the ids of ``positive``'s rows (related-items seeds)
+    # every positive event's item, oldest first, repeats kept (the repeat features)
+    positive_events: tuple[str, ...] = ()
 
 
 def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
                        touched: set[str], now: float, stats: np.ndarray, items: np.ndarray,
                        item_tags: np.ndarray, recent: RecentItems,
-                       recent_s: float = 1800.0) -> np.ndarray:
-    """All per-candidate features: exposure to this user, item popularity, and
-    similarity (of embeddings, of tags) to the user's latest positive and negative
-    interactions."""
+                       recent_s: float = 1800.0, base_ctr: float = PRIOR_CTR) -> np.ndarray:
+    """All per-candidate features: exposure to this user, item popularity (a lift over
+    ``base_ctr``, the catalog's own rate), similarity (of embeddings, of tags) to the
+    user's latest positive and negative interactions, and the user's own positive
+    events on the item."""
     return np.concatenate([
         exposure_features(candidate_ids, shown, touched, now, recent_s),
-        popularity_features(stats),
+        popularity_features(stats, base_ctr),
         affinity_features(items, recent.positive, recent.negative),
-        tag_affinity_features(item_tags, recent.positive_tags, recent.negative_tags)], 1)
+        tag_affinity_features(item_tags, recent.positive_tags, recent.negative_tags),
+        repeat_features(candidate_ids, recent.positive_events)], 1)

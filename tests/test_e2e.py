@@ -21,7 +21,10 @@ def server(backend, tmp_path):
     port = free_port()
     env = {**os.environ, "RECSVC_REWARD_WAIT_S": "0.5", "RECSVC_LEARNER_POLL_S": "0.05",
            "RECSVC_PUBLISH_INTERVAL_S": "0.2", "RECSVC_WEIGHTS_POLL_S": "0.2",
-           "RECSVC_ADMIN_KEYS": "e2e-key", "RECSVC_DEVICE": "cpu"}
+           "RECSVC_ADMIN_KEYS": "e2e-key", "RECSVC_DEVICE": "cpu",
+           # a gradient step for every learning round with new transitions: by default a
+           # click on a 3-item slate owes less than one step (RECSVC_REPLAY_RATIO)
+           "RECSVC_STEPS_PER_BATCH": "1"}
     if name == "redis":
         env.update(RECSVC_REDIS_URL=cfg["redis_url"], RECSVC_KEY_PREFIX=cfg["key_prefix"])
     log = (tmp_path / "serve.log").open("w")

@@ -262,10 +262,10 @@ def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(
     assert skipping[0] == "i2" and len(skipping) == 2 and "i1" not in skipping
     assert "i3" not in idx.engaging(29, [set()])[0][0][:28]  # shown 100x, clicked once: last
 
-    monkeypatch.setattr(index_module, "ENGAGING_REFRESH_S", 0.0)
+    monkeypatch.setattr(index_module, "ENGAGING_REFRESH_IMPRESSIONS", 0)
     idx.record(["i4"] * 10, ["i4"] * 9)  # (9.6 / 30) beats i1's 0.255
     assert idx.engaging(1, [set()])[0][0] == ["i4"]
-    monkeypatch.setattr(index_module, "ENGAGING_REFRESH_S", 3600.0)
+    monkeypatch.setattr(index_module, "ENGAGING_REFRESH_IMPRESSIONS", 10**9)
     idx.upsert(["i4"], vecs[4:5], available=[False])  # a change to the index: re-ranked
     idx.remove(["i1"])
     assert idx.engaging(2, [set()])[0][0][0] == "i2"

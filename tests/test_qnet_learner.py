@@ -11,7 +11,14 @@ import torch
 from models.exploration import epsilon_greedy_slate
 from models.learner import DQNConfig, DQNLearner
 from models.qnet import QNetwork, Scorer, weights_from_bytes, weights_to_bytes
-from models.state import N_ITEM_FEATURES, StateLayout, build_state, exposure_features
+from models.state import (
+    N_ITEM_FEATURES,
+    STEP_DECAY,
+    StateLayout,
+    build_state,
+    exposure_features,
+    repeat_features,
+)
 
 
 def unit(rng, n, d):
@@ -130,13 +137,34 @@ def test_non_finite_update_is_rolled_back():
 
 
 def test_exposure_features_mark_recently_ignored_items():
-    shown = [("a", 100.0), ("b", 100.0), ("a", 190.0), ("c", 50.0)]
+    # three slates (t=50, 100, 190), oldest first; "c" was clicked
+    shown = [("c", 50.0), ("a", 100.0), ("b", 100.0), ("a", 190.0)]
     f = exposure_features(["x", "a", "b", "c"], shown, touched={"c"}, now=200.0,
                           recent_s=100.0)
     assert f[0].tolist() == [0.0, 0.0]                      # never shown
     assert f[3].tolist() == [0.0, 0.0]                      # shown but clicked: not ignored
-    assert np.isclose(f[1, 0], np.exp(-0.1)) and np.isclose(f[2, 0], np.exp(-1.0))
+    # "a": on the last slate (10 s ago) and the one before (100 s ago)
+    assert np.isclose(f[1, 0], np.exp(-0.1) + STEP_DECAY * np.exp(-1.0))
+    assert np.isclose(f[2, 0], STEP_DECAY * np.exp(-1.0))  # "b": the slate before only
     assert f[1, 1] > f[2, 1] > 0                             # shown twice vs once
+
+
+def test_exposure_counts_slates_not_seconds():
+    """The same three slates fade alike whether they came a second or a minute apart:
+    "just shown" means the last screen, at any pace of requests."""
+    for gap in (1.0, 60.0):
+        shown = [("a", 0.0), ("b", gap), ("c", 2 * gap)]
+        f = exposure_features(["a", "b", "c"], shown, touched=set(), now=2 * gap,
+                              recent_s=1e9)
+        assert np.allclose(f[:, 0], [STEP_DECAY ** 2, STEP_DECAY, 1.0])
+
+
+def test_repeat_features_mark_what_the_user_liked_before():
+    f = repeat_features(["x", "a", "b"], ["a", "b", "a"])  # oldest first
+    assert f[0].tolist() == [0.0, 0.0]
+    assert np.isclose(f[1, 0], 1.0 + STEP_DECAY ** 2)  # the latest and the third latest
+    assert np.isclose(f[2, 0], STEP_DECAY)
+    assert f[1, 1] > f[2, 1] > 0
 
 
 def test_learning_uses_exposure_features():
@@ -155,9 +183,11 @@ def test_learning_uses_exposure_features():
         feats = np.zeros((8, N_ITEM_FEATURES), np.float32)
         feats[~fresh, :2] = [1.0, 0.3]
         clicks = (fresh & (rng.random(8) < 0.5)).astype(np.float32)
-        learner.add(np.repeat(state[None], 8, 0), np.concatenate([items[idx], feats], 1),
-                    clicks, np.repeat(state[None], 8, 0))
-        learner.train(lambda q: (items[np.argmax(q @ items.T, 1)], np.ones(len(q), bool)))
+        slots = learner.add(np.repeat(state[None], 8, 0),
+                            np.concatenate([items[idx], feats], 1), clicks,
+                            np.repeat(state[None], 8, 0))
+        learner.train(lambda q: (items[np.argmax(q @ items.T, 1)], np.ones(len(q), bool)),
+                      slots)
     q, v = Scorer(learner.online, 1).query(state[None])
     fresh = np.zeros((200, N_ITEM_FEATURES), np.float32)
     stale = fresh.copy()
@@ -309,7 +339,7 @@ def test_one_head_network_is_the_single_objective_network():
     """A one-head network loads weights saved before heads existed and scores as before."""
     torch.manual_seed(0)
     net = QNetwork(StateLayout(8).size, 8, hidden=16)
-    assert net.shape[-1] == 1
+    assert net.heads == net.shape[4] == 1
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()}["query_head.weight"] == (8, 16)
     two = QNetwork(StateLayout(8).size, 8, hidden=16, heads=2)
     for p in two.parameters():
@@ -325,3 +355,48 @@ def test_one_head_network_is_the_single_objective_network():
     assert torch.allclose(again.forward_heads(x)[0], queries)
     with pytest.raises(ValueError):
         two.set_head_weights([1.0])
+
+
+def test_steps_per_transition_do_not_depend_on_how_often_rounds_run():
+    """The same 960 transitions owe the same gradient steps whether they arrive in 96
+    rounds of 10 or 3 rounds of 320: owed fractions carry over between rounds."""
+    rng = np.random.default_rng(11)
+    d = 8
+    layout = StateLayout(d)
+    items = unit(rng, 50, d)
+    counts = []
+    for per_round in (10, 320):
+        learner = DQNLearner(layout.size, d, DQNConfig(batch_size=32, replay_ratio=3.0,
+                                                       steps_per_batch=0, hidden=16))
+        for _ in range(960 // per_round):
+            s = rng.standard_normal((per_round, layout.size)).astype(np.float32)
+            a = np.concatenate([items[rng.integers(0, 50, per_round)],
+                                np.zeros((per_round, N_ITEM_FEATURES))], 1)
+            slots = learner.add(s, a.astype(np.float32), np.zeros(per_round, np.float32), s)
+            learner.train(lambda q: (items[np.argmax(q @ items.T, 1)], np.ones(len(q), bool)),
+                          slots)
+        counts.append(learner.updates)
+    assert counts == [180, 180]  # 3 x 960 / 16
+
+
+def test_a_round_over_its_step_cap_drops_the_excess_instead_of_carrying_it():
+    """Under more traffic than it can train on, the learner learns less per event but
+    stays current: steps owed beyond ``max_steps`` are not carried into later rounds."""
+    rng = np.random.default_rng(12)
+    d = 8
+    layout = StateLayout(d)
+    items = unit(rng, 50, d)
+    learner = DQNLearner(layout.size, d, DQNConfig(batch_size=32, replay_ratio=3.0,
+                                                   steps_per_batch=0, hidden=16))
+
+    def round_of(n: int) -> int:
+        before = learner.updates
+        s = rng.standard_normal((n, layout.size)).astype(np.float32)
+        a = np.concatenate([items[rng.integers(0, 50, n)], np.zeros((n, N_ITEM_FEATURES))], 1)
+        slots = learner.add(s, a.astype(np.float32), np.zeros(n, np.float32), s)
+        learner.train(lambda q: (items[np.argmax(q @ items.T, 1)], np.ones(len(q), bool)),
+                      slots, max_steps=8)
+        return learner.updates - before
+
+    assert round_of(320) == 8  # owes 60
+    assert round_of(16) == 3   # owes 3: nothing left over from the first round

@@ -1,7 +1,7 @@
 """What explanations cost, and what the trained model relies on.
 
-Starts ``recsvc serve``, trains it on the quality benchmark's simulated users (the
-default variant, ``--train`` requests, clicks as feedback), then:
+Starts ``recsvc serve``, trains it on simulated users (the ``intent-fatigue`` world
+of ``bench.worlds``, ``--train`` requests, clicks as feedback), then:
 
 1. latency of ``POST /v1/recommend`` for users with histories, sequential, with and
    without ``"explain": true`` (the baseline), alternating request by request;
@@ -14,16 +14,18 @@ default variant, ``--train`` requests, clicks as feedback), then:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
 from bench.docs import write_block
-from bench.quality import run_service, service_subprocess
-from bench.simulator import SimConfig, World, request_stream
+from bench.http_service import HttpServicePolicy, service_subprocess
+from bench.service import BENCH_ENV
+from bench.simulate import simulate
+from bench.worlds import NAMED, World, request_stream
 
 
 def measure(client, world: World, samples: int, seed: int) -> dict:
@@ -63,19 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     command = "python -m bench.explain " + " ".join(sys.argv[1:] if argv is None else argv)
-    world = World.build(SimConfig(seed=args.seed, requests=args.train))
+    world = World.build(replace(NAMED["intent-fatigue"], seed=args.seed,
+                                requests=args.train))
     out: dict = {}
-
-    @contextlib.contextmanager
-    def connect(env: dict[str, str]):
-        """The benchmark's client; once training is done, measure on the same service."""
-        with service_subprocess(env) as client:
-            yield client
-            out.update(measure(client, world, args.samples, args.seed))
-            out["importance"] = client.get("/v1/model/importance",
-                                           params={"limit": 2000}).json()
-
-    run_service(world, request_stream(world), {"RECSVC_REWARD_WAIT_S": "1"}, connect=connect)
+    with service_subprocess({**BENCH_ENV, "RECSVC_SEED": str(args.seed)}) as client:
+        policy = HttpServicePolicy(world, client)
+        simulate(world, request_stream(world), policy, desc="training",
+                 on_catalog=policy.on_catalog)
+        out.update(measure(client, world, args.samples, args.seed))
+        out["importance"] = client.get("/v1/model/importance", params={"limit": 2000}).json()
     lat = out["latency"]
     lines = [f"Command: `{command}` (the service trained on {args.train} simulated requests "
              f"first; {args.samples} requests each way, alternating, sequential)", "",

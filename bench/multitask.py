@@ -1,9 +1,9 @@
 """Multi-task heads against one head on the summed reward, in a shop that sells.
 
-The quality benchmark's simulated users (``bench/simulator.py``), with purchases: a
-clicked movie is bought with a probability that rises steeply with the user's true
-rating of it. The service gets ``click`` and ``purchase`` feedback and the default
-reward map (click 1, purchase 2); the objective is the reward per request,
+The ``intent-fatigue`` world of ``bench.worlds``, with purchases: a clicked movie is
+bought with a probability that rises steeply with the user's true rating of it. The
+service gets ``click`` and ``purchase`` feedback and the default reward map (click 1,
+purchase 2), over HTTP; the objective is the reward per request,
 ``clicks + 2 * purchases``. Compared, on the same users and draws:
 
 - ``service-1head``: the default Q-network, one head learning the summed reward;
@@ -12,7 +12,7 @@ reward map (click 1, purchase 2); the objective is the reward per request,
   same objective;
 - ``service-heads-buy``: the same heads ranked with ``{"click": 0.5, "purchase": 2}``,
   a shop that trades clicks for purchases;
-- the peers of the quality table (they learn from clicks).
+- peers of the family benchmark (they learn from clicks), with their default settings.
 
     python -m bench.multitask [--seeds 0 1 2] [--requests 10000] [--write-docs]
 """
@@ -27,16 +27,18 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from bench.docs import write_block
-from bench.quality import mean_se, run_peer, run_service
-from bench.simulator import SimConfig, World, request_stream
+from bench.family import mean_se
+from bench.http_service import run_over_http
+from bench.peers import PEER_CLASSES
+from bench.simulate import simulate
+from bench.worlds import NAMED, World, WorldConfig, request_stream
 
-WAIT = {"RECSVC_REWARD_WAIT_S": "1"}
 SERVICES = {
-    "service-1head": WAIT,
-    "service-heads": {**WAIT, "RECSVC_HEAD_WEIGHTS": '{"click": 1, "purchase": 1}'},
-    "service-heads-buy": {**WAIT, "RECSVC_HEAD_WEIGHTS": '{"click": 0.5, "purchase": 2}'},
+    "service-1head": {},
+    "service-heads": {"RECSVC_HEAD_WEIGHTS": '{"click": 1, "purchase": 1}'},
+    "service-heads-buy": {"RECSVC_HEAD_WEIGHTS": '{"click": 0.5, "purchase": 2}'},
 }
-PEERS = ["random", "popularity", "vw-squarecb"]
+PEERS = ["random", "popularity", "vw"]
 PURCHASE_REWARD = 2.0  # the default reward map's
 
 
@@ -50,13 +52,13 @@ def summarise(clicks: np.ndarray, purchases: np.ndarray, k: int) -> dict:
             "buys_per_click": purchases.sum() / max(clicks.sum(), 1)}
 
 
-def report(results: dict[str, list[dict]], seeds: list[int], config: SimConfig,
+def report(results: dict[str, list[dict]], seeds: list[int], config: WorldConfig,
            command: str) -> str:
     def cell(runs: list[dict], key: str, digits: int = 4) -> str:
         m, se = mean_se([r[key] for r in runs])
         return f"{m:.{digits}f} ± {se:.{digits}f}"
 
-    lines = [f"Simulator: {asdict(config) | {'seed': seeds}}", "",
+    lines = [f"World: {asdict(config) | {'seed': seeds}}", "",
              f"Command: `{command}`", "",
              "| policy | CTR | last-20% CTR | purchases / request | last-20% purchases / "
              "request | reward / request (clicks + 2 x purchases) | last-20% reward / "
@@ -98,15 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     command = "python -m bench.multitask " + " ".join(sys.argv[1:] if argv is None else argv)
-    config = SimConfig(requests=args.requests, purchase_scale=args.purchase_scale)
+    config = replace(NAMED["intent-fatigue"], requests=args.requests,
+                     purchase_scale=args.purchase_scale)
     results: dict[str, list[dict]] = {p: [] for p in args.policies}
     started = time.time()
     for seed in args.seeds:
         world = World.build(replace(config, seed=seed))
-        requests = request_stream(world)
         for name in args.policies:
-            clicks, buys = (run_service(world, requests, SERVICES[name], label=name)
-                            if name in SERVICES else run_peer(name, world, requests))
+            if name in SERVICES:
+                clicks, buys, _ = run_over_http(world.config, SERVICES[name], name)
+            else:
+                out = simulate(world, request_stream(world),
+                               PEER_CLASSES[name](world, seed), desc=name)
+                clicks, buys = out.clicks, out.purchases
             r = summarise(clicks, buys, config.slate)
             results[name].append(r)
             print(f"seed {seed} {name:18s} CTR {r['ctr']:.4f}  purchases/request "

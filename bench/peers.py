@@ -1,72 +1,232 @@
 """The policies the service is compared with, on the same simulated users and draws.
 
-Each policy builds a slate of movie indices for a request and learns from the
-clicks on it. Peers see what a client would give them: the user id, the context
-(demographics) and the items; none sees the simulator's probabilities except the
-oracle, which is the ceiling.
+Every peer gets what the service gets and no more: the user id, the context (the
+user's demographics), the catalog's items with their tags, and what the user was
+shown and clicked in this session and consumed before (``View``). None sees the
+simulator's probabilities except the oracle, which is the ceiling.
+
+Each peer is tuned per world over a small grid (``GRIDS``); the benchmark reports
+the best setting of each. A peer that ends below random on some world is a defect
+of the benchmark, not a win for the service: ``bench.family`` flags it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-from bench.simulator import Session, World
+from bench.worlds import Request, Session, World
+
+
+@dataclass
+class View:
+    """What a policy knows when it builds one slate."""
+
+    request: Request
+    session: Session          # only ``shown`` and ``clicked`` may be read, and the oracle's
+    blocked: np.ndarray       # (items,) bool: not in the catalog now, or consumed by the user
+    clicked_before: dict[int, int]  # the user's clicks so far, per item (repeat worlds)
+
+    @property
+    def user(self) -> int:
+        return self.request.user
 
 
 class Policy:
     name = "policy"
 
-    def slate(self, user: int, session: Session, seen: set[int], k: int) -> np.ndarray:
+    def slate(self, view: View, k: int) -> np.ndarray:
         raise NotImplementedError
 
-    def learn(self, user: int, items: np.ndarray, clicked: np.ndarray,
-              probs: np.ndarray) -> None:
-        """``probs``: the probability with which each item was placed in its slot."""
+    def learn(self, view: View, items: np.ndarray, clicked: np.ndarray,
+              bought: np.ndarray | None = None) -> None:
+        """The user's reaction to the slate ``slate`` returned for ``view``: the items
+        clicked, and of those the ones bought (in a world with purchases)."""
 
 
-def _mask(n: int, seen: set[int]) -> np.ndarray:
-    ok = np.ones(n, dtype=bool)
-    ok[list(seen)] = False
-    return ok
+def epsilon_greedy(scores: np.ndarray, allowed: np.ndarray, k: int, epsilon: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``k`` distinct allowed items, each slot the best remaining with probability
+    ``1 - epsilon``, else a uniformly random remaining one."""
+    ok = np.flatnonzero(allowed)
+    k = min(k, len(ok))
+    order = ok[np.argsort(-scores[ok], kind="stable")]
+    explore = rng.random(k) < epsilon
+    taken = np.zeros(len(scores), dtype=bool)
+    out = []
+    best = 0
+    for slot in range(k):
+        if explore[slot]:
+            rest = ok[~taken[ok]]
+            choice = int(rest[rng.integers(len(rest))])
+        else:
+            while taken[order[best]]:
+                best += 1
+            choice = int(order[best])
+        taken[choice] = True
+        out.append(choice)
+    return np.array(out, dtype=np.int64)
 
 
 class RandomPolicy(Policy):
     name = "random"
 
     def __init__(self, world: World, seed: int) -> None:
-        self.n = world.base.shape[1]
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng([seed, 11])
 
-    def slate(self, user, session, seen, k):
-        return self.rng.choice(np.flatnonzero(_mask(self.n, seen)), k, replace=False)
+    def slate(self, view, k):
+        ok = np.flatnonzero(~view.blocked)
+        return self.rng.choice(ok, min(k, len(ok)), replace=False)
 
 
 class PopularityPolicy(Policy):
-    """Most-clicked items so far (online counts), epsilon 5% random per slot."""
+    """The items with the highest smoothed CTR, from counts that decay with a
+    half-life (in requests), so the list follows a changing catalog and taste.
 
-    name = "popularity"
+    ``rest``: items shown to the user earlier in the session and not clicked are left
+    out (what a careful popularity list does with the session it knows)."""
 
-    def __init__(self, world: World, seed: int, epsilon: float = 0.05) -> None:
-        self.n = world.base.shape[1]
-        self.clicks = np.zeros(self.n)
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, world: World, seed: int, half_life: float = math.inf,
+                 rest: bool = True, epsilon: float = 0.05, prior_weight: float = 20.0) -> None:
+        self.name = (f"popularity(half-life={half_life:g}, rest={'yes' if rest else 'no'}, "
+                     f"eps={epsilon:g})")
+        n = world.n_items
+        self.shown = np.zeros(n)
+        self.clicks = np.zeros(n)
+        self.fade = 1.0 if math.isinf(half_life) else 0.5 ** (1.0 / half_life)
+        self.rest = rest
         self.epsilon = epsilon
+        self.prior_weight = prior_weight
+        self.rng = np.random.default_rng([seed, 12])
 
-    def slate(self, user, session, seen, k):
-        ok = _mask(self.n, seen)
-        noise = self.rng.random(self.n) * 1e-6  # random tie-break
-        order = [i for i in np.argsort(-(self.clicks + noise)) if ok[i]]
-        out: list[int] = []
-        for _ in range(k):
-            if self.rng.random() < self.epsilon:
-                rest = [i for i in np.flatnonzero(ok) if i not in out]
-                out.append(int(self.rng.choice(rest)))
-            else:
-                out.append(next(i for i in order if i not in out))
-        return np.array(out)
+    def scores(self) -> np.ndarray:
+        total_shown, total_clicks = self.shown.sum(), self.clicks.sum()
+        prior = (total_clicks + 1.0) / (total_shown + 30.0)
+        return (self.clicks + prior * self.prior_weight) / (self.shown + self.prior_weight)
 
-    def learn(self, user, items, clicked, probs):
-        self.clicks[items[clicked]] += 1
+    def slate(self, view, k):
+        allowed = ~view.blocked
+        if self.rest and view.session.shown:
+            ignored = set(view.session.shown) - set(view.session.clicked)
+            resting = allowed.copy()
+            resting[list(ignored)] = False
+            if resting.sum() >= k:
+                allowed = resting
+        noise = self.rng.random(len(allowed)) * 1e-9  # random tie-break
+        return epsilon_greedy(self.scores() + noise, allowed, k, self.epsilon, self.rng)
+
+    def learn(self, view, items, clicked, bought=None):
+        if self.fade < 1.0:
+            self.shown *= self.fade
+            self.clicks *= self.fade
+        self.shown[items] += 1.0
+        self.clicks[items[clicked]] += 1.0
+
+
+def session_features(world: World, view: View, items: np.ndarray) -> np.ndarray:
+    """``(len(items), 4)`` what the session says of each item: shown in it and not
+    clicked (count), the share of its genres among the genres clicked in the session,
+    the same among the genres ignored, and how often the user clicked it before."""
+    out = np.zeros((len(items), 4))
+    session = view.session
+    if session.shown:
+        shown = np.bincount(session.shown, minlength=world.n_items).astype(np.float64)
+        if session.clicked:
+            shown[session.clicked] = 0.0
+        out[:, 0] = shown[items]
+        g = world.item_genres
+        per_item = np.maximum(g[items].sum(1), 1.0)
+        if session.clicked:
+            out[:, 1] = (g[items] @ g[session.clicked].sum(0).clip(0, 1)) / per_item
+        ignored = [i for i in session.shown if i not in set(session.clicked)]
+        if ignored:
+            out[:, 2] = (g[items] @ g[ignored].sum(0).clip(0, 1)) / per_item
+    if view.clicked_before:
+        out[:, 3] = [math.log1p(view.clicked_before.get(int(i), 0)) for i in items]
+    return out
+
+
+def user_context(world: World) -> np.ndarray:
+    """``(users, d)`` one-hot demographics: age bucket, gender, occupation, and a bias."""
+    users = world.data.users
+    ages = sorted({min(u.age // 10, 6) for u in users})
+    occupations = sorted({u.occupation for u in users})
+    out = np.zeros((len(users), len(ages) + 2 + len(occupations) + 1))
+    for row, u in enumerate(users):
+        out[row, ages.index(min(u.age // 10, 6))] = 1.0
+        out[row, len(ages) + (u.gender == "F")] = 1.0
+        out[row, len(ages) + 2 + occupations.index(u.occupation)] = 1.0
+        out[row, -1] = 1.0
+    return out
+
+
+class LinUCBPolicy(Policy):
+    """LinUCB with a model per item on the user's demographics (disjoint arms, Li et
+    al. 2010) plus a model shared by all items on the session features
+    (``session_features``), fitted on what the per-item models leave unexplained.
+    The slate is the top-k by upper confidence bound ``x . theta_i + alpha * width``.
+
+    ``half_life`` (in requests) discounts old evidence, as a drifting world needs: an
+    arm's statistics fade by half every ``half_life`` requests (lazily, when the arm
+    is next scored or updated: the fade scales ``A`` and ``b`` alike, so ``theta`` is
+    unchanged and only the confidence widens)."""
+
+    def __init__(self, world: World, seed: int, alpha: float = 0.5, ridge: float = 1.0,
+                 half_life: float = math.inf) -> None:
+        self.name = f"linucb(alpha={alpha:g}, half-life={half_life:g})"
+        self.world = world
+        self.alpha = alpha
+        self.x = user_context(world)
+        n, d = world.n_items, self.x.shape[1]
+        self.a_inv = np.tile(np.eye(d) / ridge, (n, 1, 1))
+        self.b = np.zeros((n, d))
+        self.theta = np.zeros((n, d))
+        self.log_fade = 0.0 if math.isinf(half_life) else math.log(0.5) / half_life
+        self.updated = np.zeros(n)  # the request each arm's statistics are current at
+        self.now = 0
+        shared = 4
+        self.shared_a = np.eye(shared) * ridge
+        self.shared_b = np.zeros(shared)
+        self.shared = np.zeros(shared)
+        self.rng = np.random.default_rng([seed, 13])
+
+    def _shared_features(self, view: View, items: np.ndarray) -> np.ndarray:
+        return session_features(self.world, view, items)
+
+    def slate(self, view, k):
+        x = self.x[view.user]
+        everything = np.arange(self.world.n_items)
+        mean = self.theta @ x + self._shared_features(view, everything) @ self.shared
+        width2 = np.maximum(np.einsum("nij,i,j->n", self.a_inv, x, x), 0.0)
+        if self.log_fade:  # faded evidence: A / f, so A^-1 * f with f = fade^-age
+            width2 = width2 * np.exp(-self.log_fade * (self.now - self.updated))
+        scores = mean + self.alpha * np.sqrt(width2) + self.rng.random(len(mean)) * 1e-9
+        scores[view.blocked] = -np.inf
+        return np.argsort(-scores)[: min(k, int((~view.blocked).sum()))]
+
+    def learn(self, view, items, clicked, bought=None):
+        x = self.x[view.user]
+        s = self._shared_features(view, items)
+        r = clicked.astype(np.float64)
+        for item, reward, feats in zip(items.tolist(), r, s, strict=True):
+            a_inv = self.a_inv[item]
+            if self.log_fade:
+                fade = math.exp(self.log_fade * (self.now - self.updated[item]))
+                a_inv /= fade
+                self.b[item] *= fade
+                self.updated[item] = self.now
+            ax = a_inv @ x
+            a_inv -= np.outer(ax, ax) / (1.0 + x @ ax)  # Sherman-Morrison
+            self.b[item] += (reward - feats @ self.shared) * x
+            self.theta[item] = a_inv @ self.b[item]
+        # the shared session model fits what the items' own models leave
+        residual = r - self.theta[items] @ x
+        self.shared_a += s.T @ s
+        self.shared_b += s.T @ residual
+        self.shared = np.linalg.solve(self.shared_a, self.shared_b)
+        self.now += 1
 
 
 class OraclePolicy(Policy):
@@ -74,32 +234,33 @@ class OraclePolicy(Policy):
 
     name = "oracle"
 
-    def __init__(self, world: World) -> None:
-        self.n = world.base.shape[1]
+    def __init__(self, world: World, seed: int) -> None:
+        self.n = world.n_items
 
-    def slate(self, user, session, seen, k):
-        p = session.attraction(np.arange(self.n), seen)
-        p[list(seen)] = -1
-        return np.argsort(-p)[:k]
+    def slate(self, view, k):
+        p = view.session.attraction(np.arange(self.n))
+        p[view.blocked] = -1.0
+        return np.argsort(-p)[: min(k, int((~view.blocked).sum()))]
 
 
 class VowpalPolicy(Policy):
-    """Vowpal Wabbit ``cb_explore_adf`` over the whole catalog.
+    """Vowpal Wabbit ``cb_explore_adf`` over the whole live catalog.
 
-    Shared (user) namespace: user id, age bucket, gender, occupation. Action (item)
-    namespace: item id, genres, decade. Their quadratic interaction ``-q UI``. The
-    slate is drawn slot by slot from VW's pmf without replacement; each shown item
-    is learned from as one bandit example (cost -1 for a click) with its probability.
-    """
+    Shared namespace ``U``: user id and demographics. Action namespaces: ``I`` the
+    item id, its genres (tags) and decade; ``S`` the session features
+    (``session_features``). Quadratic interactions ``UI`` (user by item) and ``US``.
+    The slate is drawn slot by slot from VW's pmf without replacement; each shown
+    item is learned from as one bandit example (cost -1 for a click) with the
+    probability it was drawn with."""
 
-    def __init__(self, world: World, seed: int, explore: str) -> None:
+    def __init__(self, world: World, seed: int, explore: str = "--epsilon 0.05") -> None:
         import vowpalwabbit
 
-        self.name = f"vw-{explore.split()[0].lstrip('-')}"
+        self.name = f"vw({explore.strip('-')})"
+        self.world = world
         self.vw = vowpalwabbit.Workspace(
-            f"--cb_explore_adf {explore} -q UI --quiet --random_seed {seed}")
-        self.rng = np.random.default_rng(seed)
-        self.n = world.base.shape[1]
+            f"--cb_explore_adf {explore} -q UI -q US --quiet --random_seed {seed}")
+        self.rng = np.random.default_rng([seed, 14])
         self.actions = []
         for m in world.data.movies:
             genres = " ".join(f"g_{g.replace(chr(39), '')}" for g in m.genres)
@@ -107,14 +268,23 @@ class VowpalPolicy(Policy):
             self.actions.append(f"|I id_{m.item_id} {genres} {decade}")
         self.shared = [f"shared |U uid_{u.user_id} age_{u.age // 10} sex_{u.gender} "
                        f"occ_{u.occupation}" for u in world.data.users]
+        self._probs = np.zeros(0)
 
-    def slate(self, user, session, seen, k):
-        ok = np.flatnonzero(_mask(self.n, seen))
-        pmf = np.asarray(self.vw.predict([self.shared[user]] +
-                                         [self.actions[i] for i in ok]), dtype=np.float64)
+    def _lines(self, view: View, items: np.ndarray) -> list[str]:
+        feats = session_features(self.world, view, items)
+        out = []
+        for item, f in zip(items.tolist(), feats, strict=True):
+            session = " ".join(f"s{j}:{v:.3f}" for j, v in enumerate(f) if v)
+            out.append(self.actions[item] + (f" |S {session}" if session else ""))
+        return out
+
+    def slate(self, view, k):
+        ok = np.flatnonzero(~view.blocked)
+        pmf = np.asarray(self.vw.predict([self.shared[view.user]] + self._lines(view, ok)),
+                         dtype=np.float64)
         chosen, probs = [], []
         taken = np.zeros(len(ok), dtype=bool)
-        for _ in range(k):
+        for _ in range(min(k, len(ok))):
             if pmf.sum() <= 0:  # everything left had zero mass: uniform over the rest
                 pmf = (~taken).astype(np.float64)
             p = pmf / pmf.sum()
@@ -124,9 +294,24 @@ class VowpalPolicy(Policy):
             taken[j] = True
             pmf[j] = 0.0
         self._probs = np.array(probs)
-        return np.array(chosen)
+        return np.array(chosen, dtype=np.int64)
 
-    def learn(self, user, items, clicked, probs):
-        for item, click, p in zip(items, clicked, self._probs, strict=True):
+    def learn(self, view, items, clicked, bought=None):
+        lines = self._lines(view, items)
+        for line, click, p in zip(lines, clicked, self._probs, strict=True):
             label = f"0:{-1.0 if click else 0.0}:{max(p, 1e-6)} "
-            self.vw.learn([self.shared[user], label + self.actions[int(item)]])
+            self.vw.learn([self.shared[view.user], label + line])
+
+
+# Each peer's settings tried on every world; the best of each family is reported.
+GRIDS: dict[str, list[dict]] = {
+    "popularity": [{"half_life": h, "rest": r, "epsilon": e}
+                   for h in (math.inf, 2_000.0) for r in (True, False) for e in (0.02, 0.1)],
+    "linucb": [{"alpha": a, "half_life": h} for a in (0.1, 0.5, 1.5)
+               for h in (math.inf, 3_000.0)],
+    "vw": [{"explore": "--epsilon 0.05"}, {"explore": "--epsilon 0.02"},
+           {"explore": "--squarecb --gamma_scale 100"},
+           {"explore": "--squarecb --gamma_scale 1000"}],
+}
+PEER_CLASSES = {"random": RandomPolicy, "popularity": PopularityPolicy,
+                "linucb": LinUCBPolicy, "vw": VowpalPolicy, "oracle": OraclePolicy}

@@ -1,102 +1,94 @@
-"""Diagnose the service's policy on the quality simulator, in-process.
+"""Diagnose the service's policy on one world, in process: what the family table
+cannot show.
 
-The same driver as ``bench.quality`` (same requests, same HTTP calls), but the
-service runs inside this process behind FastAPI's TestClient, so that after the
-run the learner can be inspected. It prints what the quality table cannot show:
+The service runs as in ``bench.family`` (``bench.service``: the engine and learner
+of ``recsvc serve`` on simulated time), on one world and seed. After the run it
+prints, for the second half of the run and per session step, the CTR, the share of
+the slate already shown earlier in the same session, and the true attraction of the
+chosen items against the catalog's mean; then what the ensemble learned: each
+agent's and each source's estimated value with its weight or budget, and the
+logistic agent's coefficients (their signs are the world's dynamics as learned).
 
-- per session step, the share of the slate that was already shown earlier in the
-  same session (re-shown items are what sank the service's later steps), and the
-  true attraction of the chosen items against the catalog mean;
-- the learned per-candidate feature weights w(s), averaged over
-  5,000 states of the replay buffer.
-
-    python -m bench.probe [--seed 0] [--requests 5000] [--variant default]
+    python -m bench.probe [--world intent-fatigue] [--seed 0] [--requests 5000]
                           [--service-env NAME=VALUE ...]
 
-A probe guides work; figures for docs come from ``bench.quality`` (subprocess,
-several seeds, peers in the same run).
+A probe guides work; figures for docs come from ``bench.family`` (several seeds,
+tuned peers in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import replace
 
 import numpy as np
-import torch
 
-import bench.quality as quality
-from bench.simulator import SimConfig, World, request_stream
-from models.state import N_ITEM_FEATURES
+from bench.family import last20
+from bench.service import ServicePolicy
+from bench.simulate import simulate
+from bench.worlds import NAMED, World, request_stream
+from models.ensemble import N_LINEAR
+from models.state import FEATURE_GROUPS
 
-FEATURES = ["shown-recency", "shown-count", "ctr-lift", "impressions", "sim-positive",
-            "sim-ignored", "tag-positive", "tag-ignored"]
+LINEAR_INPUTS = [f"{group}[{i - s.start}]" for group, s in FEATURE_GROUPS.items()
+                 for i in range(s.start, s.stop)] + ["sim-context", "sim-positive-pool",
+                                                     "sim-negative-pool", "bias"]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--world", choices=list(NAMED), default="intent-fatigue")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--variant", choices=list(quality.VARIANTS), default="default")
     ap.add_argument("--service-env", nargs="*", default=[])
     args = ap.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.service_env)
-    config = replace(SimConfig(requests=args.requests, seed=args.seed),
-                     **quality.VARIANTS[args.variant])
-    world = World.build(config)
+    world = World.build(replace(NAMED[args.world], seed=args.seed, requests=args.requests))
     requests = request_stream(world)
-    apps: dict = {}
-
-    @contextlib.contextmanager
-    def in_process(service_env: dict[str, str]):
-        """The service in this process, with ``service_env`` over the process's own
-        RECSVC_ settings (as a subprocess would have them), kept in ``apps`` so that
-        its learner can be inspected after the run."""
-        from fastapi.testclient import TestClient
-
-        from app.api import create_app
-        from app.settings import Settings
-
-        fields = {k.removeprefix("RECSVC_").lower(): v for k, v in service_env.items()}
-        apps["app"] = create_app(Settings(**fields))
-        with TestClient(apps["app"], base_url="http://probe") as client:
-            yield client
-
     rows: list[tuple[int, float, float, float]] = []
     shown: dict[int, set[int]] = {}
 
-    def observe(r, session, seen, items) -> None:
+    def observe(view, items) -> None:
+        r = view.request
         before = shown.setdefault(r.session, set())
         reshown = float(np.isin(items, list(before)).mean()) if before else 0.0
-        everything = session.attraction(np.arange(world.base.shape[1]), seen)
-        rows.append((min(r.step, 5), reshown, float(session.attraction(items, seen).mean()),
-                     float(everything.mean())))
+        everything = view.session.attraction(np.arange(world.n_items))
+        rows.append((min(r.step, 5), reshown, float(view.session.attraction(items).mean()),
+                     float(everything[~view.blocked].mean())))
         before.update(items.tolist())
 
-    clicks, _ = quality.run_service(world, requests, env, connect=in_process,
-                                    observe=observe)
-    s = quality.summarise(clicks, requests, config.slate)
-    print(f"\nCTR {s['ctr']:.4f}  last-20% {s['last20']:.4f}")
+    policy = ServicePolicy(world, args.seed, env)
+    try:
+        clicks = simulate(world, requests, policy, desc="service",
+                          on_catalog=policy.on_catalog, observe=observe).clicks
+        learner = policy.learner
+    finally:
+        policy.close()
+    k = world.config.slate
+    print(f"\nCTR {clicks.mean() / k:.4f}  last-20% {last20(clicks, k):.4f}  "
+          f"model {policy.model()}")
     a = np.array(rows)
+    steps = np.array([min(r.step, 5) for r in requests])
     late = np.arange(len(a)) >= len(a) // 2
     print("second half of the run, by session step:")
     print("step  CTR     re-shown  chosen attraction  catalog attraction")
     for step in range(6):
         m = late & (a[:, 0] == step)
-        print(f"{step if step < 5 else '5+':>4}  {s['by_step'][step]:.4f}  {a[m, 1].mean():8.3f}"
-              f"  {a[m, 2].mean():17.4f}  {a[m, 3].mean():18.4f}")
-    learner = apps["app"].state.learner.learner
-    n = len(learner.buffer)
-    states = torch.from_numpy(learner.buffer.states[:n][-5000:])
-    with torch.no_grad():
-        query, _ = learner.online(states)
-    d = learner.item_dim
-    w = query[:, d: d + N_ITEM_FEATURES].numpy()
-    print("learned feature weights w(s), mean ± sd over 5,000 replayed states:")
-    for name, mean, sd in zip(FEATURES, w.mean(0), w.std(0), strict=True):
-        print(f"  {name:14s} {mean:+.3f} ± {sd:.3f}")
+        if m.any():
+            print(f"{step if step < 5 else '5+':>4}  {clicks[m & (steps == step)].mean() / k:.4f}"
+                  f"  {a[m, 1].mean():8.3f}  {a[m, 2].mean():17.4f}  {a[m, 3].mean():18.4f}")
+    if learner.ensemble is not None:
+        report = learner.ensemble.report()
+        for part, key in (("agents", "weight"), ("sources", "reach")):
+            print(f"{part}: " + ", ".join(f"{name} {v['value']:.4f} ± {v['se']:.4f} "
+                                          f"({key} {v[key]})"
+                                          for name, v in report[part].items()))
+        mean = learner.ensemble.model.mean
+        print("logistic agent's coefficients (log-odds per unit):")
+        for name, value in zip([*LINEAR_INPUTS, "slot (training only)"], mean, strict=True):
+            print(f"  {name:22s} {value:+.3f}")
+        assert len(LINEAR_INPUTS) == N_LINEAR
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Soak: the service under steady load for minutes, watching errors, p99 and memory.
 
 Starts a private ``redis-server`` and ``recsvc serve`` against it (the production
-store, so Redis memory is measured too), loads a catalog, then:
+store, so Redis memory is measured too), or with ``--store embedded`` the default
+single process with its in-process store (then the process's memory holds every
+impression and marker until they expire), loads a catalog, then:
 
 1. measures the maximum recommend throughput with ``wrk -t2 -c16`` (recommend only);
 2. runs ``--minutes`` of traffic at ``--load`` (default half) of that maximum, with
@@ -11,6 +13,7 @@ store, so Redis memory is measured too), loads a catalog, then:
    held by wrk's per-connection delay, corrected after every slice.
 
     python -m bench.soak [--minutes 10] [--items 5000] [--users 2000]
+                         [--store redis|embedded] [--service-env RECSVC_X=V ...]
 
 Needs ``wrk`` (Debian: apt-get install wrk) and ``redis-server``.
 """
@@ -18,6 +21,7 @@ Needs ``wrk`` (Debian: apt-get install wrk) and ``redis-server``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -92,7 +96,9 @@ def rss_mb(pid: int) -> float:
     return proc_memory_mb(pid)["VmRSS"]
 
 
-def redis_figures(client: redis.Redis, prefix: str) -> dict:
+def redis_figures(client: redis.Redis | None, prefix: str) -> dict:
+    if client is None:  # the embedded store: its memory is the process's
+        return {"redis_mb": 0.0, "keys": 0, "stream": 0, "log": 0}
     info = client.info("memory")
     return {"redis_mb": info["used_memory"] / 2**20, "keys": client.dbsize(),
             "stream": client.xlen(f"{prefix}:events"), "log": client.xlen(f"{prefix}:log")}
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", type=int, default=50)
     ap.add_argument("--connections", type=int, default=8, help="wrk connections while soaking")
     ap.add_argument("--calibrate-s", type=int, default=20)
+    ap.add_argument("--store", choices=["redis", "embedded"], default="redis")
     ap.add_argument("--service-env", nargs="*", default=[], metavar="RECSVC_X=V",
                     help="extra settings of the service, e.g. RECSVC_IMPRESSION_TTL_S=120")
     args = ap.parse_args(argv)
@@ -119,10 +126,14 @@ def main(argv: list[str] | None = None) -> None:
 
     prefix = "soak"
     traffic = {"SOAK_USERS": str(args.users), "SOAK_CONTEXTS": str(args.contexts)}
-    with private_redis() as redis_url, running_service_process(
-            {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": prefix,
-             "RECSVC_DEVICE": "cpu", **extra}) as (url, proc):
-        r = redis.Redis.from_url(redis_url)
+    with contextlib.ExitStack() as stack:
+        env = {"RECSVC_DEVICE": "cpu", **extra}
+        r = None
+        if args.store == "redis":
+            redis_url = stack.enter_context(private_redis())
+            env |= {"RECSVC_REDIS_URL": redis_url, "RECSVC_KEY_PREFIX": prefix}
+            r = redis.Redis.from_url(redis_url)
+        url, proc = stack.enter_context(running_service_process(env))
         items = catalog(args.items)
         with httpx.Client(base_url=url, timeout=300) as c, \
                 tqdm(total=len(items), desc="catalog", unit="item") as bar:

@@ -94,7 +94,7 @@ def test_importance_is_admin_only_and_measured_on_logged_impressions(backend, en
         assert got["impressions"] == 6 and got["items"] == 30
         parts = {p["part"]: p for p in got["parts"]}
         assert set(parts) == {"context", "positive_pool", "negative_pool", "scalars",
-                              "exposure", "popularity", "affinity", "tags"}
+                              "exposure", "popularity", "affinity", "tags", "repeat"}
         changes = [p["mean_abs_q_change"] for p in got["parts"]]
         assert changes == sorted(changes, reverse=True)
         # all but untrained (six slates of zero reward learned): the content prior reads
@@ -102,6 +102,6 @@ def test_importance_is_admin_only_and_measured_on_logged_impressions(backend, en
         # barely moved
         context = parts["context"]["mean_abs_q_change"]
         assert got["parts"][0]["part"] == "context" and context > 0
-        for group in ("exposure", "popularity", "affinity", "tags"):
+        for group in ("exposure", "popularity", "affinity", "tags", "repeat"):
             assert parts[group]["mean_abs_q_change"] < 0.01 * context
         assert_error(c.get("/v1/model/importance", params={"limit": 0}), 422)

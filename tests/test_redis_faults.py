@@ -74,6 +74,43 @@ def test_out_of_memory_is_unavailable_not_a_server_error(server, encoder):
         assert c.get("/readyz").json()["store"] == "ok"
 
 
+@pytest.mark.parametrize("refusal", [("min-replicas-to-write", "1", "0"),  # NOREPLICAS
+                                     ("stop-writes-on-bgsave-error", None, None)])
+def test_writes_refused_for_want_of_replicas_or_a_failed_save_are_unavailable(
+        server, encoder, refusal):
+    """NOREPLICAS (``min-replicas-to-write``) and MISCONF (a failed RDB save, as on a
+    full disk) refuse writes with plain error replies: they are outages too."""
+    name, on, off = refusal
+    with _client(server, encoder) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        before = c.post("/v1/recommend", json={"user_id": "u", "k": 3}).json()
+        if name == "min-replicas-to-write":
+            r = redis.Redis.from_url(server.url)
+            r.config_set(name, on)
+            try:
+                _degraded(c, before)
+            finally:
+                r.config_set(name, off)
+        else:  # no RDB save can fail on demand here: the reply is injected
+            from app.store import redis_store
+
+            refused = redis.exceptions.ResponseError(
+                "MISCONF Redis is configured to save RDB snapshots, but it's currently "
+                "unable to persist to disk.")
+            store = c.app.state.engine.store
+            original = store.r.execute_command
+
+            async def misconf(*args, **kwargs):
+                raise refused
+            store.r.execute_command = misconf
+            try:
+                with pytest.raises(redis_store.StoreUnavailable):
+                    c.portal.call(store.check_writable)
+            finally:
+                store.r.execute_command = original
+        assert c.get("/readyz").json()["store"] == "ok"
+
+
 def test_a_failover_to_read_only_is_unavailable_and_reconnects(server, encoder):
     primary = RedisServer()
     try:

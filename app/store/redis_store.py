@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Iterable
 
@@ -92,6 +93,11 @@ CATALOG_CHANGES_KEPT = 10_000
 _DOWN = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError,
          rexc.ClusterDownError, rexc.OutOfMemoryError, rexc.ReadOnlyError,
          rexc.MasterDownError, rexc.TryAgainError, OSError)
+# Plain error replies that refuse writes for a while, not for a wrong command: too few
+# replicas for ``min-replicas-to-write`` (NOREPLICAS), a failed RDB save with
+# ``stop-writes-on-bgsave-error`` (MISCONF, as on a full disk). Matched anywhere in the
+# message: a pipeline or a script prefixes its own words to the reply.
+_REFUSED = re.compile(r"\b(NOREPLICAS|MISCONF)\b")
 
 _HOLD_LEASE = """
 local cur = redis.call('GET', KEYS[1])
@@ -205,6 +211,10 @@ def _guard(fn):
                 # (a DNS name, a service) can lead to the new primary
                 await self.reconnect()
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except rexc.ResponseError as exc:
+            if _REFUSED.search(str(exc)):
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     return wrapper
 

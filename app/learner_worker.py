@@ -521,8 +521,12 @@ class LearnerWorker:
             committed = await self.store.commit_learning(
                 self.consumer, acks, stats, self._log_backlog, self.settings.ope_log_size,
                 weights)
-        except VersionConflict:  # a rollback was published since the check above
-            await self.adopt_newer_weights()
+        except VersionConflict:
+            # a rollback was published since the check above, or the store lost the
+            # versions this learner published (a failover to a replica behind, a
+            # restart without persistence): follow the former, resync to the latter
+            if not await self.adopt_newer_weights():
+                await self._resync_to_store()
             return False
         if not committed:
             self._step_down("the lease was lost before the commit")
@@ -563,6 +567,20 @@ class LearnerWorker:
             self._reread = True
         self._dirty = False
         return True
+
+    async def _resync_to_store(self) -> None:
+        """The store's latest version is older than the one this learner published:
+        the store lost data. This learner's weights are then the newest there are; they
+        are published as the version after the store's latest at the next commit
+        (without this, every commit would compare against a version the store no longer
+        has, and the learner would never commit or acknowledge again)."""
+        latest = await self.store.latest_version()
+        if latest < self.version:
+            log.warning("the store's latest version is %d, this learner published %d: the "
+                        "store lost data; publishing on top of %d", latest, self.version,
+                        latest)
+            self.version = latest
+            self._dirty = True
 
     async def _reload_published(self) -> None:
         blob = await self.store.get_weights(self.version) if self.version else None

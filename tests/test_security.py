@@ -3,6 +3,7 @@ logs, model rollback and the erasure of a user, against both store backends."""
 
 import logging
 import time
+import uuid
 
 import pytest
 import torch
@@ -258,6 +259,39 @@ def test_a_rollback_is_never_overwritten_by_a_learner_commit(secured):
     assert after > rolled and call(store.weights_parent, after) == rolled
     assert call(store.get_weights, rolled) == restored
     assert learner.version >= after
+
+
+def test_a_store_that_lost_the_latest_versions_does_not_stop_the_learner(redis_url, encoder):
+    """Redis restarted without persistence (or a failover to a replica behind) has no
+    record of the versions the learner published. The learner's next commit compares
+    against a version the store lost; it resyncs to the store's latest and keeps
+    publishing (before, every later commit conflicted and nothing was published or
+    acknowledged again)."""
+    import redis as redis_sync
+
+    prefix = f"lost-{uuid.uuid4().hex[:8]}"
+    r = redis_sync.Redis.from_url(redis_url)
+    try:
+        with make_client(("redis", {"redis_url": redis_url, "key_prefix": prefix}), encoder,
+                         api_keys=API, admin_keys=ADMIN) as c:
+            admin = as_key(ADMIN)
+            store = c.app.state.engine.store
+            assert c.post("/v1/items", json=ITEMS, headers=admin).status_code == 200
+            _learn_a_version(c, admin, "lost-1")
+            assert _learn_a_version(c, admin, "lost-2") >= 2
+            for key in r.scan_iter(f"{prefix}*"):  # everything this service wrote, gone
+                r.delete(key)
+            for round_ in (1, 2):  # published again, and again on top of that
+                slate = recommend_with(c, admin, f"lost-{2 + round_}")
+                fb = c.post("/v1/feedback", headers=admin, json={
+                    "request_id": slate["request_id"],
+                    "item_id": slate["items"][0]["item_id"], "event": "click"})
+                assert fb.status_code == 202
+                wait_for(lambda n=round_: c.portal.call(store.latest_version) >= n,
+                         timeout=20, what=f"version {round_} published after the loss")
+    finally:
+        for key in r.scan_iter(f"{prefix}*"):
+            r.delete(key)
 
 
 def test_nothing_of_an_erased_user_comes_back(backend, encoder):

@@ -351,11 +351,16 @@ class LearnerWorker:
 
         transitions: list[Transition] = []
         learned_keys: list[tuple[str, ...]] = []  # feedback events and closed impressions
+        this_round: set[tuple[str, ...]] = set()
         for entry_id, f in feedback:
             acks.append(entry_id)
             key = (f["request_id"], f["item_id"], f["event"])
-            if self._done.get(key):  # read again after a failed round: learned already
+            # read again after a failed round, or a retry's repeated stream entry (a
+            # client retrying while its first delivery was still pending, in this read
+            # or an earlier one): learned once
+            if key in this_round or self._done.get(key):
                 continue
+            this_round.add(key)
             p = waiting.get(f["request_id"])
             imp = p.imp if p else imps.get(f["request_id"])
             if imp is None:

@@ -94,3 +94,32 @@ async def test_the_lease_holder_claims_entries_stuck_on_a_deposed_learner(monkey
     assert [r["request_id"] for r in await store.read_log(10)] == ["r1"]
     assert await store.read_stream("deposed", 10, pending=True) == []
     assert await store.read_stream("holder", 10, pending=True) == []  # committed
+
+
+class RepeatingStore(MemoryStore):
+    """Feedback's stream entry appended twice, as a client's retry of a still-pending
+    event redoes the writes (a Redis stream entry is not idempotent)."""
+
+    def _append(self, fields: dict[str, str]) -> None:
+        super()._append(fields)
+        if fields.get("type") == "feedback":
+            super()._append(dict(fields))
+
+
+def test_a_repeated_feedback_entry_is_learned_once(encoder):
+    """Both entries arrive in the same read: the event is one transition, counted once
+    (before, both became transitions and feedback_learned counted 2 per click)."""
+    store = RepeatingStore()
+    settings = Settings(**{**FAST, "reward_wait_s": 2.0})
+    with TestClient(create_app(settings, store=store, encoder=encoder)) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        slates = [c.post("/v1/recommend", json={"user_id": f"u{n}", "k": 3}).json()
+                  for n in range(3)]
+        for slate in slates:
+            assert c.post("/v1/feedback", json={
+                "request_id": slate["request_id"], "item_id": slate["items"][0]["item_id"],
+                "event": "click"}).status_code == 202
+        model = wait_for(lambda: (m := c.get("/v1/model").json())["pending_impressions"] == 0
+                         and m["feedback_learned"] >= 3 and m)
+        assert model["feedback_learned"] == 3
+        assert c.app.state.learner.transitions == 3 * 3

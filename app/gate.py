@@ -14,6 +14,7 @@ admin key is refused before its body is read too.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import time
@@ -72,16 +73,26 @@ class RequestGate:
                 return await _send(send, refused)
         if principal is not None:
             scope.setdefault("state", {})["principal"] = principal
-        body, more = b"", True
-        if method in ("POST", "PUT", "PATCH", "DELETE"):
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > limit:
-                    return await _send(send, _too_large(limit))
+        if not guarded or method not in ("POST", "PUT", "PATCH", "DELETE"):
+            # no route outside /v1 takes a body: the application answers without reading
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > limit:
+                        return await _send(send, _too_large(limit))
+        except TimeoutError:
+            return await _send(send, _error(
+                408, "request_timeout", f"the request body did not arrive within "
+                f"{self.settings.body_timeout_s:g} s", {"Connection": "close"}))
+        body = bytes(body)
         delivered = False
 
         async def replay():
@@ -109,12 +120,14 @@ class RequestGate:
         networks = self.settings.proxy_networks
         if not networks or not _within(peer, networks):
             return peer
-        for name, value in scope.get("headers", []):
-            if name == b"x-forwarded-for":
-                hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
-                for hop in reversed(hops):
-                    if not _within(hop, networks):
-                        return hop
+        # every X-Forwarded-For line in order (a proxy may add a line of its own after
+        # the client's): the hops a proxy appended are the last ones
+        hops = [h.strip() for name, value in scope.get("headers", [])
+                if name == b"x-forwarded-for"
+                for h in value.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not _within(hop, networks):
+                return hop
         return peer
 
     async def _rate_limited(self, principal: Principal):

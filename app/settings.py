@@ -62,6 +62,8 @@ class Settings(BaseSettings):
                                   "are larger gets 431 and its connection is closed")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection that does not "
                                     "complete a request's headers this long gets 408")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request whose body does not "
+                                  "arrive in full this long after its headers gets 408")
     max_concurrency: int = Field(1024, ge=1, description="connections and requests in "
                                  "flight per process; beyond it, 503")
     shutdown_grace_s: float = Field(30.0, description="SIGTERM: longest wait for in-flight work")

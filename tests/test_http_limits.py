@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def service():
     env = {"RECSVC_API_KEYS": "k-1", "RECSVC_HEADER_TIMEOUT_S": "1",
+           "RECSVC_BODY_TIMEOUT_S": "1",
            "RECSVC_MAX_HEADER_BYTES": "16384", "RECSVC_DEVICE": "cpu",
            "RECSVC_REPLAY_PREFAULT": "false"}
     with running_service_process(env) as (url, _):
@@ -78,3 +79,25 @@ def test_health_answers_while_bad_clients_wait(service):
         held.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # unfinished, holding a connection
         reply = _exchange(service, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait_s=2)
         assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_a_body_that_never_finishes_gets_408(service):
+    """A key, headers complete, then the body trickles and stops: the connection slot is
+    not held for ever (before, only the headers had a deadline)."""
+    with socket.create_connection(("127.0.0.1", service), timeout=10) as s:
+        s.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nX-API-Key: k-1\r\n"
+                  b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"us")
+        started = time.monotonic()
+        reply = s.recv(65536)
+        assert time.monotonic() - started < 5
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert b"request_timeout" in reply
+
+
+def test_a_body_to_a_route_outside_the_api_is_not_read(service):
+    """No route outside /v1 takes a body: a keyless POST announcing 1 MB to /healthz is
+    answered (405) without waiting for the body."""
+    head = (b"POST /healthz HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 1000000\r\n\r\n")
+    reply = _exchange(service, head, wait_s=3)
+    assert reply.startswith(b"HTTP/1.1 405"), reply[:80]

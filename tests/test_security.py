@@ -381,6 +381,19 @@ def test_without_keys_the_rate_limit_counts_clients_behind_a_trusted_proxy(encod
         assert get("203.0.113.8").status_code == 200  # another client, its own count
 
 
+def test_a_forged_forwarded_for_line_before_the_proxys_own_is_not_believed(encoder):
+    """A proxy that adds its own X-Forwarded-For line (HAProxy's ``forwardfor``) leaves
+    the client's forged line first; the client is the last untrusted hop over all
+    lines in order, so forging a new address per request does not reset the count."""
+    cfg = dict(**FAST, rate_limit=2, rate_limit_window_s=60, trusted_proxies="127.0.0.0/8")
+    with TestClient(create_app(Settings(**cfg), encoder=encoder),
+                    client=("127.0.0.1", 40000)) as c:
+        codes = [c.get("/v1/model", headers=[("X-Forwarded-For", f"198.51.100.{n}"),
+                                             ("X-Forwarded-For", "203.0.113.7")]).status_code
+                 for n in range(3)]
+        assert codes == [200, 200, 429]
+
+
 def test_the_learners_status_needs_an_admin_key_when_keys_are_set(redis_url, redis_prefix):
     from app.learner_process import create_learner_app
 

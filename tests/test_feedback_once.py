@@ -139,3 +139,22 @@ async def test_redone_writes_add_nothing_twice(paused_store):
     again = await s.feedback_on_slate("r", "a", "click", None, 1.0, 7.0, 60, 10)
     assert again.status == "duplicate"
 
+
+
+async def test_a_write_refused_by_redis_leaves_the_event_open_to_its_retry(paused_store):
+    """One of the writes gets an error reply (here the stream key holds a string:
+    WRONGTYPE). The marker must not stay moved to the reward: the retry is accepted and
+    stored. Before, the pipeline carried on past the error and moved the marker, and
+    the retry was answered ``duplicate`` with no stream entry."""
+    import redis.exceptions as rexc
+
+    s, _ = paused_store
+    await s.r.delete(s._stream)
+    await s.r.set(s._stream, b"not a stream")
+    with pytest.raises(rexc.ResponseError):
+        await s.record_feedback("r", "u", "a", "click", None, 1.0, 5.0, 60, 10)
+    await s.r.delete(s._stream)
+    s._group_ready = False
+    accepted, reward = await s.record_feedback("r", "u", "a", "click", None, 1.0, 6.0, 60, 10)
+    assert accepted and reward == 1.0
+    assert await _stored(s) == (1, 1, 1.0)

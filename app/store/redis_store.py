@@ -649,9 +649,18 @@ class RedisStore(Store):
     async def _write_feedback(self, accepted: list[tuple[FeedbackEvent, str, str, float]],
                               history_max: int, ttl_s: int) -> None:
         """The writes of accepted feedback ``(event, user id, dedupe marker, the slate's
-        time)``, in one pipeline, each idempotent, and last the markers' move from
-        pending to the reward. If any fails, the markers stay pending: the clients'
-        retries (they got 503) redo the writes, which changes nothing that landed."""
+        time)``, each idempotent, then the markers' move from pending to the reward.
+        If a write fails, the markers stay pending: the clients' retries (they got an
+        error) redo the writes, which changes nothing that landed.
+
+        On one Redis server the moves end the writes' pipeline: one connection's
+        commands run in order, so a marker that moved follows writes that ran, and a
+        reply that is lost after they all ran leaves the retry a ``duplicate``. A
+        pipeline carries on past an error reply, though, so if a write was refused
+        the markers are set back to pending. A Cluster pipeline sends each node its
+        commands at once, so there the moves are a second round trip, sent only
+        once every write succeeded."""
+        cluster = isinstance(self.r, aioredis.RedisCluster)
         pipe = self.r.pipeline(transaction=False)
         for e, user_id, _, served in accepted:
             key = f"{e.request_id}:{e.item_id}:{e.event}"
@@ -670,8 +679,22 @@ class RedisStore(Store):
             pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
                       "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
                       1, self._imp(e.request_id), f"e:{e.item_id}:{e.event}", repr(e.reward))
-        for e, _, marker, _ in accepted:
-            pipe.set(marker, repr(e.reward), ex=ttl_s)
+        if not cluster:
+            for e, _, marker, _ in accepted:
+                pipe.set(marker, repr(e.reward), ex=ttl_s)
+        replies = await pipe.execute(raise_on_error=False)
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if refused:
+            if not cluster:  # the moves ran past the refused write: back to pending
+                await self._set_each([(m, PENDING) for _, _, m, _ in accepted], ttl_s)
+            raise refused[0]
+        if cluster:
+            await self._set_each([(m, repr(e.reward)) for e, _, m, _ in accepted], ttl_s)
+
+    async def _set_each(self, pairs: list[tuple[str, bytes | str]], ttl_s: int) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for key, value in pairs:
+            pipe.set(key, value, ex=ttl_s)
         await pipe.execute()
 
     # evaluation log

@@ -25,6 +25,7 @@ from app.schemas import (
     FeedbackIn,
     FeedbackOut,
     HistoryEntry,
+    Id,
     ImportanceOut,
     ItemOut,
     ItemsIn,
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         return {"upserted": len({it.item_id for it in body.items}), "catalog_size": size}
 
     @v1.get("/items/{item_id}", response_model=ItemOut)
-    async def get_item(item_id: str, engine: Engine = Depends(_engine)):
+    async def get_item(item_id: Id, engine: Engine = Depends(_engine)):
         found = (await engine.store.get_items([item_id])).get(item_id)
         if found is None:
             raise APIError(404, "item_not_found", f"no item {item_id!r}")
@@ -115,7 +116,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
 
     @v1.delete("/items/{item_id}", status_code=204, response_class=Response,
                dependencies=_ADMIN, responses=_ADMIN_ERRORS)
-    async def delete_item(item_id: str, engine: Engine = Depends(_engine)):
+    async def delete_item(item_id: Id, engine: Engine = Depends(_engine)):
         if not await engine.delete_item(item_id):
             raise APIError(404, "item_not_found", f"no item {item_id!r}")
         return Response(status_code=204)
@@ -167,13 +168,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
 
     # -- users -----------------------------------------------------------------------------
     @v1.get("/users/{user_id}", response_model=UserOut)
-    async def get_user(user_id: str, engine: Engine = Depends(_engine)):
+    async def get_user(user_id: Id, engine: Engine = Depends(_engine)):
         data = await engine.store.get_user(user_id)
         return UserOut(user_id=user_id, history=[HistoryEntry(**h) for h in data.history])
 
     @v1.delete("/users/{user_id}", status_code=204, response_class=Response,
                dependencies=_ADMIN, responses=_ADMIN_ERRORS)
-    async def delete_user(user_id: str, engine: Engine = Depends(_engine)):
+    async def delete_user(user_id: Id, engine: Engine = Depends(_engine)):
         await engine.store.delete_user(user_id)
         return Response(status_code=204)
 

@@ -547,3 +547,13 @@ def test_the_schema_says_which_events_need_a_value(client):
         assert rules["dwell"]["required"] == ["value"] and rules["rating"]["required"] == [
             "value"]
         assert rules["rating"]["properties"]["value"]["maximum"] == 5
+
+
+def test_ids_in_paths_follow_the_id_rule(client):
+    """API.md's rule for IDs holds in paths too: an id outside it is 422 with the error
+    body, not a lookup (on a Redis Cluster, ``}x`` made an empty hash tag and the
+    erasure's multi-key DEL failed with CROSSSLOT: 500)."""
+    for method, path in (("GET", "/v1/users/%7Dx"), ("DELETE", "/v1/users/%7Dx"),
+                         ("GET", "/v1/items/a%20b"), ("DELETE", "/v1/items/" + "x" * 129)):
+        assert_error(client.request(method, path), 422)
+    assert client.get("/v1/users/u.ok:1@x-y_z").status_code == 200

@@ -518,6 +518,7 @@ class RedisStore(Store):
                               shown_max: int) -> None:
         """All of them in one pipeline (in order: a user's shown list keeps it)."""
         await self._ensure_group()
+        now = time.time()
         pipe = self.r.pipeline(transaction=False)
         for imp in imps:
             shown_key = self._user(imp.user_id, "shown")
@@ -534,9 +535,11 @@ class RedisStore(Store):
                 pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
                 pipe.ltrim(shown_key, -shown_max, -1)
                 pipe.expire(shown_key, self.user_ttl_s)
-            # the user's impression ids, scored by when each expires: pruned as they do
-            pipe.zadd(imps_key, {imp.request_id: imp.ts + ttl_s})
-            pipe.zremrangebyscore(imps_key, "-inf", imp.ts)
+            # the user's impression ids, scored by when each expires (its TTL starts now,
+            # not when it was served: one held through an outage is logged late), and
+            # pruned as they do, so an erasure finds every impression still stored
+            pipe.zadd(imps_key, {imp.request_id: now + ttl_s})
+            pipe.zremrangebyscore(imps_key, "-inf", now)
             pipe.expire(imps_key, ttl_s)
             pipe.xadd(self._stream, {"type": "impression", "request_id": imp.request_id,
                                      "user_id": imp.user_id, "ts": repr(imp.ts)},

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from app.client import ServiceError
+
 
 def _settings():
     from app.settings import Settings
@@ -72,33 +74,76 @@ def _learner(args: argparse.Namespace) -> None:
     _uvicorn(create_learner_app(settings), args, settings)
 
 
-def read_items(path: Path):
-    """Items from JSONL (one object per line) or CSV (item_id,text[,tags][,available])."""
+class InputError(Exception):
+    """A problem with what the user gave a command, said in one line, not a traceback."""
+
+
+def numbered_items(path: Path):
+    """``(line number, item)`` from JSONL (one object per line) or CSV
+    (item_id,text[,tags][,available]). A line that is not an object, or a CSV without
+    the columns, is an ``InputError`` that names the file and the line."""
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("item_id", "text") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: the CSV header has no {' or '.join(missing)} column "
+                                 f"(it has: {', '.join(reader.fieldnames or []) or 'nothing'})")
+            for row in reader:
                 item = {"item_id": row["item_id"], "text": row["text"]}
                 if row.get("tags"):
                     item["tags"] = [t for t in row["tags"].split("|") if t]
                 if row.get("available"):
                     item["available"] = row["available"].strip().lower() not in {"0", "false"}
-                yield item
+                yield reader.line_num, item
     else:
         with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{n}: not JSON ({exc.msg}, column {exc.colno})"
+                                     ) from None
+                if not isinstance(item, dict):
+                    raise InputError(f"{path}:{n}: not a JSON object")
+                yield n, item
+
+
+def read_items(path: Path):
+    """Items from JSONL or CSV (``numbered_items`` without the line numbers)."""
+    return (item for _, item in numbered_items(path))
+
+
+def _problem(item: dict) -> str | None:
+    """Why the service would refuse this item (API.md's item rules), or None."""
+    from pydantic import ValidationError
+
+    from app.schemas import ItemIn
+
+    try:
+        ItemIn.model_validate(item)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "item"
+        return f"{where}: {first['msg']}"
+    return None
 
 
 def _load_items(args: argparse.Namespace) -> None:
-    """Upsert a file's items in batches, with progress. Resumable: the count of items the
-    service confirmed is kept beside the file (``<file>.loaded``, with the file's size
-    and mtime), so a rerun after a crash or Ctrl-C continues where it stopped."""
+    """Upsert a file's items in batches, with progress. Resumable: the count of rows the
+    service confirmed (or that were skipped) is kept beside the file (``<file>.loaded``,
+    with the file's size and mtime), so a rerun after a crash or Ctrl-C continues where
+    it stopped. Rows the service would refuse are reported by line and skipped, so one
+    bad row does not refuse the valid rows of its batch; the exit status is then 1."""
     from tqdm import tqdm
 
     from app.client import Client
 
     path = Path(args.file)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
     with path.open("rb") as fh:
         total = sum(1 for line in fh if line.strip()) - (path.suffix.lower() == ".csv")
     marker = path.with_name(path.name + ".loaded")
@@ -112,26 +157,38 @@ def _load_items(args: argparse.Namespace) -> None:
     client = Client(args.url, args.api_key)
     batch: list[dict] = []
     size = None
+    skipped = 0
+    rows = done  # rows consumed (sent or skipped) so far
 
     def send() -> None:
         nonlocal size, done
-        size = client.upsert(batch)["catalog_size"]
-        done += len(batch)
+        if batch:
+            size = client.upsert(batch)["catalog_size"]
+        bar.update(rows - done)
+        done = rows
         marker.write_text(json.dumps({**fingerprint, "done": done}))
-        bar.update(len(batch))
         batch.clear()
 
     with tqdm(total=total, initial=done, desc="loading items", unit="item") as bar:
-        for i, item in enumerate(read_items(path)):
+        for i, (line, item) in enumerate(numbered_items(path)):
             if i < done:
                 continue  # confirmed by an earlier run
+            rows = i + 1
+            problem = _problem(item)
+            if problem is not None:
+                skipped += 1
+                tqdm.write(f"{path}:{line}: skipped: {problem}", file=sys.stderr)
+                continue
             batch.append(item)
             if len(batch) == args.batch:
                 send()
-        if batch:
+        if rows > done:
             send()
     print("nothing left to load: every item was confirmed by an earlier run"
-          if size is None else f"catalog size: {size}")
+          if size is None and not skipped else f"catalog size: {size}")
+    if skipped:
+        raise InputError(f"{skipped} rows of {path} were skipped (see above); the rest "
+                         "were loaded")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -222,7 +279,17 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=_ope)
 
     args = parser.parse_args(argv)
-    args.fn(args)
+    import httpx
+
+    try:
+        args.fn(args)
+    except InputError as exc:
+        parser.exit(1, f"recsvc {args.command}: {exc}\n")
+    except (httpx.TransportError, ConnectionError) as exc:
+        parser.exit(1, f"recsvc {args.command}: cannot reach the service at "
+                       f"{getattr(args, 'url', '?')}: {exc or type(exc).__name__}\n")
+    except ServiceError as exc:
+        parser.exit(1, f"recsvc {args.command}: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -127,8 +127,9 @@ def test_load_items_resumes_after_a_failure_without_resending(tmp_path, monkeypa
     items.write_text("".join(json.dumps({"item_id": f"i{n}", "text": f"item {n}"}) + "\n"
                              for n in range(25)))
     argv = ["load-items", str(items), "--batch", "5", "--url", "http://unused"]
-    with pytest.raises(ConnectionError):
+    with pytest.raises(SystemExit):  # "cannot reach the service", no traceback
         main(argv)
+    assert "cannot reach the service at http://unused" in capsys.readouterr().err
     assert sent == [f"i{n}" for n in range(10)]  # two batches confirmed, the third failed
     fail_at["call"] = -1
     main(argv)
@@ -138,3 +139,74 @@ def test_load_items_resumes_after_a_failure_without_resending(tmp_path, monkeypa
     assert "nothing left to load" in capsys.readouterr().out
     main([*argv, "--from-start"])
     assert len(sent) == 50
+
+
+def _recording_client(monkeypatch, sent: list[str]):
+    import app.client
+
+    class Recording:
+        def __init__(self, url, api_key=None):
+            pass
+
+        def upsert(self, items):
+            sent.extend(i["item_id"] for i in items)
+            return {"catalog_size": len(sent)}
+
+    monkeypatch.setattr(app.client, "Client", Recording)
+
+
+def test_load_items_names_the_line_of_each_bad_row_and_loads_the_rest(
+        tmp_path, monkeypatch, capsys):
+    """A row the service would refuse is reported by file and line and skipped; its
+    batch's valid rows are loaded (before, the batch was refused whole with a 422
+    naming only its position in the batch, or a traceback for a non-JSON line)."""
+    from app.cli import main
+
+    sent: list[str] = []
+    _recording_client(monkeypatch, sent)
+    rows = tmp_path / "items.csv"
+    rows.write_text("item_id,text\na,Heat\nb,\nbad id,Alien\nc,Babe\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["load-items", str(rows), "--url", "http://unused"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{rows}:3: skipped: text" in err and f"{rows}:4: skipped: item_id" in err
+    assert "2 rows of" in err
+    assert sent == ["a", "c"]
+
+    lines = tmp_path / "items.jsonl"
+    lines.write_text('{"item_id": "a", "text": "Heat"}\n{"item_id": "b", "text": \n')
+    with pytest.raises(SystemExit):
+        main(["load-items", str(lines), "--url", "http://unused"])
+    assert f"{lines}:2: not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no file", "no text column"])
+def test_load_items_says_what_is_wrong_with_the_file(tmp_path, monkeypatch, capsys, case):
+    from app.cli import main
+
+    _recording_client(monkeypatch, [])
+    path = tmp_path / "items.csv"
+    if case == "no text column":
+        path.write_text("item_id,title\na,Heat\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["load-items", str(path), "--url", "http://unused"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("no such file" if case == "no file" else "no text column") in err
+
+
+def test_the_client_waits_out_a_retry_after(monkeypatch):
+    """A 429 or 503 with Retry-After is a pause for a bulk load, not a failure."""
+    import httpx
+
+    from app import client as client_module
+
+    answers = iter([httpx.Response(429, headers={"Retry-After": "0"}, json={}),
+                    httpx.Response(503, headers={"Retry-After": "0"}, json={}),
+                    httpx.Response(200, json={"upserted": 1, "catalog_size": 1})])
+    transport = httpx.MockTransport(lambda request: next(answers))
+    c = client_module.Client("http://unused")
+    c.http = httpx.Client(base_url="http://unused", transport=transport)
+    assert c.upsert([{"item_id": "a", "text": "Heat"}]) == {"upserted": 1, "catalog_size": 1}

@@ -6,11 +6,34 @@ import time
 from collections.abc import Callable
 
 import httpx
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
 # answers that say "not now": retried after their Retry-After, this many times
 RETRIED = (429, 503)
 RETRIES = 5
 RETRY_AFTER_MAX_S = 30.0
+
+
+def _retry_after(state: RetryCallState) -> float:
+    """The answer's ``Retry-After`` (seconds), else exponential backoff from 0.5 s;
+    never more than ``RETRY_AFTER_MAX_S``."""
+    backoff = min(0.5 * 2 ** (state.attempt_number - 1), RETRY_AFTER_MAX_S)
+    resp = state.outcome.result() if state.outcome and not state.outcome.failed else None
+    header = resp.headers.get("retry-after") if resp is not None else None
+    try:
+        wait = float(header) if header is not None else backoff
+    except ValueError:  # an HTTP date: not sent by recsvc, backoff instead
+        wait = backoff
+    return min(max(wait, 0.0), RETRY_AFTER_MAX_S)
+
+
+def _retrying(send: Callable[[], httpx.Response]) -> httpx.Response:
+    """``send()`` again while it answers ``429`` or ``503``, ``RETRIES`` times at most;
+    the last answer is returned whatever it is."""
+    return Retrying(retry=retry_if_result(lambda r: r.status_code in RETRIED),
+                    wait=_retry_after, stop=stop_after_attempt(RETRIES + 1),
+                    retry_error_callback=lambda state: state.outcome.result(),
+                    reraise=True)(send)
 
 
 class ServiceError(RuntimeError):
@@ -33,19 +56,9 @@ class Client:
         return resp.json() if resp.content else {}
 
     def _post(self, path: str, body: dict) -> httpx.Response:
-        """POST, waiting out a ``429`` or ``503`` for as long as its ``Retry-After``
-        says (at most ``RETRY_AFTER_MAX_S`` a time, ``RETRIES`` times): a rate limit or
-        a store outage is a pause, not a failure, for a bulk load."""
-        for attempt in range(RETRIES + 1):
-            resp = self.http.post(path, json=body)
-            if resp.status_code not in RETRIED or attempt == RETRIES:
-                return resp
-            try:
-                wait = float(resp.headers.get("retry-after", "1"))
-            except ValueError:
-                wait = 1.0
-            time.sleep(min(max(wait, 0.0), RETRY_AFTER_MAX_S))
-        return resp
+        """POST, waiting out a ``429`` or ``503`` (a rate limit, a store outage: a pause,
+        not a failure, for a bulk load) as ``_retrying`` says."""
+        return _retrying(lambda: self.http.post(path, json=body))
 
     def upsert(self, items: list[dict]) -> dict:
         return self._ok(self._post("/v1/items", {"items": items}))

@@ -210,3 +210,22 @@ def test_the_client_waits_out_a_retry_after(monkeypatch):
     c = client_module.Client("http://unused")
     c.http = httpx.Client(base_url="http://unused", transport=transport)
     assert c.upsert([{"item_id": "a", "text": "Heat"}]) == {"upserted": 1, "catalog_size": 1}
+
+
+def test_the_client_gives_up_after_its_retries_with_the_last_answer():
+    import httpx
+
+    from app import client as client_module
+
+    calls = []
+
+    def answer(request):
+        calls.append(request)
+        return httpx.Response(503, headers={"Retry-After": "0"},
+                              json={"error": {"code": "store_unavailable", "message": "down"}})
+
+    c = client_module.Client("http://unused")
+    c.http = httpx.Client(base_url="http://unused", transport=httpx.MockTransport(answer))
+    with pytest.raises(client_module.ServiceError, match="503"):
+        c.upsert([{"item_id": "a", "text": "Heat"}])
+    assert len(calls) == client_module.RETRIES + 1

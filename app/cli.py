@@ -235,46 +235,57 @@ def _ope(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # every option's help shows its default
+    formatter = argparse.ArgumentDefaultsHelpFormatter
 
-    p = sub.add_parser("serve", help="run the service (embedded store unless RECSVC_REDIS_URL)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=formatter)
+
+    p = command("serve", "run the service (embedded store unless RECSVC_REDIS_URL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another "
+                   "host needs API keys, or RECSVC_ALLOW_OPEN=true)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.set_defaults(fn=_serve)
 
-    p = sub.add_parser("learner", help="run the learner alone, beside RECSVC_ROLE=api "
-                       "replicas (needs RECSVC_REDIS_URL); --port serves its probes")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
+    p = command("learner", "run the learner alone, beside RECSVC_ROLE=api replicas (needs "
+                "RECSVC_REDIS_URL); --port serves its probes")
+    p.add_argument("--host", default="127.0.0.1", help="address of the probes")
+    p.add_argument("--port", type=int, default=8001, help="port of the probes")
     p.set_defaults(fn=_learner)
 
     def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=os.environ.get("RECSVC_URL", "http://127.0.0.1:8000"))
-        p.add_argument("--api-key", default=os.environ.get("RECSVC_API_KEY"))
+        p.add_argument("--url", default=os.environ.get("RECSVC_URL", "http://127.0.0.1:8000"),
+                       help="the service (RECSVC_URL)")
+        p.add_argument("--api-key", default=os.environ.get("RECSVC_API_KEY"),
+                       help="sent as X-API-Key (RECSVC_API_KEY)")
 
-    p = sub.add_parser("load-items", help="bulk upsert items from a JSONL or CSV file")
-    p.add_argument("file")
-    p.add_argument("--batch", type=int, default=500)
+    p = command("load-items", "bulk upsert items from a JSONL or CSV file")
+    p.add_argument("file", help="JSONL (one item object per line) or CSV "
+                   "(item_id,text[,tags][,available])")
+    p.add_argument("--batch", type=int, default=500, help="items per request (at most 1000)")
     p.add_argument("--from-start", action="store_true",
                    help="ignore <file>.loaded and load every item again")
     client_args(p)
     p.set_defaults(fn=_load_items)
 
-    p = sub.add_parser("demo", help="load MovieLens-100k and play simulated users")
-    p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--window", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("demo", "load MovieLens-100k into a running service and play simulated "
+                "users against it, printing the CTR learning curve")
+    p.add_argument("--requests", type=int, default=3000, help="recommend requests to play")
+    p.add_argument("--window", type=int, default=250, help="requests per row of the curve")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated users")
     client_args(p)
     p.set_defaults(fn=_demo)
 
-    p = sub.add_parser("export-log", help="write the evaluation log (closed impressions) as JSONL")
-    p.add_argument("--out", default="recsvc-log.jsonl")
-    p.add_argument("--limit", type=int, default=100_000)
+    p = command("export-log", "write the evaluation log (closed impressions) as JSONL")
+    p.add_argument("--out", default="recsvc-log.jsonl", help="file to write")
+    p.add_argument("--limit", type=int, default=100_000, help="newest records to export")
     client_args(p)
     p.set_defaults(fn=_export_log)
 
-    p = sub.add_parser("ope", help="off-policy estimates (IPS, SNIPS, DR) from the log")
+    p = command("ope", "off-policy estimates (IPS, SNIPS, DR) from the log")
     p.add_argument("--log", help="a file from export-log; default: fetch from --url")
-    p.add_argument("--limit", type=int, default=100_000)
+    p.add_argument("--limit", type=int, default=100_000,
+                   help="newest records to fetch from --url")
     client_args(p)
     p.set_defaults(fn=_ope)
 

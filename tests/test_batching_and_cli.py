@@ -229,3 +229,14 @@ def test_the_client_gives_up_after_its_retries_with_the_last_answer():
     with pytest.raises(client_module.ServiceError, match="503"):
         c.upsert([{"item_id": "a", "text": "Heat"}])
     assert len(calls) == client_module.RETRIES + 1
+
+
+@pytest.mark.parametrize("command, shown", [("demo", "recommend requests to play (default: 3000)"),
+                                            ("load-items", "(at most 1000) (default: 500)")])
+def test_every_option_has_help_with_its_default(capsys, command, shown):
+    from app.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert shown in out

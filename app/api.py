@@ -8,8 +8,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from swagger_ui_bundle import swagger_ui_path
 
 from app.auth import KeyRing, authenticate, require_admin
 from app.engine import Engine
@@ -41,6 +44,10 @@ from app.schemas import (
 from app.settings import Settings
 from app.store import Store, StoreUnavailable, make_store
 
+# the version of the HTTP contract the service implements (docs/api.md)
+API_VERSION = "1.1"
+# where Swagger UI's assets are served (see ``docs``)
+DOCS_ASSETS = "/docs-assets"
 log = logging.getLogger("recsvc.api")
 
 _ERRORS = {s: {"model": ErrorOut} for s in (400, 401, 404, 413, 422, 429, 503)}
@@ -84,10 +91,21 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
                 await st.close()
             log.info("shutdown complete")
 
-    app = FastAPI(title="recsvc", version="1.0",
+    app = FastAPI(title="recsvc", version=API_VERSION,
                   description="Online recommendation service that learns from feedback "
                               "with reinforcement learning.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    # Swagger UI from the package's own copy of its assets: FastAPI's default page loads
+    # them from a CDN, so it was blank wherever the service runs offline
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="recsvc API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)

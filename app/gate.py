@@ -26,7 +26,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from app.store import Store, StoreUnavailable
 
-DOCS = ("/docs", "/redoc", "/openapi.json")
+DOCS = ("/docs", "/openapi.json")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None):

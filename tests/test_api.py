@@ -81,7 +81,15 @@ def test_health_ready_metrics_docs(client):
         assert name in text
     assert 'route="/v1/recommend"' in text
     assert "recsvc_encoder_cache_hits_total 1.0" in text
-    assert client.get("/docs").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200
+    # offline: every asset of the page comes from the service itself
+    assert "cdn" not in page.text and "https://" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs-assets/{asset}" in page.text
+        got = client.get(f"/docs-assets/{asset}")
+        assert got.status_code == 200 and len(got.content) > 10_000
+    assert client.get("/openapi.json").json()["info"]["version"] == "1.1"
     assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
 
 

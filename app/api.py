@@ -12,6 +12,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
 from app.auth import KeyRing, authenticate, require_admin
@@ -25,6 +26,8 @@ from app.schemas import (
     ErrorOut,
     EventIn,
     EventOut,
+    FeedbackBatchIn,
+    FeedbackBatchOut,
     FeedbackIn,
     FeedbackOut,
     HistoryEntry,
@@ -176,6 +179,36 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         duplicate = out.status == "duplicate"
         return FastJSONResponse({"accepted": True, "reward": out.reward,
                                  "duplicate": duplicate}, status_code=200 if duplicate else 202)
+
+    @v1.post("/feedback/batch", response_model=FeedbackBatchOut,
+             response_model_exclude_none=True)
+    async def feedback_batch(body: FeedbackBatchIn, engine: Engine = Depends(_engine)):
+        """Up to 1,000 feedback events, each answered as it would be alone; they are
+        written together (the store's pipelines batch concurrent events)."""
+        async def one(raw: dict) -> dict:
+            try:
+                event = FeedbackIn.model_validate(raw)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "body"
+                return {"status": 422, "error": {"code": "validation_error",
+                                                 "message": f"{field}: {first['msg']}"}}
+            out = await engine.feedback(event.request_id, event.item_id, event.event,
+                                        event.value)
+            if out.status == "unknown_request":
+                return {"status": 404, "error": {
+                    "code": "unknown_request",
+                    "message": f"request_id {event.request_id!r} is unknown or expired"}}
+            if out.status == "not_in_slate":
+                return {"status": 422, "error": {
+                    "code": "item_not_in_slate",
+                    "message": f"item_id: {event.item_id!r} was not in that slate"}}
+            duplicate = out.status == "duplicate"
+            return {"status": 200 if duplicate else 202, "accepted": True,
+                    "reward": out.reward, "duplicate": duplicate}
+
+        # a StoreUnavailable from any event makes the whole call 503
+        return {"results": await asyncio.gather(*(one(e) for e in body.events))}
 
     @v1.post("/events", response_model=EventOut, status_code=202)
     async def events(body: EventIn, engine: Engine = Depends(_engine)):

@@ -134,6 +134,27 @@ class FeedbackOut(BaseModel):
     duplicate: bool = False
 
 
+class FeedbackBatchIn(Strict):
+    # each event is validated on its own, by the route: an event that is not a valid
+    # FeedbackIn gets a 422 result of its own, and does not refuse the others
+    events: list[dict] = Field(min_length=1, max_length=1000,
+                               description="feedback objects as POST /v1/feedback takes")
+
+
+class FeedbackResult(BaseModel):
+    """What the event would have got alone: its status, and its body's fields."""
+
+    status: int
+    accepted: bool | None = None
+    reward: float | None = None
+    duplicate: bool | None = None
+    error: dict | None = None
+
+
+class FeedbackBatchOut(BaseModel):
+    results: list[FeedbackResult]
+
+
 class EventIn(_EventValue):
     user_id: Id
     item_id: Id

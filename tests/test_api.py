@@ -256,6 +256,37 @@ def test_items_a_user_ignored_rest_unless_the_slate_would_be_short(resting_clien
     assert sorted(i["item_id"] for i in after["items"]) == sorted([shown[0], *fresh])
 
 
+def test_batch_feedback_answers_each_event_as_it_would_be_alone(client):
+    """v1.1: one call, one result per event in order; a refused event does not refuse
+    the others."""
+    slate = recommend(client, k=3)
+    rid, items = slate["request_id"], [i["item_id"] for i in slate["items"]]
+    other = [m for m, _ in MOVIES if m not in items][0]
+    events = [{"request_id": rid, "item_id": items[0], "event": "click"},
+              {"request_id": rid, "item_id": items[0], "event": "click"},   # repeated
+              {"request_id": "01UNKNOWN", "item_id": items[1], "event": "click"},
+              {"request_id": rid, "item_id": other, "event": "click"},      # not shown
+              {"request_id": rid, "item_id": items[1], "event": "rating"},  # no value
+              {"request_id": rid, "item_id": items[2], "event": "rating", "value": 4}]
+    r = client.post("/v1/feedback/batch", json={"events": events})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [202, 200, 404, 422, 422, 202]
+    assert results[0] == {"status": 202, "accepted": True, "reward": 1.0, "duplicate": False}
+    assert results[1]["duplicate"] is True
+    assert results[2]["error"]["code"] == "unknown_request"
+    assert results[3]["error"]["code"] == "item_not_in_slate"
+    assert results[4]["error"]["code"] == "validation_error"
+    history = client.get("/v1/users/u-1").json()["history"]
+    assert [(h["item_id"], h["event"]) for h in history] == [(items[0], "click"),
+                                                             (items[2], "rating")]
+    # the same event alone is now a duplicate
+    alone = client.post("/v1/feedback", json=events[0])
+    assert alone.status_code == 200 and alone.json()["duplicate"] is True
+    assert_error(client.post("/v1/feedback/batch", json={"events": []}), 422)
+    assert_error(client.post("/v1/feedback/batch", json={"events": [{}] * 1001}), 422)
+
+
 def test_events_endpoint(client):
     r = client.post("/v1/events", json={"user_id": "u-9", "item_id": "m-3",
                                         "event": "purchase", "value": None})

@@ -40,6 +40,7 @@ from app.schemas import (
     RecommendIn,
     RecommendOut,
     RollbackOut,
+    ScoredItemsOut,
     SlateItem,
     UpsertOut,
     UserOut,
@@ -134,6 +135,18 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
             raise APIError(404, "item_not_found", f"no item {item_id!r}")
         return {"item_id": found.item_id, "text": found.text, "tags": found.tags,
                 "available": found.available}
+
+    @v1.get("/items/{item_id}/similar", response_model=ScoredItemsOut)
+    async def similar(item_id: Id, k: int = Query(10, ge=1, le=100),
+                      engine: Engine = Depends(_engine)):
+        found = await engine.similar(item_id, k)
+        if found is None:
+            raise APIError(404, "item_not_found", f"no item {item_id!r}")
+        return {"items": [{"item_id": i, "score": v} for i, v in found]}
+
+    @v1.get("/popular", response_model=ScoredItemsOut)
+    async def popular(k: int = Query(10, ge=1, le=100), engine: Engine = Depends(_engine)):
+        return {"items": [{"item_id": i, "score": v} for i, v in await engine.popular(k)]}
 
     @v1.delete("/items/{item_id}", status_code=204, response_class=Response,
                dependencies=_ADMIN, responses=_ADMIN_ERRORS)

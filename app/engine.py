@@ -55,7 +55,13 @@ from models.qnet import (
     weights_shape,
 )
 from models.session import SessionGaps, session_start
-from models.state import FEATURE_GROUPS, RecentItems, StateLayout, candidate_features
+from models.state import (
+    FEATURE_GROUPS,
+    RecentItems,
+    StateLayout,
+    candidate_features,
+    smoothed_ctr,
+)
 
 # the related-items source searches around this many of the user's latest positive items
 RELATED_SEEDS = 3
@@ -472,6 +478,31 @@ class Engine:
         for r in records:
             if r.item_id not in changed_ids:
                 self.index.set_available(r.item_id, r.available)
+
+    # -- catalog reads (v1.1) --------------------------------------------------------------
+    async def popular(self, k: int) -> list[tuple[str, float]]:
+        """The ``k`` available items with the highest smoothed engagement rate, the
+        ranking the engaging candidate source draws from, with that rate."""
+        return await self.run(self._popular, k)
+
+    def _popular(self, k: int) -> list[tuple[str, float]]:
+        ids = self.index.engaging(k, [()])[0][0]
+        rates = smoothed_ctr(self.index.stats_of(ids), self.index.base_ctr())
+        return list(zip(ids, rates.tolist(), strict=True))
+
+    async def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        """The ``k`` available items nearest to ``item_id`` by content embedding, with
+        their cosine similarity; None for an unknown item."""
+        return await self.run(self._similar, item_id, k)
+
+    def _similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
+        known, vector = self.index.vectors_of([item_id])
+        if not known:
+            return None
+        ids, vectors = self.index.related([[item_id]], k, [{item_id}])[0]
+        norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(vector[0])), 1e-12)
+        cosine = vectors @ vector[0] / np.maximum(norms, 1e-12)
+        return list(zip(ids, cosine.tolist(), strict=True))
 
     async def delete_item(self, item_id: str) -> bool:
         found = await self.store.delete_item(item_id, origin=self.catalog.origin)

@@ -42,6 +42,15 @@ class ItemOut(BaseModel):
     available: bool
 
 
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class ScoredItemsOut(BaseModel):
+    items: list[ScoredItem]
+
+
 class UpsertOut(BaseModel):
     upserted: int
     catalog_size: int

@@ -287,6 +287,34 @@ def test_batch_feedback_answers_each_event_as_it_would_be_alone(client):
     assert_error(client.post("/v1/feedback/batch", json={"events": [{}] * 1001}), 422)
 
 
+def test_similar_and_popular(client):
+    """v1.1 catalog reads: nearest available items by content, and items by engagement."""
+    sim = client.get("/v1/items/m-1/similar", params={"k": 3})
+    assert sim.status_code == 200
+    items = sim.json()["items"]
+    assert len(items) == 3 and "m-1" not in [i["item_id"] for i in items]
+    # Toy Story's nearest: the two other children's comedies, Babe and Aladdin
+    assert {i["item_id"] for i in items[:2]} == {"m-5", "m-9"}, items
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= v <= 1 for v in scores)
+    assert_error(client.get("/v1/items/m-404/similar"), 404, "item_not_found")
+    assert_error(client.get("/v1/items/m-1/similar", params={"k": 0}), 422)
+    assert client.delete("/v1/items/m-9").status_code == 204  # only available items
+    assert "m-9" not in [i["item_id"] for i in
+                         client.get("/v1/items/m-1/similar").json()["items"]]
+
+    for _ in range(3):  # m-5 is shown and clicked; the rest of each slate is passed over
+        slate = recommend(client, user="pop", k=5, candidates=["m-5", "m-2", "m-3", "m-4",
+                                                              "m-6"], explore=False,
+                          exclude_seen=False)
+        assert client.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                                  "item_id": "m-5", "event": "click"}
+                           ).status_code == 202
+    top = wait_for(lambda: (r := client.get("/v1/popular", params={"k": 4}).json()["items"])
+                   and r[0]["item_id"] == "m-5" and r, what="m-5 first")
+    assert len(top) == 4 and top[0]["score"] > top[1]["score"]
+
+
 def test_events_endpoint(client):
     r = client.post("/v1/events", json={"user_id": "u-9", "item_id": "m-3",
                                         "event": "purchase", "value": None})

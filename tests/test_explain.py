@@ -99,9 +99,10 @@ def test_importance_is_admin_only_and_measured_on_logged_impressions(backend, en
         assert changes == sorted(changes, reverse=True)
         # all but untrained (six slates of zero reward learned): the content prior reads
         # the context, and the per-candidate feature weights, which start at zero, have
-        # barely moved
+        # moved little (how many of the learner's few steps were published by now
+        # depends on timing: on a loaded machine, all of them)
         context = parts["context"]["mean_abs_q_change"]
         assert got["parts"][0]["part"] == "context" and context > 0
         for group in ("exposure", "popularity", "affinity", "tags", "repeat"):
-            assert parts[group]["mean_abs_q_change"] < 0.01 * context
+            assert parts[group]["mean_abs_q_change"] < 0.1 * context
         assert_error(c.get("/v1/model/importance", params={"limit": 0}), 422)

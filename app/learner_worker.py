@@ -530,8 +530,7 @@ class LearnerWorker:
             # a rollback was published since the check above, or the store lost the
             # versions this learner published (a failover to a replica behind, a
             # restart without persistence): follow the former, resync to the latter
-            if not await self.adopt_newer_weights():
-                await self._resync_to_store()
+            await self.adopt_newer_weights()
             return False
         if not committed:
             self._step_down("the lease was lost before the commit")
@@ -555,11 +554,23 @@ class LearnerWorker:
 
     async def adopt_newer_weights(self) -> bool:
         """Follow a version this learner did not publish (a rollback through the API):
-        continue learning from it instead of overwriting it. What was learned on top of
+        continue learning from it instead of overwriting it (or, if the store's latest is
+        older than this learner's, resync to it; False then too). What was learned on top of
         the version it replaces and not committed yet is dropped, and so are those
         entries' acknowledgements: they are read again and learned on top of it."""
         latest = await self.store.latest_version()
-        if latest <= self.version:
+        if latest < self.version:
+            # the store lost the versions this learner published (a failover to a replica
+            # behind, a restart without persistence): its weights are the newest there
+            # are, published on top of the store's latest (comparing against a version
+            # the store no longer has, every commit would conflict for ever)
+            log.warning("the store's latest version is %d, this learner published %d: the "
+                        "store lost data; publishing on top of %d", latest, self.version,
+                        latest)
+            self.version = latest
+            self._dirty = True
+            return False
+        if latest == self.version:
             return False
         blob = await self.store.get_weights(latest)
         if blob is None:
@@ -572,20 +583,6 @@ class LearnerWorker:
             self._reread = True
         self._dirty = False
         return True
-
-    async def _resync_to_store(self) -> None:
-        """The store's latest version is older than the one this learner published:
-        the store lost data. This learner's weights are then the newest there are; they
-        are published as the version after the store's latest at the next commit
-        (without this, every commit would compare against a version the store no longer
-        has, and the learner would never commit or acknowledge again)."""
-        latest = await self.store.latest_version()
-        if latest < self.version:
-            log.warning("the store's latest version is %d, this learner published %d: the "
-                        "store lost data; publishing on top of %d", latest, self.version,
-                        latest)
-            self.version = latest
-            self._dirty = True
 
     async def _reload_published(self) -> None:
         blob = await self.store.get_weights(self.version) if self.version else None

@@ -44,9 +44,11 @@ from app.schemas import (
     SlateItem,
     UpsertOut,
     UserOut,
+    first_error,
 )
 from app.settings import Settings
 from app.store import Store, StoreUnavailable, make_store
+from app.store.base import FeedbackOutcome
 
 # the version of the HTTP contract the service implements (docs/api.md)
 API_VERSION = "1.1"
@@ -66,6 +68,20 @@ async def _engine(request: Request) -> Engine:
     if not engine.ready:
         raise APIError(503, "not_ready", "the service is starting", {"Retry-After": "1"})
     return engine
+
+
+def _feedback_answer(event: FeedbackIn, out: FeedbackOutcome) -> tuple[int, dict]:
+    """The status and body that answer one feedback event: ``POST /v1/feedback``'s, and
+    each result of ``POST /v1/feedback/batch``."""
+    if out.status == "unknown_request":
+        return 404, {"error": {"code": "unknown_request", "message":
+                               f"request_id {event.request_id!r} is unknown or expired"}}
+    if out.status == "not_in_slate":
+        return 422, {"error": {"code": "item_not_in_slate",
+                               "message": f"item_id: {event.item_id!r} was not in that slate"}}
+    duplicate = out.status == "duplicate"
+    return (200 if duplicate else 202), {"accepted": True, "reward": out.reward,
+                                         "duplicate": duplicate}
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None,
@@ -182,16 +198,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     @v1.post("/feedback", response_model=FeedbackOut, status_code=202,
              responses={200: {"model": FeedbackOut, "description": "duplicate"}})
     async def feedback(body: FeedbackIn, engine: Engine = Depends(_engine)):
-        out = await engine.feedback(body.request_id, body.item_id, body.event, body.value)
-        if out.status == "unknown_request":
-            raise APIError(404, "unknown_request",
-                           f"request_id {body.request_id!r} is unknown or expired")
-        if out.status == "not_in_slate":
-            raise APIError(422, "item_not_in_slate",
-                           f"item_id: {body.item_id!r} was not in that slate")
-        duplicate = out.status == "duplicate"
-        return FastJSONResponse({"accepted": True, "reward": out.reward,
-                                 "duplicate": duplicate}, status_code=200 if duplicate else 202)
+        status, answer = _feedback_answer(body, await engine.feedback(
+            body.request_id, body.item_id, body.event, body.value))
+        if "error" in answer:
+            raise APIError(status, answer["error"]["code"], answer["error"]["message"])
+        return FastJSONResponse(answer, status_code=status)
 
     @v1.post("/feedback/batch", response_model=FeedbackBatchOut,
              response_model_exclude_none=True)
@@ -202,23 +213,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
             try:
                 event = FeedbackIn.model_validate(raw)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "body"
                 return {"status": 422, "error": {"code": "validation_error",
-                                                 "message": f"{field}: {first['msg']}"}}
-            out = await engine.feedback(event.request_id, event.item_id, event.event,
-                                        event.value)
-            if out.status == "unknown_request":
-                return {"status": 404, "error": {
-                    "code": "unknown_request",
-                    "message": f"request_id {event.request_id!r} is unknown or expired"}}
-            if out.status == "not_in_slate":
-                return {"status": 422, "error": {
-                    "code": "item_not_in_slate",
-                    "message": f"item_id: {event.item_id!r} was not in that slate"}}
-            duplicate = out.status == "duplicate"
-            return {"status": 200 if duplicate else 202, "accepted": True,
-                    "reward": out.reward, "duplicate": duplicate}
+                                                 "message": first_error(exc.errors())}}
+            status, answer = _feedback_answer(event, await engine.feedback(
+                event.request_id, event.item_id, event.event, event.value))
+            return {"status": status, **answer}
 
         # a StoreUnavailable from any event makes the whole call 503
         return {"results": await asyncio.gather(*(one(e) for e in body.events))}

@@ -120,14 +120,12 @@ def _problem(item: dict) -> str | None:
     """Why the service would refuse this item (API.md's item rules), or None."""
     from pydantic import ValidationError
 
-    from app.schemas import ItemIn
+    from app.schemas import ItemIn, first_error
 
     try:
         ItemIn.model_validate(item)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "item"
-        return f"{where}: {first['msg']}"
+        return first_error(exc.errors())
     return None
 
 

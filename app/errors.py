@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.schemas import error_field, first_error
 from app.store import StoreUnavailable
 
 log = logging.getLogger("recsvc.api")
@@ -44,10 +45,6 @@ def error_response(status: int, code: str, message: str, details: list | None = 
     return FastJSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def _field(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p != "body") or "body"
-
-
 def _allowed(app: FastAPI, request: Request) -> list[str]:
     """Every method some route serves at this path. Starlette's 405 names only the
     methods of the first route that matched the path (GET where DELETE exists too)."""
@@ -75,11 +72,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         errors = exc.errors()
-        details = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", ""),
+        details = [{"field": error_field(tuple(e.get("loc", ()))), "message": e.get("msg", ""),
                     "type": e.get("type", "")} for e in errors]
-        first = details[0] if details else {"field": "body", "message": "invalid request"}
-        return error_response(422, "validation_error",
-                              f"{first['field']}: {first['message']}", details)
+        return error_response(422, "validation_error", first_error(errors), details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -13,6 +13,21 @@ from pydantic import (
     model_validator,
 )
 
+
+def error_field(loc: tuple) -> str:
+    """Where a validation error is, as a 422 names it (``context.text``; the request
+    body itself is ``body``)."""
+    return ".".join(str(p) for p in loc if p != "body") or "body"
+
+
+def first_error(errors: list[dict]) -> str:
+    """``field: message`` of the first of pydantic's errors: the message of every 422,
+    of a batch's refused event and of a load-items row that is skipped."""
+    if not errors:
+        return "body: invalid request"
+    return f"{error_field(tuple(errors[0].get('loc', ())))}: {errors[0].get('msg', '')}"
+
+
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128,
                                       pattern=r"^[A-Za-z0-9_.:@-]+$")]
 Event = Literal["click", "purchase", "like", "dislike", "skip", "rating", "dwell"]

@@ -520,7 +520,7 @@ class Engine:
 
     # -- recommending ------------------------------------------------------------------
     async def recommend(self, user_id: str, context_text: str | None, k: int,
-                        exclude: list[str], exclude_seen: bool,
+                        exclude: list[str], *, exclude_seen: bool,
                         candidates: list[str] | None, explore: bool,
                         explain: bool = False) -> Slate:
         async def user() -> UserData:

@@ -145,8 +145,8 @@ class ServicePolicy(Policy):
     def slate(self, view: View, k: int) -> np.ndarray:
         user = view.user
         slate = self.run(self.engine.recommend(
-            self.users[user], self.contexts[user], k, [], self.world.config.consumes,
-            None, True))
+            self.users[user], self.contexts[user], k, [],
+            exclude_seen=self.world.config.consumes, candidates=None, explore=True))
         self._request_id = slate.request_id
         return np.array([self._index[i] for i in slate.item_ids], dtype=np.int64)
 

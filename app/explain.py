@@ -28,7 +28,7 @@ from app.settings import Settings
 from app.store import Impression, UserData
 from models.index import CandidateIndex
 from models.qnet import Scorer
-from models.state import FEATURE_GROUPS, N_SCALARS, StateLayout, candidate_features
+from models.state import FEATURE_GROUPS, StateLayout, candidate_features
 
 # history items explained per request: the latest distinct ones
 EXPLAINED_HISTORY = 20
@@ -108,13 +108,6 @@ def explain_slate(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
     return out
 
 
-def state_parts(layout: StateLayout) -> list[tuple[str, slice]]:
-    d = layout.dim
-    return [("context", slice(0, d)), ("positive_pool", slice(d, 2 * d)),
-            ("negative_pool", slice(2 * d, 3 * d)),
-            ("scalars", slice(3 * d, 3 * d + N_SCALARS))]
-
-
 def importance(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
                impressions: list[Impression]) -> dict:
     """Model-wide importance of each input part, by ablation on logged impressions."""
@@ -149,7 +142,7 @@ def importance(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
         parts.append({"part": name, "kind": kind, "mean_abs_q_change": float(change.mean()),
                       "top_item_changed": float(top)})
 
-    for name, cols in state_parts(layout):
+    for name, cols in layout.parts.items():
         ablated = states.copy()
         ablated[:, cols] = 0.0
         measure(name, "state", q_all(ablated))

@@ -62,7 +62,7 @@ def user_state_and_history(layout: StateLayout, user: UserData, context: np.ndar
 
 def context_of(layout: StateLayout, state: np.ndarray) -> np.ndarray | None:
     """The context embedding stored in a state, or None when it had no context."""
-    has_context = state[3 * layout.dim] > 0.5
+    has_context = bool(layout.has_context(state))
     return layout.context(state).copy() if has_context else None
 
 

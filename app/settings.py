@@ -19,6 +19,8 @@ from models.exploration import EpsilonSchedule
 from models.learner import DQNConfig
 from models.rewards import HEADS, RewardMap
 
+_LEARNER = DQNConfig()  # the learner's defaults, which the learning settings take
+
 
 def _keys(inline: SecretStr, path: str | None) -> list[str]:
     """Keys from a comma-separated setting plus a file (one per line, ``#`` comments),
@@ -115,24 +117,27 @@ class Settings(BaseSettings):
                              "rule learned across users from new users' residuals")
 
     # learning
-    gamma: float = 0.3
-    learning_rate: float = 1e-3
-    batch_size: int = 64
-    replay_size: int = 50_000
-    replay_prefault: bool = Field(True, description="commit the replay buffer's memory at "
-                                  "start, so resident memory is flat from the first request")
-    steps_per_batch: int = Field(0, ge=0, description="least gradient steps per learning "
-                                 "round with new transitions (0: only the steps they owe, "
-                                 "so steps per event do not depend on how often rounds run)")
-    replay_ratio: float = Field(3.0, gt=0, description="gradient steps per new transition, "
-                                "in units of half a minibatch")
+    # (defaults: models.learner.DQNConfig's, the one place they are written)
+    gamma: float = _LEARNER.gamma
+    learning_rate: float = _LEARNER.lr
+    batch_size: int = _LEARNER.batch_size
+    replay_size: int = _LEARNER.buffer_size
+    replay_prefault: bool = Field(_LEARNER.prefault_buffer, description="commit the replay "
+                                  "buffer's memory at start, so resident memory is flat "
+                                  "from the first request")
+    steps_per_batch: int = Field(_LEARNER.steps_per_batch, ge=0, description="least gradient "
+                                 "steps per learning round with new transitions (0: only "
+                                 "the steps they owe, so steps per event do not depend on "
+                                 "how often rounds run)")
+    replay_ratio: float = Field(_LEARNER.replay_ratio, gt=0, description="gradient steps per "
+                                "new transition, in units of half a minibatch")
     max_steps_per_round: int = Field(64, ge=1, description="most gradient steps per learning "
                                      "round: under more traffic than the learner can train "
                                      "on, it learns less per event instead of lagging ever "
                                      "further behind (and losing impressions to their TTL)")
-    target_tau: float = 0.01
-    grad_clip: float = 5.0
-    hidden: int = 256
+    target_tau: float = _LEARNER.target_tau
+    grad_clip: float = _LEARNER.grad_clip
+    hidden: int = _LEARNER.hidden
     reward_map: str = Field("", description='JSON, e.g. {"click": 1, "purchase": 2}')
     reward_default: float = Field(0.0, description="reward of shown items with no feedback")
     head_weights: str = Field("", description="multi-task Q-network: JSON ranking weights "

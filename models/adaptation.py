@@ -37,18 +37,12 @@ N_RULE = NEW_USER_EVENTS * N_PER_BUCKET
 PREFIX = "adaptation."
 
 
-def positives_of(layout: StateLayout, states: np.ndarray) -> np.ndarray:
-    """How many positive events each state's user has, from its log-count scalar."""
-    scalar = np.atleast_2d(states)[:, 3 * layout.dim + 1]
-    return np.rint(np.expm1(4.0 * scalar)).astype(np.int64)
-
-
 def rule_features(layout: StateLayout, states: np.ndarray, features: np.ndarray
                   ) -> np.ndarray:
     """``(n, N_RULE)``: each row's affinity features and a bias, in the block of its
     user's event count (all zero for users with NEW_USER_EVENTS or more)."""
     n = len(features)
-    counts = np.broadcast_to(positives_of(layout, states), (n,))
+    counts = np.broadcast_to(layout.positive_count(states), (n,))
     out = np.zeros((n, N_RULE), dtype=np.float64)
     for bucket in range(NEW_USER_EVENTS):
         rows = counts == bucket
@@ -68,7 +62,7 @@ class AdaptationRule:
     def adjust(self, layout: StateLayout, state: np.ndarray, features: np.ndarray
                ) -> np.ndarray | None:
         """The score adjustment of one request's candidates, or None (not a new user)."""
-        if positives_of(layout, state)[0] >= NEW_USER_EVENTS or not len(features):
+        if layout.positive_count(state)[0] >= NEW_USER_EVENTS or not len(features):
             return None
         return rule_features(layout, state, features) @ self.theta
 

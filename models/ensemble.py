@@ -68,7 +68,7 @@ def linear_features(layout: StateLayout, states: np.ndarray, items: np.ndarray,
     states = np.atleast_2d(states)
     if len(states) == 1:  # serving: one state for all candidates, one (n, d) @ (d, 3)
         d = layout.dim
-        sims = items @ states[0, : 3 * d].reshape(3, d).T  # context, positive, negative
+        sims = items @ states[0, layout.pools].reshape(3, d).T  # context, positive, negative
     else:
         sims = np.stack([(items * layout.context(states)).sum(-1),
                          (items * layout.positive_pool(states)).sum(-1),

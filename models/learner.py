@@ -27,20 +27,24 @@ NextActionFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class DQNConfig:
+    """The learner's settings. These defaults are the service's: ``app.settings.Settings``
+    takes its learning defaults from here (as ``RECSVC_GAMMA`` and so on), so the two
+    cannot disagree."""
+
     gamma: float = 0.3
     lr: float = 1e-3
     batch_size: int = 64
     buffer_size: int = 50_000
-    steps_per_batch: int = 2
+    steps_per_batch: int = 0
     # minibatch draws per new transition (each minibatch is half new data): 1 puts each
     # new transition in one minibatch; more replays the recent past more per event
-    replay_ratio: float = 1.0
+    replay_ratio: float = 3.0
     huber_delta: float = 1.0
     grad_clip: float = 5.0
     target_tau: float = 0.01
     hidden: int = 256
     seed: int = 0
-    prefault_buffer: bool = False
+    prefault_buffer: bool = True
     # multi-task: heads of the Q-network, and their weights in the ranking value (the
     # online argmax at s' ranks as the server does); one head = a single objective
     heads: int = 1

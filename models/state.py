@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-N_SCALARS = 5
 N_EXPOSURE_FEATURES = 2
 N_POPULARITY_FEATURES = 2
 N_AFFINITY_FEATURES = 2
@@ -48,9 +47,18 @@ RECENT_NEGATIVES = 10
 TAG_BUCKETS = 64
 
 
+# the scalars at the end of a state, in order (``build_state`` writes them)
+SCALARS = ("has_context", "positives", "negatives", "has_history", "gap")
+N_SCALARS = len(SCALARS)
+# history counts are stored as log1p(count) / COUNT_SCALE, about 0..1.5 for real users
+COUNT_SCALE = 4.0
+
+
 @dataclass(frozen=True)
 class StateLayout:
-    """Offsets of the parts of a state vector of embedding width ``dim``."""
+    """Where each part of a state vector of embedding width ``dim`` sits: the one place
+    the offsets are written. Parts, in order: the context embedding, the positive
+    pool, the negative pool (each ``dim`` wide), then the ``SCALARS``."""
 
     dim: int
 
@@ -58,14 +66,38 @@ class StateLayout:
     def size(self) -> int:
         return 3 * self.dim + N_SCALARS
 
+    @property
+    def pools(self) -> slice:
+        """The three embedding-wide parts together (context, positive, negative)."""
+        return slice(0, 3 * self.dim)
+
+    @property
+    def parts(self) -> dict[str, slice]:
+        """Every part of the state by name, in order."""
+        d = self.dim
+        return {"context": slice(0, d), "positive_pool": slice(d, 2 * d),
+                "negative_pool": slice(2 * d, 3 * d), "scalars": slice(3 * d, self.size)}
+
+    def scalar(self, name: str) -> int:
+        """The index of one of the ``SCALARS``."""
+        return 3 * self.dim + SCALARS.index(name)
+
     def context(self, state: np.ndarray) -> np.ndarray:
-        return state[..., : self.dim]
+        return state[..., self.parts["context"]]
 
     def positive_pool(self, state: np.ndarray) -> np.ndarray:
-        return state[..., self.dim: 2 * self.dim]
+        return state[..., self.parts["positive_pool"]]
 
     def negative_pool(self, state: np.ndarray) -> np.ndarray:
-        return state[..., 2 * self.dim: 3 * self.dim]
+        return state[..., self.parts["negative_pool"]]
+
+    def has_context(self, state: np.ndarray) -> np.ndarray:
+        return state[..., self.scalar("has_context")] > 0.5
+
+    def positive_count(self, states: np.ndarray) -> np.ndarray:
+        """The number of positive events each state was built from (its scalar decoded)."""
+        scaled = np.atleast_2d(states)[:, self.scalar("positives")]
+        return np.rint(np.expm1(COUNT_SCALE * scaled)).astype(np.int64)
 
 
 def recency_pool(embeddings: np.ndarray, decay: float) -> np.ndarray:
@@ -91,20 +123,19 @@ def build_state(layout: StateLayout, context: np.ndarray | None,
     (a returning user after a day is in a different session than one a minute ago).
     """
     state = np.zeros(layout.size, dtype=np.float32)
-    d = layout.dim
+    parts = layout.parts
     if context is not None:
-        state[:d] = context
-    state[d: 2 * d] = recency_pool(positive, decay)
-    state[2 * d: 3 * d] = recency_pool(negative, decay)
+        state[parts["context"]] = context
+    state[parts["positive_pool"]] = recency_pool(positive, decay)
+    state[parts["negative_pool"]] = recency_pool(negative, decay)
     gap = 1.0 if seconds_since_last is None else min(math.log1p(max(seconds_since_last, 0.0))
                                                      / math.log1p(86_400.0), 1.0)
-    state[3 * d:] = (
-        1.0 if context is not None else 0.0,
-        math.log1p(len(positive)) / 4.0,
-        math.log1p(len(negative)) / 4.0,
-        1.0 if (len(positive) or len(negative)) else 0.0,
-        gap,
-    )
+    scalars = {"has_context": 1.0 if context is not None else 0.0,
+               "positives": math.log1p(len(positive)) / COUNT_SCALE,
+               "negatives": math.log1p(len(negative)) / COUNT_SCALE,
+               "has_history": 1.0 if (len(positive) or len(negative)) else 0.0,
+               "gap": gap}
+    state[parts["scalars"]] = [scalars[name] for name in SCALARS]
     return state
 
 

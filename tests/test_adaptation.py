@@ -10,7 +10,6 @@ from models.adaptation import (
     NEW_USER_EVENTS,
     AdaptationLearner,
     AdaptationRule,
-    positives_of,
     rule_features,
     rule_from_tensors,
 )
@@ -27,7 +26,7 @@ def _state(layout, positives: int) -> np.ndarray:
 def test_the_event_count_is_read_from_the_state():
     layout = StateLayout(8)
     for n in (0, 1, 4, 5, 30):
-        assert positives_of(layout, _state(layout, n))[0] == n
+        assert layout.positive_count(_state(layout, n))[0] == n
 
 
 def test_the_rule_learns_how_much_a_new_users_affinity_is_worth_per_event_count():

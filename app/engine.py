@@ -144,7 +144,7 @@ class Engine:
         self.store = store
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self.compute_threads = 2
+        self.compute_threads = settings.compute_threads
         self.executor = ThreadPoolExecutor(max_workers=self.compute_threads,
                                            thread_name_prefix="recsvc-compute")
         # catalog embedding has a thread of its own: a 1,000-item upsert (tens of

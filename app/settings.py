@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = 256
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP and numpy BLAS threads "
                                 "per call (requests already compute in parallel)")
+    compute_threads: int = Field(2, ge=1, description="threads that score recommend "
+                                 "batches (transformer, index search, Q-network) off the "
+                                 "event loop; each works on one batch at a time")
     recommend_batch_size: int = Field(32, ge=1, description="concurrent recommend requests "
                                       "scored in one Q-network call and one index search")
     history_len: int = Field(50, description="history entries kept per user")

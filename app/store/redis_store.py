@@ -270,7 +270,7 @@ class RedisStore(Store):
         if cluster:
             self.r = aioredis.RedisCluster.from_url(
                 url, max_connections=max_connections, decode_responses=False,
-                socket_timeout=5, socket_connect_timeout=2)
+                socket_timeout=timeout_s, socket_connect_timeout=min(2.0, timeout_s))
         else:
             # A blocking pool: under a burst, a call waits (within its deadline) for a
             # free connection instead of failing at once with "Too many connections".

@@ -107,16 +107,12 @@ class DQNLearner:
         tensors beside it."""
         return weights_to_bytes(self.online, extra)
 
-    def load_weights(self, blob: bytes) -> bool:
-        """Resume from published weights (a learner restart continues, not restarts).
-
-        Returns False, keeping the current weights, when the blob has another shape:
-        weights published by a version with another feature layout cannot continue."""
-        return self.load_published(blob) is not None
-
     def load_published(self, blob: bytes) -> dict[str, torch.Tensor] | None:
-        """``load_weights``, returning the tensors the options saved beside the network
-        (from the same parse of the blob), or None when it was not loaded."""
+        """Resume from published weights (a learner restart continues, not restarts),
+        returning the tensors the options saved beside the network (from the same parse
+        of the blob). Returns None, keeping the current weights, when the blob has
+        another shape: weights published by a version with another feature layout
+        cannot continue."""
         if weights_shape(blob) != self.online.shape:
             return None
         net, extra = split_weights(blob, self.device)

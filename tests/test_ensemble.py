@@ -20,7 +20,7 @@ from models.ensemble import (
     top_k_masks,
 )
 from models.exploration import epsilon_greedy_slate
-from models.qnet import QNetwork, extra_tensors, weights_from_bytes, weights_to_bytes
+from models.qnet import QNetwork, split_weights, weights_to_bytes
 from models.state import N_ITEM_FEATURES, StateLayout
 
 
@@ -215,19 +215,19 @@ def test_ensemble_state_travels_in_the_weights_blob():
                    rng.integers(0, 16, 20), rng.integers(0, 100, 20).astype(float),
                    rng.random(20) < 0.9)
     blob = weights_to_bytes(net, learner.tensors())
-    again = weights_from_bytes(blob)                  # the network loads as before
+    again = split_weights(blob)[0]                  # the network loads as before
     assert again.shape == net.shape
-    served = params_from_tensors(extra_tensors(blob))
+    served = params_from_tensors(split_weights(blob)[1])
     assert np.allclose(served.theta, learner.params().theta)
     assert np.allclose(served.weights, learner.params().weights)
     assert np.allclose(served.reach, learner.params().reach, equal_nan=True)
-    assert report_from_tensors(extra_tensors(blob)) == learner.report()
+    assert report_from_tensors(split_weights(blob)[1]) == learner.report()
     resumed = EnsembleLearner()
-    assert resumed.load(extra_tensors(blob))
+    assert resumed.load(split_weights(blob)[1])
     assert np.allclose(resumed.model.precision, learner.model.precision)
     assert np.allclose(resumed.values.sums, learner.values.sums)
     assert np.allclose(resumed.sources.sums, learner.sources.sums)
-    assert params_from_tensors(extra_tensors(weights_to_bytes(net))) is None
+    assert params_from_tensors(split_weights(weights_to_bytes(net))[1]) is None
     assert np.allclose(default_params().weights, 1 / len(AGENTS))
     assert np.isnan(default_params().reach).all()
 

@@ -10,7 +10,7 @@ import torch
 
 from models.exploration import epsilon_greedy_slate
 from models.learner import DQNConfig, DQNLearner
-from models.qnet import QNetwork, Scorer, weights_from_bytes, weights_to_bytes
+from models.qnet import QNetwork, Scorer, split_weights, weights_to_bytes
 from models.state import (
     N_ITEM_FEATURES,
     STEP_DECAY,
@@ -44,7 +44,8 @@ def test_fast_scores_equal_the_straightforward_per_candidate_q():
         slow = np.array([float(net.q_of_actions(torch.from_numpy(state[None]),
                                                 torch.from_numpy(actions[i:i + 1]))[0])
                          for i in range(len(items))])
-        batched = net.q_values(torch.from_numpy(state[None]), torch.from_numpy(actions[None]))
+        query, value = net(torch.from_numpy(state[None]))
+        batched = torch.einsum("bd,bnd->bn", query, torch.from_numpy(actions[None])) + value
     assert np.allclose(fast, slow, atol=1e-5)
     assert np.allclose(fast, batched.numpy()[0], atol=1e-5)
 
@@ -57,7 +58,7 @@ def test_weights_round_trip_through_safetensors():
     # safetensors: 8-byte little-endian header length, then a JSON header (no pickle)
     header_len = int.from_bytes(blob[:8], "little")
     assert json.loads(blob[8:8 + header_len])["__metadata__"]["item_dim"] == "8"
-    again = weights_from_bytes(blob)
+    again = split_weights(blob)[0]
     x = torch.randn(4, net.state_dim)
     assert torch.allclose(net(x)[0], again(x)[0]) and torch.allclose(net(x)[1], again(x)[1])
 
@@ -270,11 +271,11 @@ def test_weights_of_another_shape_are_refused_not_loaded():
     learner = DQNLearner(layout.size, 8, DQNConfig(hidden=16))
     before = {k: v.clone() for k, v in learner.online.state_dict().items()}
     older = QNetwork(layout.size, 8, hidden=16, item_features=N_ITEM_FEATURES - 1)
-    assert not learner.load_weights(weights_to_bytes(older))
+    assert learner.load_published(weights_to_bytes(older)) is None
     assert all(torch.equal(learner.online.state_dict()[k], before[k]) for k in before)
     same = QNetwork(layout.size, 8, hidden=16)
     torch.nn.init.normal_(same.value_head.bias)
-    assert learner.load_weights(weights_to_bytes(same))
+    assert learner.load_published(weights_to_bytes(same)) is not None
     assert torch.equal(learner.online.value_head.bias, same.value_head.bias)
 
 
@@ -350,7 +351,7 @@ def test_one_head_network_is_the_single_objective_network():
     query, value = two(x)
     assert torch.allclose(query, 0.5 * queries[:, 0] + 2.0 * queries[:, 1], atol=1e-5)
     assert torch.allclose(value, 0.5 * values[:, 0] + 2.0 * values[:, 1], atol=1e-5)
-    again = weights_from_bytes(weights_to_bytes(two))
+    again = split_weights(weights_to_bytes(two))[0]
     assert again.shape == two.shape
     assert torch.allclose(again.forward_heads(x)[0], queries)
     with pytest.raises(ValueError):

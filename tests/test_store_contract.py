@@ -179,10 +179,10 @@ async def test_delete_user_erases_history_impressions_and_events(store):
 async def test_weights_and_stats(store):
     assert await store.latest_version() == 0
     await store.publish_weights(1, b"w1", {"updates": 5})
-    await store.publish_weights(2, b"w2", {"updates": 9, "feedback_learned": 3})
+    await store.publish_weights(2, b"w2", {"updates": 9, "feedback_learned": 3,
+                                           "pending_impressions": 4})
     assert await store.latest_version() == 2
     assert await store.get_weights(2) == b"w2" and await store.get_weights(1) == b"w1"
-    await store.put_stats({"pending_impressions": 4})
     stats = await store.get_stats()
     assert stats["updates"] == 9 and stats["feedback_learned"] == 3
     assert stats["pending_impressions"] == 4

@@ -316,11 +316,9 @@ class Store(abc.ABC):
     async def get_weights(self, version: int) -> bytes | None: ...
 
     @abc.abstractmethod
-    async def put_stats(self, stats: dict[str, float]) -> None:
-        """The learner's counters, so every API replica reports them."""
-
-    @abc.abstractmethod
-    async def get_stats(self) -> dict[str, float]: ...
+    async def get_stats(self) -> dict[str, float]:
+        """The learner's counters as its latest commit wrote them, so every API replica
+        reports them."""
 
     # -- rate limiting -------------------------------------------------------------------
     @abc.abstractmethod

@@ -311,9 +311,6 @@ class MemoryStore(Store):
     async def get_weights(self, version: int) -> bytes | None:
         return self._weights.get(version)
 
-    async def put_stats(self, stats: dict[str, float]) -> None:
-        self._stats.update(stats)
-
     async def get_stats(self) -> dict[str, float]:
         return dict(self._stats)
 

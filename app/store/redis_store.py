@@ -846,10 +846,6 @@ class RedisStore(Store):
         return await self.r.get(self._model(f"w:{version}"))
 
     @_guard
-    async def put_stats(self, stats: dict[str, float]) -> None:
-        await self.r.hset(self._model("stats"), mapping={k: repr(v) for k, v in stats.items()})
-
-    @_guard
     async def get_stats(self) -> dict[str, float]:
         raw = await self.r.hgetall(self._model("stats"))
         return {k.decode(): float(v) for k, v in raw.items()}

@@ -36,9 +36,10 @@ test: $(VENV)/.dev
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server / brew install redis); the store tests run against a real Redis" >&2; exit 3; }
 	$(PY) -m pytest -q -o faulthandler_timeout=300 $(PYTEST_ARGS)
 
-## lint: ruff, hadolint on the Dockerfiles, docker-compose config
+## lint: ruff, mypy, hadolint on the Dockerfiles, docker-compose config
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile deploy/Dockerfile.gpu
 	$(COMPOSE_SECRETS) docker-compose -f docker-compose.yml config -q
 	$(COMPOSE_SECRETS) docker-compose -f docker-compose.yml --profile gpu config -q

@@ -27,12 +27,18 @@ def _retry_after(state: RetryCallState) -> float:
     return min(max(wait, 0.0), RETRY_AFTER_MAX_S)
 
 
+def _last_answer(state: RetryCallState) -> httpx.Response:
+    """The answer of the last attempt, once retries are spent."""
+    assert state.outcome is not None  # the callback runs after an attempt
+    return state.outcome.result()
+
+
 def _retrying(send: Callable[[], httpx.Response]) -> httpx.Response:
     """``send()`` again while it answers ``429`` or ``503``, ``RETRIES`` times at most;
     the last answer is returned whatever it is."""
     return Retrying(retry=retry_if_result(lambda r: r.status_code in RETRIED),
                     wait=_retry_after, stop=stop_after_attempt(RETRIES + 1),
-                    retry_error_callback=lambda state: state.outcome.result(),
+                    retry_error_callback=_last_answer,
                     reraise=True)(send)
 
 

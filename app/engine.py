@@ -150,11 +150,13 @@ class Engine:
         # catalog embedding has a thread of its own: a 1,000-item upsert (tens of
         # seconds of transformer on a CPU) never holds a thread that serves requests
         self.catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
-        self.encoder = encoder
-        self.index: CandidateIndex | None = None
-        self.catalog: CatalogReplica | None = None
-        self.layout: StateLayout | None = None
-        self.scorer: Scorer | None = None
+        self._given_encoder = encoder
+        # set by start(): no request reaches the engine before it is ready
+        self.encoder: TextEncoder
+        self.index: CandidateIndex
+        self.catalog: CatalogReplica
+        self.layout: StateLayout
+        self.scorer: Scorer
         self.cache: LRUCache[str, np.ndarray] = LRUCache(settings.embedding_cache_size)
         self.learner_stats: dict[str, float] = {}
         # each agent's and source's estimated value, as the served version saved them
@@ -164,8 +166,8 @@ class Engine:
         # where users' sessions end, learned from the gaps between their slates
         self.sessions = SessionGaps()
         self._rng_lock = threading.Lock()
-        self._batcher: MicroBatcher[str, np.ndarray] | None = None
-        self._chooser: MicroBatcher[Pick, Chosen] | None = None
+        self._batcher: MicroBatcher[str, np.ndarray]
+        self._chooser: MicroBatcher[Pick, Chosen]
         self._follower: PeriodicLoop | None = None
         # concurrent requests' store calls, one pipeline per batch (app.batching)
         self._user_reads: StoreBatcher[str, UserData] = StoreBatcher(self._read_users)
@@ -188,7 +190,9 @@ class Engine:
         """Load the encoder, the catalog and the newest weights; then, with ``follow``,
         poll the store for new versions and catalog changes every ``weights_poll_s``
         (a simulation calls ``follow_store`` on its own clock instead)."""
-        if self.encoder is None:
+        if self._given_encoder is not None:
+            self.encoder = self._given_encoder
+        else:
             s = self.settings
             self.encoder = await self.run(
                 lambda: TextEncoder(s.encoder_path, self.device, batch_size=s.encoder_batch_size))
@@ -531,7 +535,7 @@ class Engine:
 
         key = text_key(self.encoder.model_id, context_text) if context_text else None
         ctx = self._cached_context(key) if key else None
-        if ctx is not None or not key:  # the common case: no task to gather
+        if ctx is not None or not key or context_text is None:  # no task to gather
             user_data = await user()
         else:
             user_data, ctx = await asyncio.gather(

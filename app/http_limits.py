@@ -17,6 +17,8 @@ Concurrency is bounded by uvicorn itself (``limit_concurrency``: ``503`` beyond 
 
 from __future__ import annotations
 
+import asyncio
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
@@ -34,7 +36,8 @@ def limited_protocol(max_header_bytes: int, header_timeout_s: float) -> type:
             self._header_bytes = 0
             self._in_headers = True
             self._began = False
-            self._header_timer = self.loop.call_later(header_timeout_s, self._too_slow)
+            self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+                header_timeout_s, self._too_slow)
 
         def connection_lost(self, exc) -> None:
             self._cancel_timer()

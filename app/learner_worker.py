@@ -405,8 +405,8 @@ class LearnerWorker:
         self.pending.update(arriving)
         for rid in closing:
             self.pending.pop(rid, None)
-        for key in learned_keys:
-            self._done.put(key, True)
+        for learned in learned_keys:
+            self._done.put(learned, True)
         self.feedback_learned += sum(len(k) == 3 for k in learned_keys)
         self.transitions += len(transitions)
         # closed impressions and acknowledgements wait for the commit of this learning

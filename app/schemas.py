@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,7 +21,7 @@ def error_field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
 
-def first_error(errors: list[dict]) -> str:
+def first_error(errors: Sequence[Any]) -> str:
     """``field: message`` of the first of pydantic's errors: the message of every 422,
     of a batch's refused event and of a load-items row that is skipped."""
     if not errors:

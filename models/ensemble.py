@@ -366,7 +366,7 @@ def params_from_tensors(tensors: dict[str, torch.Tensor]) -> EnsembleParams | No
 
 
 def report_from_tensors(tensors: dict[str, torch.Tensor]
-                        ) -> dict[str, dict[str, dict[str, float]]]:
+                        ) -> dict[str, dict[str, dict[str, float | None]]]:
     """``EnsembleLearner.report`` of saved state (empty when the weights have none)."""
     learner = EnsembleLearner()
     if not learner.load(tensors):

@@ -25,6 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
+from typing import Any
 
 import faiss
 import numpy as np
@@ -198,9 +199,10 @@ class CandidateIndex:
             self._rebuild(self._wanted_kind())
             self.version += 1
 
-    def _new_index(self, kind: str, vectors: np.ndarray):
+    def _new_index(self, kind: str, vectors: np.ndarray) -> Any:
         """A FAISS (or torch) index of ``kind``, trained on ``vectors`` if it needs it."""
         self._kind = kind
+        index: Any
         if kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = self.ef_construction
@@ -689,12 +691,13 @@ class CandidateIndex:
                 rows = np.maximum(found, 0)
                 ok = (found >= 0) & self._servable[rows]
                 mask = self._scratch_mask()
-                for t, q in enumerate(todo):
+                for t, q in enumerate(todo.tolist()):
                     if len(banned_rows[q]):
                         mask[banned_rows[q]] = 1
                         ok[t] &= mask[rows[t]] == 0
                         mask[banned_rows[q]] = 0
-                need = np.minimum(n, servable - np.array([len(banned_rows[q]) for q in todo]))
+                banned = np.array([len(banned_rows[q]) for q in todo.tolist()])
+                need = np.minimum(n, servable - banned)
                 retry = (ok.sum(1) < need) & (fetch < self._n_rows)
                 done = ~retry
                 if done.any():

@@ -37,9 +37,39 @@ from torch import nn
 
 from models.adaptation import AdaptationRule
 from models.ensemble import EnsembleParams
-from models.state import N_ITEM_FEATURES
+from models.state import N_ITEM_FEATURES, StateLayout
 
 SKIP_RANK = 32
+TRUNK_RANK = 0
+
+
+class PooledProjection(nn.Module):
+    """The trunk's input: each pooled part of the state (context, positive pool,
+    negative pool; ``StateLayout`` order) mapped to ``rank`` dimensions by a map of its
+    own, the rest of the state (session scalars) passed through. Feeding the whole
+    1,157-d state to the trunk's first layer was over half of a training step's
+    multiply-adds; a pooled embedding carries its information in far fewer directions
+    than the encoder's width. ``rank`` 0 (or a state without the three parts) passes
+    the state through whole, as weights saved before this map expect."""
+
+    def __init__(self, state_dim: int, item_dim: int, rank: int = TRUNK_RANK) -> None:
+        super().__init__()
+        self.item_dim = item_dim
+        self.parts = 3 if rank and state_dim >= 3 * item_dim else 0
+        self.rank = rank if self.parts else 0
+        if self.parts:
+            self.maps = nn.Parameter(torch.empty(self.parts, item_dim, rank))
+            nn.init.normal_(self.maps, std=item_dim ** -0.5)
+        self.out_dim = (self.parts * rank + state_dim - self.parts * item_dim
+                        if self.parts else state_dim)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        if not self.parts:
+            return state
+        pools = StateLayout(self.item_dim).pools
+        pooled = state[:, pools].reshape(len(state), self.parts, self.item_dim).transpose(0, 1)
+        projected = torch.bmm(pooled, self.maps).transpose(0, 1).reshape(len(state), -1)
+        return torch.cat([projected, state[:, pools.stop:]], -1)
 
 
 class StateSkip(nn.Module):
@@ -60,25 +90,29 @@ class StateSkip(nn.Module):
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
         out = self.up(self.down(state))
-        d = self.item_dim
-        for part in range(self.parts):
-            out = out + self.gains[part] * state[:, part * d: (part + 1) * d]
+        if self.parts:
+            pools = state[:, StateLayout(self.item_dim).pools]
+            out = out + torch.einsum("p,bpd->bd", self.gains,
+                                     pools.reshape(len(state), self.parts, self.item_dim))
         return out
 
 
 class QNetwork(nn.Module):
     def __init__(self, state_dim: int, item_dim: int, hidden: int = 256,
                  item_features: int = N_ITEM_FEATURES, heads: int = 1,
-                 skip_rank: int = SKIP_RANK) -> None:
+                 skip_rank: int = SKIP_RANK, trunk_rank: int = TRUNK_RANK) -> None:
         super().__init__()
         self.skip_rank = skip_rank
+        self.trunk_rank = trunk_rank
         self.state_dim = state_dim
         self.item_dim = item_dim
         self.item_features = item_features
         self.hidden = hidden
         self.heads = heads
+        # outside the trunk's Sequential, so the trunk's layers keep their names
+        self.project = PooledProjection(state_dim, item_dim, trunk_rank)
         self.trunk = nn.Sequential(
-            nn.Linear(state_dim, hidden), nn.GELU(),
+            nn.Linear(self.project.out_dim, hidden), nn.GELU(),
             nn.Linear(hidden, hidden), nn.GELU(),
         )
         # with one head these are the single-objective network's layers, shape for shape
@@ -102,6 +136,7 @@ class QNetwork(nn.Module):
         """Set the ranking weight of each head (in ``models.rewards.HEADS`` order)."""
         if len(weights) != self.heads:
             raise ValueError(f"{len(weights)} head weights for {self.heads} heads")
+        self.head_weights: torch.Tensor
         self.head_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
         return self
 
@@ -118,12 +153,13 @@ class QNetwork(nn.Module):
             self.skip.gains.copy_(torch.tensor([0.5 * scale, scale, -0.5 * scale]))
 
     @property
-    def shape(self) -> tuple[int, int, int, int, int, int]:
-        """``(state_dim, item_dim, hidden, item_features, heads, skip_rank)``: weights of
+    def shape(self) -> tuple[int, int, int, int, int, int, int]:
+        """``(state_dim, item_dim, hidden, item_features, heads, skip_rank, trunk_rank)``:
+        weights of
         another shape (an older feature layout, another encoder, another number of
         heads) cannot be loaded into this one."""
         return (self.state_dim, self.item_dim, self.hidden, self.item_features, self.heads,
-                self.skip_rank)
+                self.skip_rank, self.trunk_rank)
 
     @property
     def action_dim(self) -> int:
@@ -133,7 +169,7 @@ class QNetwork(nn.Module):
     def forward_heads(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every head's ``(query, value)``: ``(B, heads, action_dim)`` and ``(B, heads)``."""
         b = state.shape[0]
-        h = self.trunk(state)
+        h = self.trunk(self.project(state))
         query = (self.query_head(h).view(b, self.heads, self.item_dim)
                  + self.skip(state).unsqueeze(1))
         features = self.feature_head(h).view(b, self.heads, self.item_features)
@@ -149,13 +185,8 @@ class QNetwork(nn.Module):
         queries, values = self.forward_heads(state)
         if self.heads == 1:
             return queries[:, 0], values[:, 0]
-        w = self.head_weights
+        w: torch.Tensor = self.head_weights
         return torch.einsum("h,bha->ba", w, queries), values @ w
-
-    def q_values(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q for states against per-state candidates ``(B, N, action_dim)`` -> ``(B, N)``."""
-        query, value = self(state)
-        return torch.einsum("bd,bnd->bn", query, actions) + value.unsqueeze(-1)
 
     def q_of_actions(self, state: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q of one action per state: ``(B, action_dim)`` actions -> ``(B,)``."""
@@ -176,19 +207,14 @@ def weights_to_bytes(net: QNetwork, extra: dict[str, torch.Tensor] | None = None
     tensors.update(extra or {})
     meta = {"state_dim": str(net.state_dim), "item_dim": str(net.item_dim),
             "hidden": str(net.hidden), "item_features": str(net.item_features),
-            "heads": str(net.heads), "skip_rank": str(net.skip_rank)}
+            "heads": str(net.heads), "skip_rank": str(net.skip_rank),
+            "trunk_rank": str(net.trunk_rank)}
     return st_save(tensors, metadata=meta)
 
 
-def weights_from_bytes(blob: bytes, device: str = "cpu") -> QNetwork:
-    """Rebuild a QNetwork from ``weights_to_bytes`` output (head weights: all 1; the
-    server sets its own)."""
-    return split_weights(blob, device)[0]
-
-
 def split_weights(blob: bytes, device: str = "cpu") -> tuple[QNetwork, dict[str, torch.Tensor]]:
-    """The network of a weights blob and the tensors saved beside it (see
-    weights_to_bytes), from one parse of the blob."""
+    """The network of a weights blob (head weights: all 1; the server sets its own) and
+    the tensors saved beside it (see weights_to_bytes), from one parse of the blob."""
     net = QNetwork(*weights_shape(blob))
     tensors = st_load(blob)
     mine = net.state_dict()
@@ -196,19 +222,15 @@ def split_weights(blob: bytes, device: str = "cpu") -> tuple[QNetwork, dict[str,
     return net.to(device).eval(), {k: v for k, v in tensors.items() if k not in mine}
 
 
-def extra_tensors(blob: bytes) -> dict[str, torch.Tensor]:
-    """The tensors of a weights blob that are not the network's (see weights_to_bytes)."""
-    return split_weights(blob)[1]
-
-
-def weights_shape(blob: bytes) -> tuple[int, int, int, int, int, int]:
+def weights_shape(blob: bytes) -> tuple[int, int, int, int, int, int, int]:
     """The ``QNetwork.shape`` of serialised weights, read from their header alone
     (weights saved before multi-task heads existed have one head; before the low-rank
-    skip, a full one: rank 0 here, which no network of this release has)."""
+    skip, a full one: rank 0 here, which no network of this release has; before the
+    trunk's pooled projection, the whole state: trunk rank 0)."""
     meta = _metadata(blob)
     return (int(meta["state_dim"]), int(meta["item_dim"]), int(meta["hidden"]),
             int(meta.get("item_features", N_ITEM_FEATURES)), int(meta.get("heads", 1)),
-            int(meta.get("skip_rank", 0)))
+            int(meta.get("skip_rank", 0)), int(meta.get("trunk_rank", 0)))
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -173,7 +173,7 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
                       count=len(candidate_ids))
     hits = np.flatnonzero(hit)
     if len(hits):
-        shown_ids = [candidate_ids[j] for j in hits]
+        shown_ids = [candidate_ids[int(j)] for j in hits]
         feats[hits, 0] = [weight[i] for i in shown_ids]
         feats[hits, 1] = np.log1p([count[i] for i in shown_ids]) / math.log1p(10.0)
     return feats
@@ -196,7 +196,7 @@ def repeat_features(candidate_ids: Sequence[str], positive_ids: Sequence[str]) -
     hits = np.flatnonzero(np.fromiter(map(weight.__contains__, candidate_ids), dtype=bool,
                                       count=len(candidate_ids)))
     if len(hits):
-        ids = [candidate_ids[j] for j in hits]
+        ids = [candidate_ids[int(j)] for j in hits]
         feats[hits, 0] = [weight[i] for i in ids]
         feats[hits, 1] = np.log1p([count[i] for i in ids]) / math.log1p(10.0)
     return feats

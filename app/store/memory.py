@@ -235,7 +235,7 @@ class MemoryStore(Store):
         if pending:
             ids = [e for e, c in self._pending.items() if c == consumer][:count]
             return [(e, self._entries[e]) for e in ids]
-        out = []
+        out: list[tuple[str, dict]] = []
         while self._undelivered and len(out) < count:
             entry_id = self._undelivered.popleft()
             self._pending[entry_id] = consumer

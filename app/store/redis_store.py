@@ -41,6 +41,7 @@ import functools
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import hiredis
 import orjson
@@ -238,8 +239,8 @@ class _HiredisPacking:
         except TypeError:  # hiredis takes no bytearray: as bytes, as redis-py sends it
             pass
         try:
-            return [hiredis.pack_command(tuple(
-                bytes(a) if isinstance(a, bytearray) else a for a in args))]
+            as_bytes: Any = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
+            return [hiredis.pack_command(as_bytes)]
         except TypeError as exc:  # None, a bool, ...: redis-py's error for them
             raise rexc.DataError(str(exc)) from exc
 

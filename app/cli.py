@@ -230,14 +230,22 @@ def _ope(args: argparse.Namespace) -> None:
             print(f"{policy:<9} {name:<6} {est.value:>8.5f}  [{est.low:.5f}, {est.high:.5f}]")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _client_args(p: argparse.ArgumentParser) -> None:
+    """The options of every command that calls a running service."""
+    p.add_argument("--url", default=os.environ.get("RECSVC_URL", "http://127.0.0.1:8000"),
+                   help="the service (RECSVC_URL)")
+    p.add_argument("--api-key", default=os.environ.get("RECSVC_API_KEY"),
+                   help="sent as X-API-Key (RECSVC_API_KEY)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    # every option's help shows its default
-    formatter = argparse.ArgumentDefaultsHelpFormatter
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=formatter)
+        # every option's help shows its default
+        return sub.add_parser(name, help=help, description=help,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = command("serve", "run the service (embedded store unless RECSVC_REDIS_URL)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (another "
@@ -251,19 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8001, help="port of the probes")
     p.set_defaults(fn=_learner)
 
-    def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=os.environ.get("RECSVC_URL", "http://127.0.0.1:8000"),
-                       help="the service (RECSVC_URL)")
-        p.add_argument("--api-key", default=os.environ.get("RECSVC_API_KEY"),
-                       help="sent as X-API-Key (RECSVC_API_KEY)")
-
     p = command("load-items", "bulk upsert items from a JSONL or CSV file")
     p.add_argument("file", help="JSONL (one item object per line) or CSV "
                    "(item_id,text[,tags][,available])")
     p.add_argument("--batch", type=int, default=500, help="items per request (at most 1000)")
     p.add_argument("--from-start", action="store_true",
                    help="ignore <file>.loaded and load every item again")
-    client_args(p)
+    _client_args(p)
     p.set_defaults(fn=_load_items)
 
     p = command("demo", "load MovieLens-100k into a running service and play simulated "
@@ -271,22 +273,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=3000, help="recommend requests to play")
     p.add_argument("--window", type=int, default=250, help="requests per row of the curve")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated users")
-    client_args(p)
+    _client_args(p)
     p.set_defaults(fn=_demo)
 
     p = command("export-log", "write the evaluation log (closed impressions) as JSONL")
     p.add_argument("--out", default="recsvc-log.jsonl", help="file to write")
     p.add_argument("--limit", type=int, default=100_000, help="newest records to export")
-    client_args(p)
+    _client_args(p)
     p.set_defaults(fn=_export_log)
 
     p = command("ope", "off-policy estimates (IPS, SNIPS, DR) from the log")
     p.add_argument("--log", help="a file from export-log; default: fetch from --url")
     p.add_argument("--limit", type=int, default=100_000,
                    help="newest records to fetch from --url")
-    client_args(p)
+    _client_args(p)
     p.set_defaults(fn=_ope)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     import httpx
 

@@ -543,24 +543,8 @@ class Engine:
         banned = set(exclude)
         if exclude_seen:
             banned.update(user_data.touched)
-        explore_only: list[str] = []
         now = self.clock.time()
-        since = float("-inf")
-        if user_data.shown:  # the gap since the user's last slate: where sessions end
-            last = user_data.shown[-1][1]
-            self.sessions.add(now - last)
-            since = session_start(sorted({ts for _, ts in user_data.shown}), now,
-                                  self.sessions.threshold())
-        resting = resting_items(user_data, self.settings.rest_shown, since)
-        if resting and self._resting_pays(self.scorer):
-            # unless too few would be left: a short slate is worse than a repeat
-            left = (len(set(candidates) - banned - resting) if candidates is not None
-                    else self.index.recommendable_count() - len(banned | resting))
-            if left >= k:
-                if candidates is None and explore:
-                    explore_only = [i for i in latest_first(user_data, resting)
-                                    if i not in banned][:RESTING_EXPLORED]
-                banned |= resting
+        explore_only = self._rest(user_data, banned, candidates, k, now, explore=explore)
         pick = Pick(user_data, ctx, banned, candidates, k,
                     self.epsilon if explore else 0.0, now, explore_only)
         chosen = await self._chooser.submit(pick)
@@ -585,6 +569,32 @@ class Engine:
         self.metrics.items_served.inc(len(slate.item_ids))
         self.metrics.items_explored.inc(int(choice.explored.sum()))
         return slate
+
+    def _rest(self, user_data: UserData, banned: set[str], candidates: list[str] | None,
+              k: int, now: float, *, explore: bool) -> list[str]:
+        """Add to ``banned`` the items the user passed over earlier in this session, when
+        the learned policy holds that resting them pays and enough are left; returns
+        the latest of them, which only exploration may place (so the learner keeps
+        finding out whether resting pays)."""
+        since = float("-inf")
+        if user_data.shown:  # the gap since the user's last slate: where sessions end
+            self.sessions.add(now - user_data.shown[-1][1])
+            since = session_start(sorted({ts for _, ts in user_data.shown}), now,
+                                  self.sessions.threshold())
+        resting = resting_items(user_data, self.settings.rest_shown, since)
+        if not resting or not self._resting_pays(self.scorer):
+            return []
+        # unless too few would be left: a short slate is worse than a repeat
+        left = (len(set(candidates) - banned - resting) if candidates is not None
+                else self.index.recommendable_count() - len(banned | resting))
+        if left < k:
+            return []
+        explore_only: list[str] = []
+        if candidates is None and explore:
+            explore_only = [i for i in latest_first(user_data, resting)
+                            if i not in banned][:RESTING_EXPLORED]
+        banned |= resting
+        return explore_only
 
     @staticmethod
     def _resting_pays(scorer: Scorer) -> bool:

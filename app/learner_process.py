@@ -19,7 +19,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from app.auth import KeyRing
@@ -56,92 +56,104 @@ def _gauges(registry: CollectorRegistry, app: FastAPI) -> None:
         lambda: float(getattr(app.state, "learner", None) and app.state.learner.takeovers or 0))
 
 
+@asynccontextmanager
+async def _learner_running(app: FastAPI, settings: Settings):
+    """The learner process's life: the store, a catalog replica that follows it (the
+    next actions are searched in it), and the learner worker."""
+    store = make_store(settings)
+    device = resolve_device(settings.device)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    dim = await run(embedding_dim, settings.encoder_path)
+    set_search_threads(settings.search_threads)
+    index = CandidateIndex(dim, exact_threshold=settings.exact_index_max,
+                           approximate_kind=settings.approximate_index,
+                           hnsw_m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,
+                           ivf_nprobe=settings.ivf_nprobe, device=device)
+    catalog = CatalogReplica(store, index, run)
+    await catalog.try_load()
+    app.state.catalog = catalog
+    app.state.store = store
+
+    async def follow() -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await catalog.follow()
+
+    follower = PeriodicLoop("catalog-follower", follow, settings.weights_poll_s)
+    follower.start()
+    learner = LearnerWorker(settings, store, index, StateLayout(dim), device)
+    app.state.learner = learner
+    await learner.start()
+    log.info("learner %s started (%d items)", learner.consumer, len(index))
+    try:
+        yield
+    finally:
+        await learner.stop()
+        await follower.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
+        await store.close()
+
+
+# the learner's own port: operators' routes only
+operations = APIRouter()
+
+
+@operations.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@operations.get("/readyz")
+async def readyz(request: Request):
+    catalog: CatalogReplica | None = getattr(request.app.state, "catalog", None)
+    if catalog is None or not catalog.loaded:
+        raise APIError(503, "not_ready", "the catalog is not loaded", {"Retry-After": "1"})
+    try:
+        await request.app.state.store.ping()
+    except StoreUnavailable as exc:
+        raise APIError(503, "store_unavailable", "the store does not answer",
+                       {"Retry-After": "2"}) from exc
+    return {"status": "ready"}
+
+
+@operations.get("/status")
+async def status(request: Request):
+    """With keys configured, an admin key is needed: the status names the lease's
+    holder, which whoever can reach Redis could use to take it."""
+    keyring: KeyRing = request.app.state.keyring
+    if keyring.enabled:
+        principal = keyring.identify(request.headers.get("x-api-key", ""))
+        if principal is None:
+            raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
+        if not principal.admin:
+            raise APIError(403, "forbidden", "the learner's status needs an admin key")
+    learner: LearnerWorker = request.app.state.learner
+    return {"consumer": learner.consumer, "active": learner.active,
+            "takeovers": learner.takeovers, "claimed": learner.claimed,
+            "lease_holder": await request.app.state.store.lease_holder(),
+            **learner.stats()}
+
+
+@operations.get("/metrics")
+async def metrics(request: Request):
+    return Response(generate_latest(request.app.state.registry),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
 def create_learner_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if not settings.redis_url:
         raise SystemExit("recsvc learner needs RECSVC_REDIS_URL: with the embedded store "
                          "the learner runs inside `recsvc serve`")
-    registry = CollectorRegistry()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        store = make_store(settings)
-        device = resolve_device(settings.device)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
-
-        async def run(fn, *args):
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-        dim = await run(embedding_dim, settings.encoder_path)
-        set_search_threads(settings.search_threads)
-        index = CandidateIndex(dim, exact_threshold=settings.exact_index_max,
-                               approximate_kind=settings.approximate_index,
-                               hnsw_m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,
-                               ivf_nprobe=settings.ivf_nprobe, device=device)
-        catalog = CatalogReplica(store, index, run)
-        await catalog.try_load()
-        app.state.catalog = catalog
-        app.state.store = store
-
-        async def follow() -> None:
-            with contextlib.suppress(StoreUnavailable):
-                await catalog.follow()
-
-        follower = PeriodicLoop("catalog-follower", follow, settings.weights_poll_s)
-        follower.start()
-        learner = LearnerWorker(settings, store, index, StateLayout(dim), device)
-        app.state.learner = learner
-        await learner.start()
-        log.info("learner %s started (%d items)", learner.consumer, len(index))
-        try:
-            yield
-        finally:
-            await learner.stop()
-            await follower.stop()
-            pool.shutdown(wait=False, cancel_futures=True)
-            await store.close()
-
     # no interactive docs on the learner's port: it serves operators, not clients
-    app = FastAPI(title="recsvc learner", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="recsvc learner", lifespan=lambda app: _learner_running(app, settings),
+                  docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    keyring = KeyRing(settings.key_list, settings.admin_key_list)
-    _gauges(registry, app)
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz(request: Request):
-        catalog: CatalogReplica | None = getattr(request.app.state, "catalog", None)
-        if catalog is None or not catalog.loaded:
-            raise APIError(503, "not_ready", "the catalog is not loaded", {"Retry-After": "1"})
-        try:
-            await request.app.state.store.ping()
-        except StoreUnavailable as exc:
-            raise APIError(503, "store_unavailable", "the store does not answer",
-                           {"Retry-After": "2"}) from exc
-        return {"status": "ready"}
-
-    @app.get("/status")
-    async def status(request: Request):
-        """With keys configured, an admin key is needed: the status names the lease's
-        holder, which whoever can reach Redis could use to take it."""
-        if keyring.enabled:
-            principal = keyring.identify(request.headers.get("x-api-key", ""))
-            if principal is None:
-                raise APIError(401, "unauthorized", "a valid X-API-Key header is required")
-            if not principal.admin:
-                raise APIError(403, "forbidden", "the learner's status needs an admin key")
-        learner: LearnerWorker = request.app.state.learner
-        return {"consumer": learner.consumer, "active": learner.active,
-                "takeovers": learner.takeovers, "claimed": learner.claimed,
-                "lease_holder": await request.app.state.store.lease_holder(),
-                **learner.stats()}
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)
+    app.state.registry = CollectorRegistry()
+    _gauges(app.state.registry, app)
+    app.include_router(operations)
     return app

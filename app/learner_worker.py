@@ -26,7 +26,7 @@ import os
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,6 +110,17 @@ def _feedback_target(heads: tuple[str, ...], event: str, reward: float
     h = heads.index(HEAD_OF_EVENT[event])
     r[h], mask[h] = reward, 1.0
     return r, mask
+
+
+@dataclass
+class LearningRound:
+    """What one read of the stream amounts to, before any of it is committed."""
+
+    acks: list[str] = field(default_factory=list)          # stream entries to acknowledge
+    transitions: list[Transition] = field(default_factory=list)
+    # feedback events (request, item, event) and closed impressions (request,)
+    learned_keys: list[tuple[str, ...]] = field(default_factory=list)
+    closed: list[dict] = field(default_factory=list)       # evaluation-log records
 
 
 def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
@@ -337,23 +348,51 @@ class LearnerWorker:
         wanted = [rid for rid in new_imps if rid not in self.pending] + [
             f["request_id"] for _, f in feedback if f["request_id"] not in self.pending]
         imps = await self.store.get_impressions(list(dict.fromkeys(wanted)))
-        acks: list[str] = []
+        out = LearningRound()
+        arriving = self._arriving(new_imps, imps, out)
+        waiting = {**self.pending, **arriving}
+        self._feedback_transitions(feedback, waiting, imps, out)
+        closing = [rid for rid, p in waiting.items() if p.deadline <= now]
+        await self._closing_transitions(closing, waiting, out)
+
+        if out.transitions:
+            users = await self.store.get_users(list({t.user_id for t in out.transitions}))
+            ok = await self.run(self._learn, out.transitions, users, now)
+            self._dirty = self._dirty or ok
+        # learned: commit to memory; from here on, nothing is learned twice
+        self.pending.update(arriving)
+        for rid in closing:
+            self.pending.pop(rid, None)
+        for learned in out.learned_keys:
+            self._done.put(learned, True)
+        self.feedback_learned += sum(len(k) == 3 for k in out.learned_keys)
+        self.transitions += len(out.transitions)
+        # closed impressions and acknowledgements wait for the commit of this learning
+        self._log_backlog.extend(out.closed)
+        self._acks.extend(out.acks)
+        return len(out.transitions)
+
+    def _arriving(self, new_imps: dict[str, str], imps: dict[str, Impression],
+                  out: LearningRound) -> dict[str, PendingImpression]:
+        """The impressions of this read that start waiting for their rewards; those
+        expired, erased or learned already are only acknowledged."""
         arriving: dict[str, PendingImpression] = {}
         for rid, entry_id in new_imps.items():
             if rid in self.pending:  # read again after a failed round: already waiting
                 continue
             imp = imps.get(rid)
             if imp is None or self._done.get((rid,)):  # expired, erased, or learned already
-                acks.append(entry_id)
+                out.acks.append(entry_id)
                 continue
             arriving[rid] = PendingImpression(imp, entry_id, imp.ts + self.settings.reward_wait_s)
-        waiting = {**self.pending, **arriving}
+        return arriving
 
-        transitions: list[Transition] = []
-        learned_keys: list[tuple[str, ...]] = []  # feedback events and closed impressions
+    def _feedback_transitions(self, feedback: list, waiting: dict[str, PendingImpression],
+                              imps: dict[str, Impression], out: LearningRound) -> None:
+        """A transition per feedback event, on the state its impression logged."""
         this_round: set[tuple[str, ...]] = set()
         for entry_id, f in feedback:
-            acks.append(entry_id)
+            out.acks.append(entry_id)
             key = (f["request_id"], f["item_id"], f["event"])
             # read again after a failed round, or a retry's repeated stream entry (a
             # client retrying while its first delivery was still pending, in this read
@@ -366,25 +405,29 @@ class LearnerWorker:
             if imp is None:
                 continue
             target = _feedback_target(self.settings.heads, f["event"], float(f["reward"]))
-            learned_keys.append(key)
+            out.learned_keys.append(key)
             if target is None:  # an event of a head this network does not have
                 continue
             state = np.frombuffer(imp.state, dtype=np.float32)
             reward, mask = target
-            transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
-                                          context_of(self.layout, state), mask,
-                                          SlotRecord.of(imp, f["item_id"])))
+            out.transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
+                                              context_of(self.layout, state), mask,
+                                              SlotRecord.of(imp, f["item_id"])))
 
-        closed: list[dict] = []
+    async def _closing_transitions(self, closing: list[str],
+                                   waiting: dict[str, PendingImpression],
+                                   out: LearningRound) -> None:
+        """The silent slots of impressions whose reward window closed (the default
+        reward), and their records for the evaluation log.
+
+        An impression erased meanwhile (DELETE /v1/users on any replica) is dropped
+        unlearned and unlogged. The stored impression carries the rewards of the
+        feedback accepted for it, whichever learner read that feedback."""
         default = self.settings.rewards.default
-        closing = [rid for rid, p in waiting.items() if p.deadline <= now]
-        # An impression erased meanwhile (DELETE /v1/users on any replica) is dropped
-        # unlearned and unlogged. The stored impression carries the rewards of the
-        # feedback accepted for it, whichever learner read that feedback.
         still_stored = await self.store.get_impressions(closing) if closing else {}
         for rid in closing:
             p = waiting[rid]
-            acks.append(p.entry_id)
+            out.acks.append(p.entry_id)
             if rid not in still_stored:
                 continue
             stored = still_stored[rid]
@@ -392,27 +435,10 @@ class LearnerWorker:
             ctx = context_of(self.layout, state)
             for item_id, (reward, mask) in _silence_targets(self.settings.heads, stored,
                                                             default).items():
-                transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
-                                              mask, SlotRecord.of(p.imp, item_id)))
-            closed.append(_log_record(p.imp, stored.rewards, default))
-            learned_keys.append((rid,))
-
-        if transitions:
-            users = await self.store.get_users(list({t.user_id for t in transitions}))
-            ok = await self.run(self._learn, transitions, users, now)
-            self._dirty = self._dirty or ok
-        # learned: commit to memory; from here on, nothing is learned twice
-        self.pending.update(arriving)
-        for rid in closing:
-            self.pending.pop(rid, None)
-        for learned in learned_keys:
-            self._done.put(learned, True)
-        self.feedback_learned += sum(len(k) == 3 for k in learned_keys)
-        self.transitions += len(transitions)
-        # closed impressions and acknowledgements wait for the commit of this learning
-        self._log_backlog.extend(closed)
-        self._acks.extend(acks)
-        return len(transitions)
+                out.transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
+                                                  mask, SlotRecord.of(p.imp, item_id)))
+            out.closed.append(_log_record(p.imp, stored.rewards, default))
+            out.learned_keys.append((rid,))
 
     def _learn(self, transitions: list[Transition], users: dict[str, UserData],
                now: float) -> bool:

@@ -42,7 +42,7 @@ class DQNConfig:
     huber_delta: float = 1.0
     grad_clip: float = 5.0
     target_tau: float = 0.01
-    hidden: int = 256
+    hidden: int = 128
     seed: int = 0
     prefault_buffer: bool = True
     # multi-task: heads of the Q-network, and their weights in the ranking value (the

@@ -40,7 +40,7 @@ from models.ensemble import EnsembleParams
 from models.state import N_ITEM_FEATURES, StateLayout
 
 SKIP_RANK = 32
-TRUNK_RANK = 0
+TRUNK_RANK = 32
 
 
 class PooledProjection(nn.Module):

@@ -45,7 +45,7 @@ from models.ensemble import (
     top_k_masks,
 )
 from models.exploration import SlateChoice, epsilon_greedy_slate
-from models.index import CandidateIndex, set_search_threads
+from models.index import NO_ROWS, CandidateIndex, set_search_threads
 from models.lru import LRUCache
 from models.qnet import (
     QNetwork,
@@ -490,9 +490,14 @@ class Engine:
         return await self.run(self._popular, k)
 
     def _popular(self, k: int) -> list[tuple[str, float]]:
-        ids = self.index.engaging(k, [()])[0][0]
-        rates = smoothed_ctr(self.index.stats_of(ids), self.index.base_ctr())
-        return list(zip(ids, rates.tolist(), strict=True))
+        while True:  # rows are read again if they moved meanwhile (a compaction)
+            generation = self.index.row_generation
+            rows, _ = self.index.engaging(k, [NO_ROWS])[0]
+            looked = self.index.at_rows([rows], generation)
+            if looked is not None:
+                ids, stats, _ = looked[0]
+                rates = smoothed_ctr(stats, self.index.base_ctr())
+                return list(zip(ids, rates.tolist(), strict=True))
 
     async def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """The ``k`` available items nearest to ``item_id`` by content embedding, with
@@ -503,7 +508,14 @@ class Engine:
         known, vector = self.index.vectors_of([item_id])
         if not known:
             return None
-        ids, vectors = self.index.related([[item_id]], k, [{item_id}])[0]
+        while True:  # rows are read again if they moved meanwhile (a compaction)
+            generation = self.index.row_generation
+            rows, vectors = self.index.related([[item_id]], k,
+                                               self.index.rows_of([[item_id]]))[0]
+            looked = self.index.at_rows([rows], generation)
+            if looked is not None:
+                ids = looked[0][0]
+                break
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(vector[0])), 1e-12)
         cosine = vectors @ vector[0] / np.maximum(norms, 1e-12)
         return list(zip(ids, cosine.tolist(), strict=True))
@@ -636,9 +648,9 @@ class Engine:
                      budgets: dict[str, int]) -> None:
         """Append to each search result candidates from the sources the query alone
         would not reach, so the per-candidate features can rank them: the items nearest
-        to what the user last engaged with (``CandidateIndex.related_rows``, from cached
+        to what the user last engaged with (``CandidateIndex.related``, from cached
         neighbour lists), the items with the highest smoothed CTR
-        (``CandidateIndex.engaging_rows``) and the user's own positives (when the
+        (``CandidateIndex.engaging``) and the user's own positives (when the
         request does not exclude them). Each source skips what is banned or already a
         candidate (by row: no id is looked up again); whether its candidates earn is
         learned (``_budgets``)."""
@@ -664,13 +676,13 @@ class Engine:
         if budgets["related"]:
             # around each of the latest positives, newest first
             seeded = [i for i in found if recent[i].positive_ids]
-            for i, (rows, items) in zip(seeded, self.index.related_rows(
+            for i, (rows, items) in zip(seeded, self.index.related(
                     [recent[i].positive_ids[-RELATED_SEEDS:][::-1] for i in seeded],
                     budgets["related"], [excluded(i) for i in seeded]), strict=True):
                 merge(i, rows, items, "related")
         if budgets["engaging"]:
             order = list(found)
-            for i, (rows, items) in zip(order, self.index.engaging_rows(
+            for i, (rows, items) in zip(order, self.index.engaging(
                     budgets["engaging"], [excluded(i) for i in order]), strict=True):
                 merge(i, rows, items, "engaging")
         if budgets["history"]:
@@ -700,7 +712,7 @@ class Engine:
             generation = self.index.row_generation
             banned = self.index.rows_of([p.banned for p in picks])
             to_search = [i for i, p in enumerate(picks) if p.candidates is None]
-            hits = self.index.search_rows(queries[to_search, : self.layout.dim],
+            hits = self.index.search(queries[to_search, : self.layout.dim],
                                           budgets["query"], [banned[i] for i in to_search]
                                           ) if to_search else []
             found = {i: Candidates(rows, vectors, np.full(len(rows), query_bit, np.int64),

@@ -507,8 +507,8 @@ class LearnerWorker:
         found = self.index.search(queries, 1)
         actions = np.zeros((len(queries), self.layout.dim), dtype=np.float32)
         valid = np.zeros(len(queries), dtype=bool)
-        for i, (ids, vecs) in enumerate(found):
-            if ids:
+        for i, (rows, vecs) in enumerate(found):
+            if len(rows):
                 actions[i] = vecs[0]
                 valid[i] = True
         return actions, valid

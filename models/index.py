@@ -60,6 +60,8 @@ NEIGHBOURS_KEPT = 20_000
 
 # one query's result by row: the rows, best first, and their embeddings (a copy)
 Hits = tuple[np.ndarray, np.ndarray]
+# no rows: what a query that bans nothing passes
+NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 def ivf_lists(n: int) -> int:
@@ -428,16 +430,10 @@ class CandidateIndex:
                     o[unknown] = 0.0
             return out
 
-    def tags_of(self, ids: Sequence[str]) -> np.ndarray:
-        """``(len(ids), TAG_BUCKETS)`` float32 tag multi-hots; zeros for unknown ids."""
-        return self._per_id([self._tags], ids)[0]
-
-    def stats_of(self, ids: Sequence[str]) -> np.ndarray:
-        """``(len(ids), 2)`` [shown, clicked] counts; zeros for unknown ids."""
-        return self._per_id([self._stats], ids)[0]
-
     def stats_and_tags_of(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``stats_of`` and ``tags_of`` together, from one lookup of the ids' rows."""
+        """``(len(ids), 2)`` [shown, clicked] counts and ``(len(ids), TAG_BUCKETS)`` tag
+        multi-hots, float32; zeros for unknown ids. For what a request names by id;
+        retrieved candidates are read by row (``at_rows``)."""
         stats, tags = self._per_id([self._stats, self._tags], ids)
         return stats, tags
 
@@ -496,15 +492,6 @@ class CandidateIndex:
             return self._vectors[rows].copy()
 
     def related(self, seeds: Sequence[Sequence[str]], n: int,
-                exclude: Sequence[Iterable[str]]) -> list[tuple[list[str], np.ndarray]]:
-        """``related_rows`` with the exclusions and results as item ids."""
-        with self._lock:
-            return self._with_ids(self.related_rows(seeds, n, self.rows_of(exclude)))
-
-    def _with_ids(self, hits: list[Hits]) -> list[tuple[list[str], np.ndarray]]:
-        return [(self._ids[rows].tolist(), vectors) for rows, vectors in hits]
-
-    def related_rows(self, seeds: Sequence[Sequence[str]], n: int,
                      banned: Sequence[np.ndarray]) -> list[Hits]:
         """Per entry, the items nearest to each of its seed items (best first within a
         seed, seeds in the order given), ``n`` per seed, none excluded or repeated.
@@ -568,7 +555,7 @@ class CandidateIndex:
         deepest = max(depth.values())
         queries = self._vectors[[self._row_of[seed] for seed in missing]]
         no_bans = [np.zeros(0, dtype=np.int64)] * len(missing)
-        for seed, (rows, _) in zip(missing, self.search_rows(queries, deepest, no_bans),
+        for seed, (rows, _) in zip(missing, self.search(queries, deepest, no_bans),
                                    strict=True):
             self._neighbours.put(seed, (self.version, rows.astype(np.int32),
                                         len(rows) < deepest))
@@ -581,13 +568,7 @@ class CandidateIndex:
             return np.zeros(0, dtype=np.int64)
         return cached[1].astype(np.int64)
 
-    def engaging(self, n: int, exclude: Sequence[Iterable[str]]
-                 ) -> list[tuple[list[str], np.ndarray]]:
-        """``engaging_rows`` with the exclusions and results as item ids."""
-        with self._lock:
-            return self._with_ids(self.engaging_rows(n, self.rows_of(exclude)))
-
-    def engaging_rows(self, n: int, banned: Sequence[np.ndarray]) -> list[Hits]:
+    def engaging(self, n: int, banned: Sequence[np.ndarray]) -> list[Hits]:
         """Per entry of ``banned`` (rows, ``rows_of``), the ``n`` servable items with the
         highest smoothed CTR (``models.state.smoothed_ctr`` of the counts ``record``
         keeps) that it does not name, best first: their rows and embeddings.
@@ -655,23 +636,13 @@ class CandidateIndex:
                                          max(self.ivf_nprobe, np.ceil(4 * fetch / per_list))))
 
     def search(self, queries: np.ndarray, n: int,
-               exclude: Sequence[Iterable[str]] | None = None,
-               ) -> list[tuple[list[str], np.ndarray]]:
-        """Top-``n`` live, available, non-excluded items per query.
-
-        Returns per query the item ids and their embeddings (rows of the
-        ``(m, dim)`` array, ``m <= n``), ordered by decreasing inner product.
-        """
+               banned_rows: Sequence[np.ndarray] | None = None) -> list[Hits]:
+        """Top-``n`` live, available items per query that its ``banned_rows`` (rows,
+        ``rows_of``) do not name: their rows and embeddings (``(m, dim)``, ``m <= n``),
+        by decreasing inner product. ``at_rows`` reads the rest of their data by row."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        with self._lock:
-            banned = self.rows_of(exclude or [()] * len(queries))
-            return self._with_ids(self.search_rows(queries, n, banned))
-
-    def search_rows(self, queries: np.ndarray, n: int,
-                    banned_rows: Sequence[np.ndarray]) -> list[Hits]:
-        """``search`` by row: exclusions and results are rows (``rows_of``), which
-        ``at_rows`` reads the rest of the candidates' data by."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if banned_rows is None:
+            banned_rows = [NO_ROWS] * len(queries)
         with self._lock:
             results: list[Hits] = [self._no_hits() for _ in range(len(queries))]
             if not self._n_rows:

@@ -496,10 +496,11 @@ def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
         c.post("/v1/items", json={"items": items}).raise_for_status()
         index = c.app.state.engine.index
         first = MOVIES[0][0]
-        assert np.array_equal(index.tags_of([first])[0], tag_vectors([["drama"]])[0])
+        assert np.array_equal(index.stats_and_tags_of([first])[1][0], tag_vectors([["drama"]])[0])
         c.post("/v1/items", json={"items": [{"item_id": first, "text": MOVIES[0][1],
                                              "tags": ["Horror", "war"]}]}).raise_for_status()
-        assert np.array_equal(index.tags_of([first])[0], tag_vectors([["horror", "war"]])[0])
+        assert np.array_equal(index.stats_and_tags_of([first])[1][0],
+                              tag_vectors([["horror", "war"]])[0])
         assert c.get(f"/v1/items/{first}").json()["tags"] == ["Horror", "war"]
 
         # a user who just clicked a comedy: comedies get tag affinity, dramas none
@@ -561,19 +562,19 @@ def test_a_compaction_during_slate_choice_is_looked_up_again(backend, encoder):
         user = UserData([{"item_id": "m-2", "event": "click", "ts": now - 5}], [])
         index.record(["m-3", "m-6", "m-7"], ["m-3"])
         gone = ["m-1", "m-4", "m-5"]  # a third of the catalog: compacted at once
-        search_rows = index.search_rows
+        search = index.search
         moves = []
 
         def search_then_compact(*args):
-            hits = search_rows(*args)
+            hits = search(*args)
             if not moves:
                 moves.append(index.row_generation)
                 index.remove(gone)
             return hits
 
-        index.search_rows = search_then_compact
+        index.search = search_then_compact
         chosen = engine.choose_batch([Pick(user, ctx, set(), None, 4, 0.0, now)])[0]
-        del index.search_rows
+        del index.search
         assert moves and index.row_generation != moves[0]
         expected = engine.choose_batch([Pick(user, ctx, set(), None, 4, 0.0, now)])[0]
         assert not set(gone) & set(chosen.ids)

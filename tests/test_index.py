@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.index import CandidateIndex, faiss_has_gpu
+from tests.index_ids import engaging_ids, related_ids, search_ids, stats_of, tags_of
 
 
 def unit(rng, n, d):
@@ -19,7 +20,7 @@ def test_exact_search_returns_true_top_n():
     idx = CandidateIndex(16)
     idx.upsert([f"i{i}" for i in range(500)], vecs)
     q = unit(rng, 3, 16)
-    res = idx.search(q, 20)
+    res = search_ids(idx, q, 20)
     for qi, (ids, embs) in enumerate(res):
         truth = np.argsort(-(vecs @ q[qi]))[:20]
         assert ids == [f"i{i}" for i in truth]
@@ -33,19 +34,19 @@ def test_update_remove_unavailable_and_exclude_are_never_returned():
     ids = [f"i{i}" for i in range(50)]
     idx.upsert(ids, vecs)
     q = vecs[7]
-    assert idx.search(q, 1)[0][0] == ["i7"]
+    assert search_ids(idx, q, 1)[0][0] == ["i7"]
     # update: i7 now points the other way, so it must drop to the bottom
     idx.upsert(["i7"], -vecs[7:8])
-    assert idx.search(q, 50)[0][0][-1] == "i7"
+    assert search_ids(idx, q, 50)[0][0][-1] == "i7"
     assert len(idx) == 50
     idx.remove(["i3", "i4", "missing"])
     idx.upsert(["i5"], vecs[5:6], available=[False])
-    got = idx.search(q, 50, exclude=[{"i6"}])[0][0]
+    got = search_ids(idx, q, 50, [{"i6"}])[0][0]
     assert not {"i3", "i4", "i5", "i6"} & set(got)
     assert len(got) == 50 - 4 and len(set(got)) == len(got)
     assert not idx.is_recommendable("i5") and idx.is_recommendable("i8")
     idx.set_available("i5", True)
-    assert "i5" in idx.search(q, 50)[0][0]
+    assert "i5" in search_ids(idx, q, 50)[0][0]
 
 
 def test_many_deletes_compact_and_keep_results_right():
@@ -58,7 +59,7 @@ def test_many_deletes_compact_and_keep_results_right():
     q = unit(rng, 1, 8)[0]
     odd = np.arange(1, 300, 2)
     truth = odd[np.argsort(-(vecs[odd] @ q))[:10]]
-    assert idx.search(q, 10)[0][0] == [f"i{i}" for i in truth]
+    assert search_ids(idx, q, 10)[0][0] == [f"i{i}" for i in truth]
 
 
 def test_vectors_of_keeps_order_and_drops_unknown():
@@ -72,10 +73,10 @@ def test_vectors_of_keeps_order_and_drops_unknown():
 def test_small_catalog_returns_everything_once():
     idx = CandidateIndex(4)
     idx.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3])
-    ids, _ = idx.search(np.ones(4, dtype=np.float32), 200)[0]
+    ids, _ = search_ids(idx, np.ones(4, dtype=np.float32), 200)[0]
     assert sorted(ids) == ["a", "b", "c"]
     empty = CandidateIndex(4)
-    assert empty.search(np.ones(4, dtype=np.float32), 5)[0][0] == []
+    assert search_ids(empty, np.ones(4, dtype=np.float32), 5)[0][0] == []
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
@@ -95,7 +96,7 @@ def test_approximate_index_recall_at_100(kind):
     assert approx.approximate and approx.kind == kind
     queries = unit(rng, 200, d)
     exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :100]
-    found = approx.search(queries, 100)
+    found = search_ids(approx, queries, 100)
     recall = np.mean([len({f"i{i}" for i in exact[q]} & set(found[q][0])) / 100
                       for q in range(len(queries))])
     assert recall >= 0.95, recall
@@ -104,7 +105,7 @@ def test_approximate_index_recall_at_100(kind):
         assert np.all(np.diff(got @ queries[q]) <= 1e-6)
     # deletes still hold in approximate mode
     approx.remove([found[0][0][0]])
-    assert found[0][0][0] not in approx.search(queries[:1], 100)[0][0]
+    assert found[0][0][0] not in search_ids(approx, queries[:1], 100)[0][0]
 
 
 def cuda_available() -> bool:
@@ -125,7 +126,7 @@ def test_gpu_index_matches_cpu_and_stays_exact_above_the_threshold():
     for idx in (cpu, gpu):
         idx.upsert([f"i{i}" for i in range(3000)], vecs)
     assert gpu.kind == "flat" and gpu.backend in {"faiss-gpu", "torch-cuda"}
-    for (a, va), (b, vb) in zip(cpu.search(q, 50), gpu.search(q, 50), strict=True):
+    for (a, va), (b, vb) in zip(search_ids(cpu, q, 50), search_ids(gpu, q, 50), strict=True):
         assert a == b and np.allclose(va, vb)
     # updates, deletes, unavailability and exclusion behave as on the CPU
     for idx in (cpu, gpu):
@@ -133,7 +134,7 @@ def test_gpu_index_matches_cpu_and_stays_exact_above_the_threshold():
         idx.remove([f"i{i}" for i in range(0, 3000, 3)])
         idx.set_available("i2", False)
     excluded = [{"i5", "i7"}] * len(q)
-    for (a, _), (b, _) in zip(cpu.search(q, 100, excluded), gpu.search(q, 100, excluded),
+    for (a, _), (b, _) in zip(search_ids(cpu, q, 100, excluded), search_ids(gpu, q, 100, excluded),
                               strict=True):
         assert a == b and not {"i2", "i3", "i5", "i7"} & set(b)
 
@@ -142,11 +143,11 @@ def test_engagement_counts_follow_items_through_updates_and_compaction():
     idx = CandidateIndex(4)
     idx.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3])
     idx.record(["a", "b", "a", "zz"], ["a"])
-    assert idx.stats_of(["a", "b", "c", "zz"]).tolist() == [[2, 1], [1, 0], [0, 0], [0, 0]]
+    assert stats_of(idx, ["a", "b", "c", "zz"]).tolist() == [[2, 1], [1, 0], [0, 0], [0, 0]]
     idx.upsert(["a"], np.eye(4, dtype=np.float32)[3:4])  # re-embedded: counts kept
     idx.remove(["c"])
     idx._rebuild("flat")
-    assert idx.stats_of(["a", "b"]).tolist() == [[2, 1], [1, 0]]
+    assert stats_of(idx, ["a", "b"]).tolist() == [[2, 1], [1, 0]]
 
 
 def test_counting_never_waits_for_a_search_and_loses_nothing():
@@ -170,10 +171,10 @@ def test_counting_never_waits_for_a_search_and_loses_nothing():
     assert searcher.is_alive()  # both returned while the search still held the index
     release.set()
     searcher.join(60)
-    assert idx.stats_of(["a", "b"]).tolist() == [[2, 1], [1, 1]]
+    assert stats_of(idx, ["a", "b"]).tolist() == [[2, 1], [1, 1]]
     idx.upsert(["a"], np.eye(4, dtype=np.float32)[2:3])  # re-embedded: counts carried
     idx.record(["a"])
-    assert idx.stats_of(["a"]).tolist() == [[3, 1]]
+    assert stats_of(idx, ["a"]).tolist() == [[3, 1]]
 
 
 def test_bulk_load_builds_once_and_finds_what_upserts_one_by_one_find(monkeypatch):
@@ -195,8 +196,8 @@ def test_bulk_load_builds_once_and_finds_what_upserts_one_by_one_find(monkeypatc
     assert len(bulk._live) == 3000
     q = unit(rng, 5, 16)
     exact = [[f"i{i}" for i in np.argsort(-(vecs @ qi))[:10]] for qi in q]
-    assert [r[0] for r in bulk.search(q, 10)] == exact
-    assert [r[0] for r in grown.search(q, 10)] == exact
+    assert [r[0] for r in search_ids(bulk, q, 10)] == exact
+    assert [r[0] for r in search_ids(grown, q, 10)] == exact
 
 
 def test_compaction_in_place_across_chunks_keeps_vectors_stats_and_availability(monkeypatch):
@@ -215,10 +216,10 @@ def test_compaction_in_place_across_chunks_keeps_vectors_stats_and_availability(
     kept = [i for i in range(200) if f"i{i}" not in gone]
     _, got = idx.vectors_of([f"i{i}" for i in kept])
     assert np.array_equal(got, vecs[kept])
-    stats = idx.stats_of([f"i{i}" for i in kept])
+    stats = stats_of(idx, [f"i{i}" for i in kept])
     assert stats.tolist() == [[float(i % 3 == 0), float(i % 9 == 0)] for i in kept]
     servable = {f"i{i}" for i in kept if i % 5 != 0}
-    found = idx.search(unit(rng, 1, 8), 200)[0][0]
+    found = search_ids(idx, unit(rng, 1, 8), 200)[0][0]
     assert set(found) == servable
 
 
@@ -228,17 +229,17 @@ def test_tags_follow_items_through_updates_and_compaction():
     idx = CandidateIndex(4)
     idx.upsert(["a", "b", "c"], np.eye(4, dtype=np.float32)[:3],
                tags=[["comedy"], ["drama", "war"], []])
-    assert np.array_equal(idx.tags_of(["b", "zz", "a"]),
+    assert np.array_equal(tags_of(idx, ["b", "zz", "a"]),
                           tag_vectors([["drama", "war"], [], ["comedy"]]).astype(np.float32))
     idx.upsert(["a"], np.eye(4, dtype=np.float32)[3:4], tags=[["horror"]])
     idx.remove(["c"])
     idx._rebuild("flat")
-    assert np.array_equal(idx.tags_of(["a", "b"]),
+    assert np.array_equal(tags_of(idx, ["a", "b"]),
                           tag_vectors([["horror"], ["drama", "war"]]).astype(np.float32))
     idx.record(["b", "b", "a"], ["b"])
     stats, tags = idx.stats_and_tags_of(["b", "zz", "a"])  # one lookup for both tables
-    assert np.array_equal(stats, idx.stats_of(["b", "zz", "a"]))
-    assert np.array_equal(tags, idx.tags_of(["b", "zz", "a"]))
+    assert np.array_equal(stats, stats_of(idx, ["b", "zz", "a"]))
+    assert np.array_equal(tags, tags_of(idx, ["b", "zz", "a"]))
     assert stats.tolist() == [[2, 1], [0, 0], [1, 0]]
 
 
@@ -257,19 +258,19 @@ def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(
     # closed form: (clicks + 0.03 * 20) / (shown + 20)
     assert np.allclose(smoothed_ctr(np.array([[100, 30], [10, 5], [0, 0]], np.float32)),
                        [30.6 / 120, 5.6 / 30, 0.03])
-    (top, emb), (skipping, _) = idx.engaging(2, [set(), {"i1"}])
+    (top, emb), (skipping, _) = engaging_ids(idx, 2, [set(), {"i1"}])
     assert top == ["i1", "i2"] and np.allclose(emb, vecs[[1, 2]])
     assert skipping[0] == "i2" and len(skipping) == 2 and "i1" not in skipping
-    assert "i3" not in idx.engaging(29, [set()])[0][0][:28]  # shown 100x, clicked once: last
+    assert "i3" not in engaging_ids(idx, 29, [set()])[0][0][:28]  # shown 100x, clicked once: last
 
     monkeypatch.setattr(index_module, "ENGAGING_REFRESH_IMPRESSIONS", 0)
     idx.record(["i4"] * 10, ["i4"] * 9)  # (9.6 / 30) beats i1's 0.255
-    assert idx.engaging(1, [set()])[0][0] == ["i4"]
+    assert engaging_ids(idx, 1, [set()])[0][0] == ["i4"]
     monkeypatch.setattr(index_module, "ENGAGING_REFRESH_IMPRESSIONS", 10**9)
     idx.upsert(["i4"], vecs[4:5], available=[False])  # a change to the index: re-ranked
     idx.remove(["i1"])
-    assert idx.engaging(2, [set()])[0][0][0] == "i2"
-    everything = idx.engaging(100, [set()])[0][0]
+    assert engaging_ids(idx, 2, [set()])[0][0][0] == "i2"
+    everything = engaging_ids(idx, 100, [set()])[0][0]
     assert len(everything) == 28 and not {"i1", "i4"} & set(everything)
 
 
@@ -291,12 +292,12 @@ def test_related_equals_one_search_per_seed_and_follows_catalog_changes(monkeypa
         got: list[str] = []
         for seed in seeds:
             if seed in idx:
-                found = idx.search(idx.vectors_of([seed])[1], n, [ex])[0][0]
+                found = search_ids(idx, idx.vectors_of([seed])[1], n, [ex])[0][0]
                 got += [i for i in found if i not in got]
         return got
 
     def check(seeds, n, ex):
-        (got, emb), = idx.related([seeds], n, [ex])
+        (got, emb), = related_ids(idx, [seeds], n, [ex])
         assert got == by_search(seeds, n, ex)
         assert np.allclose(emb, idx.vectors_of(got)[1])
 
@@ -310,14 +311,15 @@ def test_related_equals_one_search_per_seed_and_follows_catalog_changes(monkeypa
     idx.set_available(by_search(["i9"], 1, set())[0], False)
     idx.remove(["i7"])
     check(["i5", "i9"], 10, {"i1"})
-    assert idx.related([["i7"]], 5, [set()])[0][0] == []  # a removed seed gives nothing
-    assert idx.related([["i5"]], 3, [set()])[0][0][:2] == ["i5", "i200"]
+    assert related_ids(idx, [["i7"]], 5, [set()])[0][0] == []  # a removed seed gives nothing
+    assert related_ids(idx, [["i5"]], 3, [set()])[0][0][:2] == ["i5", "i200"]
 
 
 def test_reading_candidates_by_row_gives_what_reading_them_by_id_gives():
-    """The serving path carries candidates by row (``search_rows``, ``related_rows``,
-    ``engaging_rows``, then ``at_rows``); it returns the same items, embeddings, counts
-    and tags as the id-keyed methods, and refuses rows that a compaction moved."""
+    """The serving path carries candidates by row (``search``, ``related``,
+    ``engaging``, then ``at_rows``); it returns the same items, embeddings, counts and
+    tags as the same searches with exclusions by id (``rows_of``) and reading counts and
+    tags by id, and refuses rows that a compaction moved."""
     rng = np.random.default_rng(11)
     n_items = 1200
     ids = [f"i{i}" for i in range(n_items)]
@@ -342,10 +344,10 @@ def test_reading_candidates_by_row_gives_what_reading_them_by_id_gives():
             want_stats, want_tags = idx.stats_and_tags_of(want_ids)
             assert np.array_equal(stats, want_stats) and np.array_equal(tags, want_tags)
 
-    same(idx.search_rows(queries, 40, banned), idx.search(queries, 40, exclude))
+    same(idx.search(queries, 40, banned), search_ids(idx, queries, 40, exclude))
     seeds = [["i5", "i9"], ["i7"], ["nope", "i11"]]
-    same(idx.related_rows(seeds, 10, banned), idx.related(seeds, 10, exclude))
-    same(idx.engaging_rows(10, banned), idx.engaging(10, exclude))
+    same(idx.related(seeds, 10, banned), related_ids(idx, seeds, 10, exclude))
+    same(idx.engaging(10, banned), engaging_ids(idx, 10, exclude))
 
     idx.remove(ids[: n_items // 3])  # past the compaction threshold: rows move
     assert idx.row_generation != generation

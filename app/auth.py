@@ -50,7 +50,7 @@ class KeyRing:
 
 
 async def authenticate(request: Request) -> Principal:
-    """Every ``/v1`` route: who is calling, as the request gate (``app.gate``) found from
+    """Every ``/v1`` route: who is calling, as the request gate (``app.server.gate``) found from
     the headers before the body was read (it answered ``401`` already otherwise)."""
     principal = getattr(request.state, "principal", None)
     if principal is None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.wheeldata import data_dir
+from app.tools.wheeldata import data_dir
 from bench.docs import write_block
 from bench.peers import GRIDS, PEER_CLASSES
 from bench.simulate import simulate

@@ -23,9 +23,9 @@ import time
 import numpy as np
 from fastapi import FastAPI
 
-from app.batching import StoreBatcher
 from app.ids import new_ulid
 from app.schemas import RecommendIn, RecommendOut, SlateItem
+from app.server.batching import StoreBatcher
 from app.store import Impression
 from app.store.redis_store import RedisStore
 from models.state import N_ITEM_FEATURES, StateLayout
@@ -51,7 +51,7 @@ def create_floor_app(store: RedisStore | None = None, ttl_s: int = 86_400,
         await store.log_impressions(imps, ttl_s, shown_max)
         return [None] * len(imps)
 
-    # batched across concurrent requests as the service batches them (app.engine)
+    # batched across concurrent requests as the service batches them (app.server.engine)
     user_reads = StoreBatcher(read_users)
     impression_writes = StoreBatcher(write_impressions)
 

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from app.movielens import load
+from app.tools.movielens import load
 from bench.server import running_service
 
 

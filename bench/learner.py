@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from app.learner_worker import LearnerWorker
+from app.learner.worker import LearnerWorker
 from app.settings import Settings
 from app.store import Impression, ItemRecord
 from app.store.redis_store import RedisStore

@@ -30,7 +30,7 @@ import zipfile
 import numpy as np
 import yaml
 
-from app.wheeldata import fetch_wheel
+from app.tools.wheeldata import fetch_wheel
 from models.ope import doubly_robust, ips, on_policy, snips
 
 POSITIONS = 3

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from app.client import wait_ready
+from app.tools.client import wait_ready
 
 
 def free_port() -> int:
@@ -40,9 +40,10 @@ def running_service_process(env: dict[str, str] | None = None, startup_s: float 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+", prefix="recsvc-bench-") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", command, "--port", str(port)],
-                                env={**os.environ, **(env or {})}, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.tools.cli", command, "--port", str(port)],
+            env={**os.environ, **(env or {})}, stdout=log,
+            stderr=subprocess.STDOUT)
         try:
             if not wait_ready(url, lambda: proc.poll() is None, startup_s):
                 log.seek(0)

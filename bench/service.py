@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.clock import SimulatedClock
-from app.engine import Engine
-from app.learner_worker import LearnerWorker
+from app.learner.worker import LearnerWorker
 from app.metrics import Metrics
+from app.server.engine import Engine
 from app.settings import Settings
 from app.store.memory import MemoryStore
 from bench.peers import Policy, View

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from app.learner_worker import LearnerWorker
+from app.learner.worker import LearnerWorker
 from app.settings import Settings
 from models.index import CandidateIndex
 from models.learner import DQNLearner

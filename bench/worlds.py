@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.movielens import MovieLens, load
+from app.tools.movielens import MovieLens, load
 
 CLICK_CAP = 0.95
 

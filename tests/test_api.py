@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api import create_app
+from app.server.api import create_app
 from app.settings import Settings
 
 FAST = dict(reward_wait_s=0.3, learner_poll_s=0.05, publish_interval_s=0.1,
@@ -463,7 +463,7 @@ def test_closed_impressions_reach_the_evaluation_log(backend, encoder):
 def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):
     """Concurrent requests share one Q-network call and one index search; each gets the
     slate and scores it would get alone."""
-    from app.engine import Pick
+    from app.server.engine import Pick
     from app.store import UserData
     with make_client(backend, encoder) as c:
         c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
@@ -504,7 +504,7 @@ def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
         assert c.get(f"/v1/items/{first}").json()["tags"] == ["Horror", "war"]
 
         # a user who just clicked a comedy: comedies get tag affinity, dramas none
-        from app.engine import Pick
+        from app.server.engine import Pick
         from app.store import UserData
         comedy, drama = MOVIES[1][0], MOVIES[2][0]
         now = time.time()
@@ -550,7 +550,7 @@ def test_a_compaction_during_slate_choice_is_looked_up_again(backend, encoder):
     compaction moves rows meanwhile (another thread deleting items), the slate is
     still built from the right items: the same slate, scores and features as when
     nothing moved."""
-    from app.engine import Pick
+    from app.server.engine import Pick
     from app.store import UserData
     with make_client(backend, encoder) as c:
         c.post("/v1/items", json={"items": [{"item_id": i, "text": t, "tags": [t[-6:]]}

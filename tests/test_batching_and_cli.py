@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from app.batching import MicroBatcher, StoreBatcher
-from app.cli import read_items
+from app.server.batching import MicroBatcher, StoreBatcher
+from app.tools.cli import read_items
 
 
 async def test_concurrent_encodes_share_batches_and_match_direct_calls(encoder):
@@ -105,8 +105,8 @@ def test_read_items_jsonl_and_csv(tmp_path):
 
 def test_load_items_resumes_after_a_failure_without_resending(tmp_path, monkeypatch, capsys):
     """A 1M-item load that dies part-way continues where the service last confirmed."""
-    import app.client
-    from app.cli import main
+    import app.tools.client
+    from app.tools.cli import main
 
     sent: list[str] = []
     fail_at = {"call": 3}
@@ -122,7 +122,7 @@ def test_load_items_resumes_after_a_failure_without_resending(tmp_path, monkeypa
             sent.extend(i["item_id"] for i in items)
             return {"catalog_size": len(set(sent))}
 
-    monkeypatch.setattr(app.client, "Client", FlakyClient)
+    monkeypatch.setattr(app.tools.client, "Client", FlakyClient)
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"item_id": f"i{n}", "text": f"item {n}"}) + "\n"
                              for n in range(25)))
@@ -142,7 +142,7 @@ def test_load_items_resumes_after_a_failure_without_resending(tmp_path, monkeypa
 
 
 def _recording_client(monkeypatch, sent: list[str]):
-    import app.client
+    import app.tools.client
 
     class Recording:
         def __init__(self, url, api_key=None):
@@ -152,7 +152,7 @@ def _recording_client(monkeypatch, sent: list[str]):
             sent.extend(i["item_id"] for i in items)
             return {"catalog_size": len(sent)}
 
-    monkeypatch.setattr(app.client, "Client", Recording)
+    monkeypatch.setattr(app.tools.client, "Client", Recording)
 
 
 def test_load_items_names_the_line_of_each_bad_row_and_loads_the_rest(
@@ -160,7 +160,7 @@ def test_load_items_names_the_line_of_each_bad_row_and_loads_the_rest(
     """A row the service would refuse is reported by file and line and skipped; its
     batch's valid rows are loaded (before, the batch was refused whole with a 422
     naming only its position in the batch, or a traceback for a non-JSON line)."""
-    from app.cli import main
+    from app.tools.cli import main
 
     sent: list[str] = []
     _recording_client(monkeypatch, sent)
@@ -183,7 +183,7 @@ def test_load_items_names_the_line_of_each_bad_row_and_loads_the_rest(
 
 @pytest.mark.parametrize("case", ["no file", "no text column"])
 def test_load_items_says_what_is_wrong_with_the_file(tmp_path, monkeypatch, capsys, case):
-    from app.cli import main
+    from app.tools.cli import main
 
     _recording_client(monkeypatch, [])
     path = tmp_path / "items.csv"
@@ -201,7 +201,7 @@ def test_the_client_waits_out_a_retry_after(monkeypatch):
     """A 429 or 503 with Retry-After is a pause for a bulk load, not a failure."""
     import httpx
 
-    from app import client as client_module
+    from app.tools import client as client_module
 
     answers = iter([httpx.Response(429, headers={"Retry-After": "0"}, json={}),
                     httpx.Response(503, headers={"Retry-After": "0"}, json={}),
@@ -215,7 +215,7 @@ def test_the_client_waits_out_a_retry_after(monkeypatch):
 def test_the_client_gives_up_after_its_retries_with_the_last_answer():
     import httpx
 
-    from app import client as client_module
+    from app.tools import client as client_module
 
     calls = []
 
@@ -234,7 +234,7 @@ def test_the_client_gives_up_after_its_retries_with_the_last_answer():
 @pytest.mark.parametrize("command, shown", [("demo", "recommend requests to play (default: 3000)"),
                                             ("load-items", "(at most 1000) (default: 500)")])
 def test_every_option_has_help_with_its_default(capsys, command, shown):
-    from app.cli import main
+    from app.tools.cli import main
 
     with pytest.raises(SystemExit):
         main([command, "--help"])

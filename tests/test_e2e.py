@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from app.client import wait_ready
+from app.tools.client import wait_ready
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +28,7 @@ def server(backend, tmp_path):
     if name == "redis":
         env.update(RECSVC_REDIS_URL=cfg["redis_url"], RECSVC_KEY_PREFIX=cfg["key_prefix"])
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "app.tools.cli", "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     if not wait_ready(url, lambda: proc.poll() is None, 90):
@@ -97,13 +97,13 @@ def test_full_contract_over_http(server):
     assert c.post("/v1/recommend", json={"user_id": "u-1"}).json()["model_version"] >= 1
 
     # the closed impression is in the evaluation log: export it and evaluate it
-    out = subprocess.run([sys.executable, "-m", "app.cli", "export-log", "--url",
+    out = subprocess.run([sys.executable, "-m", "app.tools.cli", "export-log", "--url",
                           str(c.base_url), "--api-key", "e2e-key", "--out",
                           str(tmp_log := c.tmp_path / "log.jsonl")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert tmp_log.read_text().count("\n") >= 1
-    ope = subprocess.run([sys.executable, "-m", "app.cli", "ope", "--log", str(tmp_log)],
+    ope = subprocess.run([sys.executable, "-m", "app.tools.cli", "ope", "--log", str(tmp_log)],
                          capture_output=True, text=True, timeout=60)
     assert ope.returncode == 0, ope.stderr
     assert "greedy" in ope.stdout and "SNIPS" in ope.stdout

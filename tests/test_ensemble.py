@@ -107,7 +107,7 @@ def test_resting_is_learned_from_whether_re_shown_items_are_taken(passed_over_ag
     """Items the user just passed over rest only once the logistic agent has seen that
     re-shown items are passed over again; where users take them as often as anything
     else, nothing rests. Before any evidence, nothing does."""
-    from app.engine import Engine
+    from app.server.engine import Engine
     from models.qnet import Scorer
     from models.state import FEATURE_GROUPS
 

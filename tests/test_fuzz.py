@@ -10,9 +10,9 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis import checks
 
-from app.api import create_app
-from app.client import wait_ready
+from app.server.api import create_app
 from app.settings import Settings
+from app.tools.client import wait_ready
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -27,8 +27,9 @@ def live_url(tmp_path_factory):
     env = {**os.environ, "RECSVC_ADMIN_KEYS": ADMIN, "RECSVC_DEVICE": "cpu",
            "RECSVC_MAX_BODY_BYTES": "65536"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.tools.cli", "serve", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_ready(url, lambda: proc.poll() is None, 90):
@@ -90,8 +91,9 @@ def test_schemathesis_all_checks_find_nothing(store, request, tmp_path):
     port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.tools.cli", "serve", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_ready(url, lambda: proc.poll() is None, 90), log_path.read_text()

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api import create_app
+from app.server.api import create_app
 from app.settings import Settings
 from app.store import StoreUnavailable
 from app.store.memory import MemoryStore
@@ -66,8 +66,8 @@ async def test_the_lease_holder_claims_entries_stuck_on_a_deposed_learner(monkey
 
     import numpy as np
 
-    from app import learner_worker
-    from app.learner_worker import LearnerWorker
+    from app.learner import worker as learner_worker
+    from app.learner.worker import LearnerWorker
     from app.store import Impression
     from models.index import CandidateIndex
     from models.state import StateLayout

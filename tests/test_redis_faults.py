@@ -14,7 +14,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.api import create_app
+from app.server.api import create_app
 from app.settings import Settings
 from tests.conftest import RedisServer
 from tests.test_api import FAST, MOVIES, assert_error

@@ -37,7 +37,7 @@ def test_multi_task_targets_train_each_head_on_what_happened_to_it():
     """A feedback event trains its own head; when the window closes every head that got
     no event learns that nothing happened, so a clicked item that was not bought tells
     the purchase head so, and an item rewarded before events were recorded is left be."""
-    from app.learner_worker import _feedback_target, _silence_targets
+    from app.learner.worker import _feedback_target, _silence_targets
     from app.store import Impression
     from models.rewards import HEADS
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.api import create_app
+from app.server.api import create_app
 from app.settings import Settings
 from tests.test_api import FAST, MOVIES, assert_error, make_client, recommend, wait_for
 
@@ -355,7 +355,7 @@ def imp_for(rid, user):
 def test_a_keyless_service_refuses_to_listen_beyond_loopback():
     """Serving with no key on an address other hosts reach is refused unless asked for
     (at 3b796b0 compose ran the replicas on 0.0.0.0 with no keys)."""
-    from app.cli import refuse_open_exposure
+    from app.tools.cli import refuse_open_exposure
 
     open_settings = Settings()
     refuse_open_exposure(open_settings, "127.0.0.1")  # the development default
@@ -395,7 +395,7 @@ def test_a_forged_forwarded_for_line_before_the_proxys_own_is_not_believed(encod
 
 
 def test_the_learners_status_needs_an_admin_key_when_keys_are_set(redis_url, redis_prefix):
-    from app.learner_process import create_learner_app
+    from app.learner.process import create_learner_app
 
     settings = Settings(**FAST, redis_url=redis_url, key_prefix=redis_prefix,
                         api_keys=API, admin_keys=ADMIN)

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from app.client import wait_ready
+from app.tools.client import wait_ready
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,7 @@ def start_server(redis_url: str, prefix: str, log_path) -> tuple[subprocess.Pope
            # no version is due after the first within the test: only the flush publishes
            "RECSVC_PUBLISH_INTERVAL_S": "3600", "RECSVC_REWARD_WAIT_S": "3600"}
     log = open(log_path, "a")  # noqa: SIM115 - the child process writes to it
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "app.tools.cli", "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     if not wait_ready(url, lambda: proc.poll() is None, 90):

@@ -46,7 +46,7 @@ class Process:
         env = {**os.environ, **ENV, "RECSVC_REDIS_URL": redis_url}
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", command, "--port", str(self.port)],
+                [sys.executable, "-m", "app.tools.cli", command, "--port", str(self.port)],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def ready(self) -> None:

@@ -1,4 +1,4 @@
-"""ASGI middleware: per-route latency metrics (the size limit is ``app.gate``'s)."""
+"""ASGI middleware: per-route latency metrics (the size limit is ``app.server.gate``'s)."""
 
 from __future__ import annotations
 

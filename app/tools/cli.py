@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.client import ServiceError
+from app.tools.client import ServiceError
 
 
 def _settings():
@@ -43,12 +43,12 @@ def refuse_open_exposure(settings, host: str) -> None:
 def _uvicorn(app, args: argparse.Namespace, settings) -> None:
     import uvicorn
 
-    from app.http_limits import limited_protocol
+    from app.server.http_limits import limited_protocol
 
     # SIGTERM: uvicorn stops accepting, drains in-flight requests (up to the grace
     # period), then the app's lifespan flushes held impressions and the learner's
     # uncommitted learning before the process exits. Headers are bounded in size and
-    # time (app.http_limits), connections and tasks in number (503 beyond).
+    # time (app.server.http_limits), connections and tasks in number (503 beyond).
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
                 http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
                 limit_concurrency=settings.max_concurrency, log_level="warning",
@@ -56,7 +56,7 @@ def _uvicorn(app, args: argparse.Namespace, settings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from app.api import create_app
+    from app.server.api import create_app
 
     settings = _settings()
     refuse_open_exposure(settings, args.host)
@@ -67,7 +67,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _learner(args: argparse.Namespace) -> None:
-    from app.learner_process import create_learner_app
+    from app.learner.process import create_learner_app
 
     settings = _settings()
     refuse_open_exposure(settings, args.host)
@@ -137,7 +137,7 @@ def _load_items(args: argparse.Namespace) -> None:
     bad row does not refuse the valid rows of its batch; the exit status is then 1."""
     from tqdm import tqdm
 
-    from app.client import Client
+    from app.tools.client import Client
 
     path = Path(args.file)
     if not path.is_file():
@@ -190,7 +190,7 @@ def _load_items(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from app.demo import run_demo
+    from app.tools.demo import run_demo
 
     run_demo(args.url, args.api_key, args.requests, args.window, args.seed)
 

@@ -6,8 +6,8 @@ import contextlib
 
 from fastapi import APIRouter, Query
 
-from app.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 from app.schemas import ErrorOut, ImportanceOut, LogOut, ModelOut, RollbackOut
+from app.server.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 from app.store import StoreUnavailable
 
 router = APIRouter(prefix=V1)

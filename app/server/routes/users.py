@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 from app.schemas import HistoryEntry, Id, UserOut
+from app.server.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 
 router = APIRouter(prefix=V1)
 

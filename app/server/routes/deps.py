@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.auth import require_admin
-from app.engine import Engine
 from app.errors import APIError
 from app.schemas import ErrorOut
+from app.server.engine import Engine
 
 
 async def ready_engine(request: Request) -> Engine:

@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from pydantic import ValidationError
 
 from app.errors import APIError, FastJSONResponse
-from app.routes.deps import V1, EngineDep
 from app.schemas import (
     EventIn,
     EventOut,
@@ -21,6 +20,7 @@ from app.schemas import (
     SlateItem,
     first_error,
 )
+from app.server.routes.deps import V1, EngineDep
 from app.store.base import FeedbackOutcome
 
 router = APIRouter(prefix=V1)

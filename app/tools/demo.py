@@ -15,8 +15,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from app.client import Client
-from app.movielens import MovieLens, load
+from app.tools.client import Client
+from app.tools.movielens import MovieLens, load
 
 RANDOM_CTR = 0.03
 

@@ -1,5 +1,5 @@
 """The HTTP API of API.md (v1), built by ``create_app`` from the routers in
-``app.routes``: one per area of the contract."""
+``app.server.routes``: one per area of the contract."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from app.auth import KeyRing, authenticate
-from app.engine import Engine
 from app.errors import install_error_handlers
-from app.gate import RequestGate
-from app.learner_worker import LearnerWorker
+from app.learner.worker import LearnerWorker
 from app.metrics import Metrics
-from app.middleware import MetricsMiddleware
-from app.routes import catalog, model, operations, recommending, users
-from app.routes.operations import DOCS_ASSETS
 from app.schemas import ErrorOut
+from app.server.engine import Engine
+from app.server.gate import RequestGate
+from app.server.middleware import MetricsMiddleware
+from app.server.routes import catalog, model, operations, recommending, users
+from app.server.routes.operations import DOCS_ASSETS
 from app.settings import Settings
 from app.store import Store, make_store
 

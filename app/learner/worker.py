@@ -45,7 +45,7 @@ from models.qnet import all_finite
 from models.rewards import HEAD_OF_EVENT
 from models.state import N_ITEM_FEATURES, StateLayout
 
-log = logging.getLogger("recsvc.learner")
+log = logging.getLogger("recsvc.learner.worker")
 
 
 SWEEP_EVERY_S = 10.0  # how often the lease holder claims entries stuck on other consumers

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from app.auth import KeyRing
 from app.catalog import CatalogReplica
 from app.errors import APIError, install_error_handlers
-from app.learner_worker import LearnerWorker
+from app.learner.worker import LearnerWorker
 from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import StoreUnavailable, make_store
@@ -34,7 +34,7 @@ from models.encoder import embedding_dim
 from models.index import CandidateIndex, set_search_threads
 from models.state import StateLayout
 
-log = logging.getLogger("recsvc.learner")
+log = logging.getLogger("recsvc.learner.process")
 
 
 def _gauges(registry: CollectorRegistry, app: FastAPI) -> None:

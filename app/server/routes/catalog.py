@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from app.errors import APIError
-from app.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 from app.schemas import Id, ItemOut, ItemsIn, ScoredItemsOut, UpsertOut
+from app.server.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 
 router = APIRouter(prefix=V1)
 

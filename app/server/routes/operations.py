@@ -10,12 +10,12 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.engine import Engine
 from app.errors import APIError
 from app.schemas import ErrorOut
+from app.server.engine import Engine
 from app.store import StoreUnavailable
 
-# where Swagger UI's assets are served (``app.api`` mounts the package's copy there)
+# where Swagger UI's assets are served (``app.server.api`` mounts the package's copy there)
 DOCS_ASSETS = "/docs-assets"
 
 router = APIRouter()

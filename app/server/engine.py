@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from app.batching import MicroBatcher, StoreBatcher
 from app.catalog import CatalogReplica, index_records
 from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import APIError
-from app.explain import explain_slate, importance
 from app.features import latest_first, resting_items, user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
 from app.metrics import Metrics
+from app.server.batching import MicroBatcher, StoreBatcher
+from app.server.explain import explain_slate, importance
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
 from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
@@ -133,7 +133,7 @@ class Slate:
     item_ids: list[str]
     scores: np.ndarray
     choice: SlateChoice
-    explanations: list[dict] | None = None  # per item, when asked for (app.explain)
+    explanations: list[dict] | None = None  # per item, when asked for (app.server.explain)
 
 
 class Engine:
@@ -169,7 +169,7 @@ class Engine:
         self._batcher: MicroBatcher[str, np.ndarray]
         self._chooser: MicroBatcher[Pick, Chosen]
         self._follower: PeriodicLoop | None = None
-        # concurrent requests' store calls, one pipeline per batch (app.batching)
+        # concurrent requests' store calls, one pipeline per batch (app.server.batching)
         self._user_reads: StoreBatcher[str, UserData] = StoreBatcher(self._read_users)
         self._impression_writes: StoreBatcher[Impression, None] = StoreBatcher(
             self._write_impressions)
@@ -528,7 +528,7 @@ class Engine:
 
     async def importance(self, limit: int) -> dict:
         """Model-wide importance of the input's parts, by ablation on the latest
-        ``limit`` closed impressions still stored (``app.explain.importance``)."""
+        ``limit`` closed impressions still stored (``app.server.explain.importance``)."""
         records = await self.store.read_log(limit)
         imps = await self.store.get_impressions([r["request_id"] for r in records])
         return await self.run(importance, self.layout, self.scorer, self.index,

@@ -1,0 +1,1 @@
+"""The API server process: HTTP routes, the engine that serves slates."""

@@ -259,7 +259,8 @@ class VowpalPolicy(Policy):
     estimates) and the slate is drawn slot by slot over what is left: ``epsilon``,
     the best remaining with probability ``1 - ε``, else a uniform one; ``squarecb``,
     VW's SquareCB rule (Foster and Rakhlin 2020: ``1 / (K + γ (cost - best cost))``
-    per action, the rest on the best, ``γ = gamma_scale * sqrt(t)``). Each shown item
+    per action, the rest on the best, ``γ = gamma_scale * sqrt(t)`` with ``t`` the
+    slates learned from so far; VW counts examples, k per slate). Each shown item
     is learned from as one bandit example (cost -1 for a click) with the probability
     its slot drew it with; ``cb_type`` is how VW learns from it (``dm``: a plain
     regression of the cost, ``mtr``: importance-weighted)."""

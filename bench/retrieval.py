@@ -14,8 +14,8 @@ What is measured, per configuration:
 * memory: resident-set growth of the process while building, and the index's own
   bytes (faiss serialisation; vectors kept for re-ranking are counted apart);
 * latency: ``--queries`` single-query searches (p50, p99), then batches of
-  ``--batch`` (per-query cost), each through ``CandidateIndex.search`` (filtering,
-  exact re-rank and id mapping included: what a request pays);
+  ``--batch`` (per-query cost), each through ``CandidateIndex.search`` (filtering
+  and exact re-rank included; results by row, as serving reads them);
 * recall@``--n`` against exact inner-product search over the same vectors.
 
 The exact flat index is the peer every row is printed next to.

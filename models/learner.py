@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.qnet import QNetwork, all_finite, split_weights, weights_shape, weights_to_bytes
+from models.qnet import (
+    HIDDEN,
+    QNetwork,
+    all_finite,
+    split_weights,
+    weights_shape,
+    weights_to_bytes,
+)
 from models.replay import ReplayBuffer
 
 # (B, d) online retrieval queries -> (B, d) embeddings of the next actions, (B,) valid mask
@@ -42,7 +49,7 @@ class DQNConfig:
     huber_delta: float = 1.0
     grad_clip: float = 5.0
     target_tau: float = 0.01
-    hidden: int = 128
+    hidden: int = HIDDEN
     seed: int = 0
     prefault_buffer: bool = True
     # multi-task: heads of the Q-network, and their weights in the ranking value (the

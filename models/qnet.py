@@ -41,6 +41,8 @@ from models.state import N_ITEM_FEATURES, StateLayout
 
 SKIP_RANK = 32
 TRUNK_RANK = 32
+# the hidden layers' width (RECSVC_HIDDEN's default, through models.learner.DQNConfig)
+HIDDEN = 128
 
 
 class PooledProjection(nn.Module):
@@ -98,7 +100,7 @@ class StateSkip(nn.Module):
 
 
 class QNetwork(nn.Module):
-    def __init__(self, state_dim: int, item_dim: int, hidden: int = 256,
+    def __init__(self, state_dim: int, item_dim: int, hidden: int = HIDDEN,
                  item_features: int = N_ITEM_FEATURES, heads: int = 1,
                  skip_rank: int = SKIP_RANK, trunk_rank: int = TRUNK_RANK) -> None:
         super().__init__()

@@ -545,6 +545,32 @@ def test_a_click_brings_the_items_nearest_to_it_into_the_next_slate(backend, enc
             assert nearest <= set(after)
 
 
+def test_similar_and_popular_leave_out_an_item_deleted_while_they_read(backend, encoder):
+    """The neighbours and the engagement ranking are read by row, then their ids: an
+    item deleted in between (another request, another thread) is not listed."""
+    with make_client(backend, encoder) as c:
+        c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+        index = c.app.state.engine.index
+        for source in ("related", "engaging"):
+            read = getattr(index, source)
+            gone = []
+
+            def read_then_delete(*args, read=read, gone=gone):
+                hits = read(*args)
+                rows = hits[0][0]
+                if len(rows) and not gone:
+                    gone.append(index.at_rows([rows[:1]], index.row_generation)[0][0][0])
+                    index.remove(gone)
+                return hits
+
+            setattr(index, source, read_then_delete)
+            url = "/v1/items/m-1/similar?k=5" if source == "related" else "/v1/popular?k=5"
+            r = c.get(url)
+            delattr(index, source)
+            assert r.status_code == 200 and gone
+            assert gone[0] not in [it["item_id"] for it in r.json()["items"]]
+
+
 def test_a_compaction_during_slate_choice_is_looked_up_again(backend, encoder):
     """Candidates travel by index row from the search to their counts and tags; when a
     compaction moves rows meanwhile (another thread deleting items), the slate is

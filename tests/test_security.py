@@ -410,3 +410,25 @@ def test_the_learners_status_needs_an_admin_key_when_keys_are_set(redis_url, red
 def test_the_api_docs_need_a_key_when_keys_are_set(secured):
     assert_error(secured.get("/openapi.json"), 401)
     assert secured.get("/openapi.json", headers=as_key(API)).status_code == 200
+
+
+def test_rollback_to_weights_of_another_network_shape_is_refused(backend, encoder):
+    """After an upgrade that changed the network's shape, the version a rollback would
+    return to was saved by the older release: 409, and the served version is kept,
+    instead of a 200 for weights that no replica can load."""
+    from models.qnet import QNetwork, weights_to_bytes
+
+    with TestClient(create_app(Settings(**{**FAST, **backend[1]}), encoder=encoder,
+                               run_learner=False)) as c:
+        engine = c.app.state.engine
+        net = engine.scorer.net
+        older = QNetwork(net.state_dim, net.item_dim, hidden=net.hidden * 2, trunk_rank=0)
+        latest = c.portal.call(engine.store.latest_version)
+        c.portal.call(engine.store.publish_weights, latest + 1, weights_to_bytes(older), {})
+        c.portal.call(lambda: engine.store.publish_weights(
+            latest + 2, weights_to_bytes(net), {}, parent=latest + 1))
+        c.portal.call(engine.refresh_weights)
+        assert c.get("/v1/model").json()["version"] == latest + 2
+        assert_error(c.post("/v1/model/rollback"), 409, "no_previous_version")
+        assert c.get("/v1/model").json()["version"] == latest + 2
+        assert c.portal.call(engine.store.latest_version) == latest + 2

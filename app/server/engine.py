@@ -300,6 +300,10 @@ class Engine:
         if blob is None:
             raise APIError(409, "no_previous_version",
                            f"version {latest} has no earlier weights kept to return to")
+        if weights_shape(blob) != self.scorer.net.shape:  # saved by another release
+            raise APIError(409, "no_previous_version",
+                           f"version {parent} was saved by a release with another network "
+                           "shape, which this one cannot serve")
         stats = await self.store.get_stats()
         version = latest + 1
         try:
@@ -497,7 +501,9 @@ class Engine:
             if looked is not None:
                 ids, stats, _ = looked[0]
                 rates = smoothed_ctr(stats, self.index.base_ctr())
-                return list(zip(ids, rates.tolist(), strict=True))
+                # an item deleted since the ranking was read keeps its row until compacted
+                return [(i, r) for i, r in zip(ids, rates.tolist(), strict=True)
+                        if self.index.is_recommendable(i)]
 
     async def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """The ``k`` available items nearest to ``item_id`` by content embedding, with
@@ -518,7 +524,9 @@ class Engine:
                 break
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(vector[0])), 1e-12)
         cosine = vectors @ vector[0] / np.maximum(norms, 1e-12)
-        return list(zip(ids, cosine.tolist(), strict=True))
+        # an item deleted since the neighbours were read keeps its row until compacted
+        return [(i, c) for i, c in zip(ids, cosine.tolist(), strict=True)
+                if self.index.is_recommendable(i)]
 
     async def delete_item(self, item_id: str) -> bool:
         found = await self.store.delete_item(item_id, origin=self.catalog.origin)

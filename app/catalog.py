@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from app.store import ItemRecord, Store, StoreUnavailable
+from app.store import ItemRecord, StoreUnavailable
+from app.store.base import CatalogStore
 from models.index import CandidateIndex
 
 log = logging.getLogger("recsvc.catalog")
@@ -37,7 +38,7 @@ def index_records(index: CandidateIndex, records: list[ItemRecord]) -> None:
 
 
 class CatalogReplica:
-    def __init__(self, store: Store, index: CandidateIndex, run: Runner,
+    def __init__(self, store: CatalogStore, index: CandidateIndex, run: Runner,
                  origin: str | None = None) -> None:
         self.store = store
         self.index = index

@@ -44,6 +44,9 @@ def imp(rid: str, user: str = "u1", items=("a", "b")) -> Impression:
                       list(items), [0.9, 0.5], [False, True])
 
 
+# -- the catalog (CatalogStore) ------------------------------------------------------------
+
+
 async def test_items_round_trip(store):
     assert await store.put_items([item("a"), item("b", available=False)]) == 2
     assert await store.put_items([item("a", "new text")]) == 2
@@ -58,10 +61,42 @@ async def test_items_round_trip(store):
     assert await store.catalog_size() == 1
 
 
+async def test_catalog_changes_are_announced_with_their_origin(store):
+    before = await store.last_catalog_change()
+    await store.put_items([item("a"), item("b")], origin="replica-1")
+    await store.delete_item("a", origin="replica-2")
+    changes, complete = await store.catalog_changes(before)
+    assert complete
+    assert [(o, ids) for _, o, ids in changes] == [("replica-1", ["a", "b"]),
+                                                  ("replica-2", ["a"])]
+    assert await store.last_catalog_change() == changes[-1][0]
+    assert await store.catalog_changes(changes[-1][0]) == ([], True)
+    after_first, _ = await store.catalog_changes(changes[0][0])
+    assert [c[0] for c in after_first] == [changes[1][0]]
+
+
+async def test_a_replica_that_missed_trimmed_changes_is_told_to_reload(store, monkeypatch):
+    monkeypatch.setattr(memory_backend, "CATALOG_CHANGES_KEPT", 5)
+    monkeypatch.setattr(redis_backend, "CATALOG_CHANGES_KEPT", 5)
+    start = await store.last_catalog_change()
+    for n in range(250):  # Redis trims whole stream nodes (100 entries) at a time
+        await store.put_items([item(f"i{n}")], origin="o")
+    _, complete = await store.catalog_changes(start)
+    assert complete is False
+    latest = await store.last_catalog_change()
+    assert await store.catalog_changes(latest) == ([], True)
+
+
+# -- the embedding cache (EmbeddingCache) --------------------------------------------------
+
+
 async def test_embedding_cache(store):
     assert await store.get_embedding("m:1") is None
     await store.put_embedding("m:1", b"\x01\x02", ttl_s=60)
     assert await store.get_embedding("m:1") == b"\x01\x02"
+
+
+# -- users (UserStore) ---------------------------------------------------------------------
 
 
 async def test_history_is_bounded_and_ordered(store):
@@ -71,6 +106,20 @@ async def test_history_is_bounded_and_ordered(store):
     data = await store.get_user("u1")
     assert [h["item_id"] for h in data.history] == ["i2", "i3", "i4"]
     assert await store.get_user("nobody") == UserData([], [])
+
+
+async def test_delete_user_erases_history_impressions_and_events(store):
+    await store.log_impression(imp("r1", "gone"), 60, 10)
+    await store.log_impression(imp("r2", "kept"), 60, 10)
+    await store.record_feedback("r1", "gone", "a", "click", None, 1.0, 5.0, 60, 10)
+    await store.delete_user("gone")
+    assert await store.get_user("gone") == UserData([], [])
+    assert list(await store.get_impressions(["r1", "r2"])) == ["r2"]
+    entries = await store.read_stream("c1", 100)
+    assert {f["user_id"] for _, f in entries} == {"kept"}
+
+
+# -- impressions, feedback and the evaluation log (ImpressionLog) --------------------------
 
 
 async def test_impression_feedback_and_dedupe(store):
@@ -148,89 +197,11 @@ async def test_batched_feedback_and_impressions_keep_their_order(store):
     assert again == [FeedbackOutcome("accepted", 1.0)]
 
 
-async def test_stream_delivers_once_and_redelivers_unacked(store):
-    await store.log_impression(imp("r1"), 60, 10)
-    await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
-    entries = await store.read_stream("c1", 100)
-    assert [f["type"] for _, f in entries] == ["impression", "feedback"]
-    assert entries[1][1]["item_id"] == "a" and float(entries[1][1]["reward"]) == 1.0
-    assert await store.read_stream("c1", 100) == []  # delivered once
-    # a consumer that died reads its unacknowledged entries again
-    pending = await store.read_stream("c1", 100, pending=True)
-    assert [e for e, _ in pending] == [e for e, _ in entries]
-    await store.ack([entries[0][0]])
-    pending = await store.read_stream("c1", 100, pending=True)
-    assert [e for e, _ in pending] == [entries[1][0]]
-    await store.ack([entries[1][0]])
-    assert await store.read_stream("c1", 100, pending=True) == []
-
-
-async def test_delete_user_erases_history_impressions_and_events(store):
-    await store.log_impression(imp("r1", "gone"), 60, 10)
-    await store.log_impression(imp("r2", "kept"), 60, 10)
-    await store.record_feedback("r1", "gone", "a", "click", None, 1.0, 5.0, 60, 10)
-    await store.delete_user("gone")
-    assert await store.get_user("gone") == UserData([], [])
-    assert list(await store.get_impressions(["r1", "r2"])) == ["r2"]
-    entries = await store.read_stream("c1", 100)
-    assert {f["user_id"] for _, f in entries} == {"kept"}
-
-
-async def test_weights_and_stats(store):
-    assert await store.latest_version() == 0
-    await store.publish_weights(1, b"w1", {"updates": 5})
-    await store.publish_weights(2, b"w2", {"updates": 9, "feedback_learned": 3,
-                                           "pending_impressions": 4})
-    assert await store.latest_version() == 2
-    assert await store.get_weights(2) == b"w2" and await store.get_weights(1) == b"w1"
-    stats = await store.get_stats()
-    assert stats["updates"] == 9 and stats["feedback_learned"] == 3
-    assert stats["pending_impressions"] == 4
-
-
-async def test_weight_versions_remember_their_parent_and_only_the_newest_are_kept(store):
-    for v in range(1, 6):
-        await store.publish_weights(v, f"w{v}".encode(), {}, parent=v - 1, keep=3)
-    assert [await store.get_weights(v) for v in range(1, 6)] == [None, None, b"w3", b"w4",
-                                                                  b"w5"]
-    assert await store.weights_parent(5) == 4 and await store.weights_parent(3) == 2
-    assert await store.weights_parent(1) == 0 and await store.weights_parent(99) == 0
-
-
-async def test_request_counts_are_per_bucket_and_per_window(store):
-    assert [await store.count_request("k1", 100, 60) for _ in range(3)] == [1, 2, 3]
-    assert await store.count_request("k2", 100, 60) == 1
-    assert await store.count_request("k1", 160, 60) == 1  # the next window starts at 1
-
-
-async def test_stream_survives_losing_its_consumer_group(backend):
-    """Redis restarted without its data: reading recreates the group, nothing raises."""
-    if backend[0] != "redis":
-        pytest.skip("only Redis can lose its consumer group")
-    store = RedisStore(backend[1]["redis_url"], backend[1]["key_prefix"])
-    await store.log_impression(imp("before"), ttl_s=60, shown_max=10)
-    assert len(await store.read_stream("c1", 10)) == 1
-    await store.r.delete(f"{backend[1]['key_prefix']}:{{model}}:events")  # stream and group gone
-    await store.log_impression(imp("after"), ttl_s=60, shown_max=10)
-    entries = await store.read_stream("c1", 10)
-    assert [f["request_id"] for _, f in entries] == ["after"]
-    await store.close()
-
-
 async def test_expired_impressions_are_gone(store):
     await store.log_impression(imp("short"), ttl_s=1, shown_max=10)
     await asyncio.sleep(1.2)
     assert await store.get_impressions(["short"]) == {}
     assert await store.slate_of("short") is None
-
-
-async def test_unreachable_redis_raises_store_unavailable():
-    s = RedisStore("redis://127.0.0.1:1/0", "x")
-    with pytest.raises(StoreUnavailable):
-        await s.ping()
-    with pytest.raises(StoreUnavailable):
-        await s.record_feedback("r", "u", "i", "click", None, 1.0, 0.0, 60, 10)
-    await s.close()
 
 
 async def test_evaluation_log_is_bounded_ordered_and_erasable(store):
@@ -262,30 +233,70 @@ async def test_an_impression_carries_the_rewards_and_events_of_its_feedback(stor
     assert await store.get_impressions(["gone"]) == {}
 
 
-async def test_catalog_changes_are_announced_with_their_origin(store):
-    before = await store.last_catalog_change()
-    await store.put_items([item("a"), item("b")], origin="replica-1")
-    await store.delete_item("a", origin="replica-2")
-    changes, complete = await store.catalog_changes(before)
-    assert complete
-    assert [(o, ids) for _, o, ids in changes] == [("replica-1", ["a", "b"]),
-                                                  ("replica-2", ["a"])]
-    assert await store.last_catalog_change() == changes[-1][0]
-    assert await store.catalog_changes(changes[-1][0]) == ([], True)
-    after_first, _ = await store.catalog_changes(changes[0][0])
-    assert [c[0] for c in after_first] == [changes[1][0]]
+# -- the event stream (EventStream) --------------------------------------------------------
 
 
-async def test_a_replica_that_missed_trimmed_changes_is_told_to_reload(store, monkeypatch):
-    monkeypatch.setattr(memory_backend, "CATALOG_CHANGES_KEPT", 5)
-    monkeypatch.setattr(redis_backend, "CATALOG_CHANGES_KEPT", 5)
-    start = await store.last_catalog_change()
-    for n in range(250):  # Redis trims whole stream nodes (100 entries) at a time
-        await store.put_items([item(f"i{n}")], origin="o")
-    _, complete = await store.catalog_changes(start)
-    assert complete is False
-    latest = await store.last_catalog_change()
-    assert await store.catalog_changes(latest) == ([], True)
+async def test_stream_delivers_once_and_redelivers_unacked(store):
+    await store.log_impression(imp("r1"), 60, 10)
+    await store.record_feedback("r1", "u1", "a", "click", None, 1.0, 5.0, 60, 10)
+    entries = await store.read_stream("c1", 100)
+    assert [f["type"] for _, f in entries] == ["impression", "feedback"]
+    assert entries[1][1]["item_id"] == "a" and float(entries[1][1]["reward"]) == 1.0
+    assert await store.read_stream("c1", 100) == []  # delivered once
+    # a consumer that died reads its unacknowledged entries again
+    pending = await store.read_stream("c1", 100, pending=True)
+    assert [e for e, _ in pending] == [e for e, _ in entries]
+    await store.ack([entries[0][0]])
+    pending = await store.read_stream("c1", 100, pending=True)
+    assert [e for e, _ in pending] == [entries[1][0]]
+    await store.ack([entries[1][0]])
+    assert await store.read_stream("c1", 100, pending=True) == []
+
+
+async def test_stream_survives_losing_its_consumer_group(backend):
+    """Redis restarted without its data: reading recreates the group, nothing raises."""
+    if backend[0] != "redis":
+        pytest.skip("only Redis can lose its consumer group")
+    store = RedisStore(backend[1]["redis_url"], backend[1]["key_prefix"])
+    await store.log_impression(imp("before"), ttl_s=60, shown_max=10)
+    assert len(await store.read_stream("c1", 10)) == 1
+    await store.r.delete(f"{backend[1]['key_prefix']}:{{model}}:events")  # stream and group gone
+    await store.log_impression(imp("after"), ttl_s=60, shown_max=10)
+    entries = await store.read_stream("c1", 10)
+    assert [f["request_id"] for _, f in entries] == ["after"]
+    await store.close()
+
+
+async def test_claiming_leaves_entries_that_are_not_idle_long_enough(store):
+    await store.log_impression(imp("r1"), 60, 10)
+    await store.read_stream("busy", 100)
+    assert await store.claim_stream("other", 60.0, 100) == []
+    assert len(await store.claim_stream("other", 0.0, 100)) == 1
+    assert await store.read_stream("busy", 100, pending=True) == []
+
+
+# -- the model registry: lease, weights, commits (ModelRegistry) ---------------------------
+
+
+async def test_weights_and_stats(store):
+    assert await store.latest_version() == 0
+    await store.publish_weights(1, b"w1", {"updates": 5})
+    await store.publish_weights(2, b"w2", {"updates": 9, "feedback_learned": 3,
+                                           "pending_impressions": 4})
+    assert await store.latest_version() == 2
+    assert await store.get_weights(2) == b"w2" and await store.get_weights(1) == b"w1"
+    stats = await store.get_stats()
+    assert stats["updates"] == 9 and stats["feedback_learned"] == 3
+    assert stats["pending_impressions"] == 4
+
+
+async def test_weight_versions_remember_their_parent_and_only_the_newest_are_kept(store):
+    for v in range(1, 6):
+        await store.publish_weights(v, f"w{v}".encode(), {}, parent=v - 1, keep=3)
+    assert [await store.get_weights(v) for v in range(1, 6)] == [None, None, b"w3", b"w4",
+                                                                  b"w5"]
+    assert await store.weights_parent(5) == 4 and await store.weights_parent(3) == 2
+    assert await store.weights_parent(1) == 0 and await store.weights_parent(99) == 0
 
 
 async def test_one_lease_holder_at_a_time(store):
@@ -334,12 +345,25 @@ async def test_only_the_lease_holder_commits_and_a_commit_is_whole(store):
     assert (await store.get_stats())["feedback_learned"] == 2
 
 
-async def test_claiming_leaves_entries_that_are_not_idle_long_enough(store):
-    await store.log_impression(imp("r1"), 60, 10)
-    await store.read_stream("busy", 100)
-    assert await store.claim_stream("other", 60.0, 100) == []
-    assert len(await store.claim_stream("other", 0.0, 100)) == 1
-    assert await store.read_stream("busy", 100, pending=True) == []
+# -- rate limiting (RateLimits) ------------------------------------------------------------
+
+
+async def test_request_counts_are_per_bucket_and_per_window(store):
+    assert [await store.count_request("k1", 100, 60) for _ in range(3)] == [1, 2, 3]
+    assert await store.count_request("k2", 100, 60) == 1
+    assert await store.count_request("k1", 160, 60) == 1  # the next window starts at 1
+
+
+# -- the Redis backend's connections and faults (Lifecycle) --------------------------------
+
+
+async def test_unreachable_redis_raises_store_unavailable():
+    s = RedisStore("redis://127.0.0.1:1/0", "x")
+    with pytest.raises(StoreUnavailable):
+        await s.ping()
+    with pytest.raises(StoreUnavailable):
+        await s.record_feedback("r", "u", "i", "click", None, 1.0, 0.0, 60, 10)
+    await s.close()
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0",

@@ -24,7 +24,8 @@ import orjson
 from app.auth import KeyRing, Principal
 from app.metrics import Metrics
 from app.settings import Settings
-from app.store import Store, StoreUnavailable
+from app.store import StoreUnavailable
+from app.store.base import RateLimits
 
 DOCS = ("/docs", "/openapi.json")
 
@@ -136,7 +137,7 @@ class RequestGate:
         the count. If the store is unavailable the request is let through: an outage
         must not turn into refusing every recommendation."""
         s = self.settings
-        store: Store | None = self.store()
+        store: RateLimits | None = self.store()
         if s.rate_limit <= 0 or store is None:
             return None
         window = s.rate_limit_window_s

@@ -118,16 +118,15 @@ def change_id_key(change_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class Store(abc.ABC):
-    """Async persistence used by the API and the learner."""
+# The store's roles: each is what one part of the service needs of it. Every backend
+# implements all of them (``Store``); a part that needs one role is given that type.
 
-    # -- lifecycle ---------------------------------------------------------------
+
+class Lifecycle(abc.ABC):
+    """Health and connections."""
+
     @abc.abstractmethod
     async def ping(self) -> bool: ...
-
-    async def stream_length(self) -> int:
-        """Entries of the event stream no learner has committed yet (the backlog)."""
-        return 0
 
     async def check_writable(self) -> None:  # noqa: B027 - optional hook
         """Raise ``StoreUnavailable`` unless the store accepts writes now (readiness
@@ -136,7 +135,9 @@ class Store(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
-    # -- catalog -----------------------------------------------------------------
+class CatalogStore(abc.ABC):
+    """The items and the changes to them that replicas follow (``app.catalog``)."""
+
     @abc.abstractmethod
     async def put_items(self, items: list[ItemRecord], origin: str = "") -> int:
         """Upsert; returns the catalog size afterwards. The change is announced to the
@@ -166,14 +167,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def all_item_ids(self) -> list[str]: ...
 
-    # -- embedding cache -----------------------------------------------------------
+class EmbeddingCache(abc.ABC):
+    """Context embeddings shared by the API replicas."""
+
     @abc.abstractmethod
     async def get_embedding(self, key: str) -> bytes | None: ...
 
     @abc.abstractmethod
     async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None: ...
 
-    # -- users ---------------------------------------------------------------------
+class UserStore(abc.ABC):
+    """Users' histories and the items recently shown to them."""
+
     @abc.abstractmethod
     async def get_user(self, user_id: str) -> UserData: ...
 
@@ -189,7 +194,9 @@ class Store(abc.ABC):
     async def delete_user(self, user_id: str) -> None:
         """Erase history, shown items, logged impressions and evaluation-log records."""
 
-    # -- impressions and feedback ----------------------------------------------------
+class ImpressionLog(abc.ABC):
+    """Logged slates, the feedback on them, and the evaluation log of closed ones."""
+
     @abc.abstractmethod
     async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
         """Store the impression, remember the shown items, and append it to the stream."""
@@ -245,7 +252,6 @@ class Store(abc.ABC):
         ``(accepted, reward)``; a duplicate returns ``(False, reward of the first
         delivery)`` and writes nothing."""
 
-    # -- the evaluation log -----------------------------------------------------------------
     @abc.abstractmethod
     async def append_log(self, records: list[dict], max_len: int) -> None:
         """Append closed impressions (slate, propensities, rewards) to a bounded log
@@ -255,7 +261,13 @@ class Store(abc.ABC):
     async def read_log(self, limit: int) -> list[dict]:
         """The newest ``limit`` records, oldest first."""
 
-    # -- the event stream (consumer-group semantics) ---------------------------------
+class EventStream(abc.ABC):
+    """Impressions and feedback on their way to the learner (consumer-group semantics)."""
+
+    async def stream_length(self) -> int:
+        """Entries of the event stream no learner has committed yet (the backlog)."""
+        return 0
+
     @abc.abstractmethod
     async def read_stream(self, consumer: str, count: int,
                           pending: bool = False) -> list[StreamEntry]:
@@ -271,7 +283,9 @@ class Store(abc.ABC):
         ``min_idle_s`` and return them (Redis XAUTOCLAIM): a new lease holder takes over
         what the dead one had read but not committed."""
 
-    # -- the learner lease -----------------------------------------------------------------
+class ModelRegistry(abc.ABC):
+    """The learner lease, the weights versions and the learner's commits."""
+
     @abc.abstractmethod
     async def hold_lease(self, owner: str, ttl_s: float) -> bool:
         """Take the learner lease when it is free, or extend it when ``owner`` holds it;
@@ -294,7 +308,6 @@ class Store(abc.ABC):
         the lease is not ``owner``'s; raises ``VersionConflict``, writing nothing, when
         ``weights.expected`` is not the latest version any more."""
 
-    # -- model ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
                               parent: int = 0, keep: int = 5, expected: int | None = None
@@ -320,8 +333,15 @@ class Store(abc.ABC):
         """The learner's counters as its latest commit wrote them, so every API replica
         reports them."""
 
-    # -- rate limiting -------------------------------------------------------------------
+class RateLimits(abc.ABC):
+    """Request counts per key and window, shared by the API replicas (``app.server.gate``)."""
+
     @abc.abstractmethod
     async def count_request(self, bucket: str, window_start: int, window_s: int) -> int:
         """Count one request of ``bucket`` in the window starting at ``window_start``;
         returns the count so far (this one included). Windows expire by themselves."""
+
+
+class Store(Lifecycle, CatalogStore, EmbeddingCache, UserStore, ImpressionLog, EventStream,
+            ModelRegistry, RateLimits):
+    """Async persistence used by the API and the learner: every role, one backend."""

@@ -123,11 +123,15 @@ def test_feedback_does_not_wait_for_the_backlog_of_held_impressions(encoder):
         store = engine.store
         held = [Impression(f"held-{n}", "u", time.time(), 0, b"\0" * 16, ["m-1", "m-2"],
                            [0.9, 0.5], [False, False]) for n in range(5000)]
-        for imp in held:
-            engine._keep_unlogged(imp, RuntimeError("down"))
         calls = []  # store calls (round trips), with the impressions each logged
         log_one, log_many = store.log_impression, store.log_impressions
         batching = []
+
+        async def new_event() -> asyncio.Event:
+            return asyncio.Event()
+
+        # the backlog's batches wait for this: the answer cannot depend on how fast they go
+        backlog_may_go = c.portal.call(new_event)
 
         async def count_one(*a, **k):
             if not batching:
@@ -136,7 +140,8 @@ def test_feedback_does_not_wait_for_the_backlog_of_held_impressions(encoder):
 
         async def count_many(imps, *a, **k):
             calls.append(len(imps))
-            await asyncio.sleep(0.01)  # a round trip
+            if [imp.request_id for imp in imps] != ["held-4999"]:  # not the one answered
+                await backlog_may_go.wait()
             batching.append(True)
             try:
                 return await log_many(imps, *a, **k)
@@ -144,10 +149,20 @@ def test_feedback_does_not_wait_for_the_backlog_of_held_impressions(encoder):
                 batching.pop()
 
         store.log_impression, store.log_impressions = count_one, count_many
-        r = c.post("/v1/feedback", json={"request_id": "held-4999", "item_id": "m-1",
-                                         "event": "click"})
-        assert r.status_code == 202
-        assert len(calls) <= 2, calls[:10]  # its own slate, perhaps one batch
+
+        def hold_all() -> None:  # on the event loop's thread, as serving holds them
+            for imp in held:
+                engine._keep_unlogged(imp, RuntimeError("down"))
+
+        c.portal.call(hold_all)
+        try:
+            r = c.post("/v1/feedback", json={"request_id": "held-4999", "item_id": "m-1",
+                                             "event": "click"})
+            assert r.status_code == 202
+            assert len(calls) <= 2, calls[:10]  # its own slate, perhaps one batch
+            assert engine._unlogged  # answered while the backlog was still held
+        finally:
+            c.portal.call(backlog_may_go.set)
         deadline = time.time() + 10
         while engine._unlogged:
             assert time.time() < deadline

@@ -55,8 +55,8 @@ def user_state_and_history(layout: StateLayout, user: UserData, context: np.ndar
     pos_known, pos = index.vectors_of(pos_ids)
     neg_known, neg = index.vectors_of(neg_ids)
     gap = None if last_ts is None else now - last_ts
-    recent = RecentItems(pos, neg, index.stats_and_tags_of(pos_known)[1],
-                         index.stats_and_tags_of(neg_known)[1],
+    _, tags = index.stats_and_tags_of([*pos_known, *neg_known])  # one lookup for both
+    recent = RecentItems(pos, neg, tags[: len(pos_known)], tags[len(pos_known):],
                          tuple(pos_known), tuple(pos_ids))
     return build_state(layout, context, pos, neg, gap, decay), recent
 

@@ -15,6 +15,7 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ from models.ensemble import (
     top_k_masks,
 )
 from models.exploration import SlateChoice, epsilon_greedy_slate
-from models.index import NO_ROWS, CandidateIndex, set_search_threads
+from models.index import NO_ROWS, CandidateIndex, Hits, set_search_threads
 from models.lru import LRUCache
 from models.qnet import (
     QNetwork,
@@ -494,16 +495,25 @@ class Engine:
         return await self.run(self._popular, k)
 
     def _popular(self, k: int) -> list[tuple[str, float]]:
-        while True:  # rows are read again if they moved meanwhile (a compaction)
+        ids, _, stats = self._read_by_id(lambda: self.index.engaging(k, [NO_ROWS]))
+        rates = smoothed_ctr(stats, self.index.base_ctr())
+        return list(zip(ids, rates.tolist(), strict=True))
+
+    def _read_by_id(self, read: Callable[[], list[Hits]]
+                    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The first result of ``read()`` (an index read by row) as item ids, with its
+        embeddings and ``[shown, clicked]`` counts: what an answer by id needs. Read
+        again if rows moved meanwhile (a compaction); an item deleted since the read
+        keeps its row until compacted, so it is left out."""
+        while True:
             generation = self.index.row_generation
-            rows, _ = self.index.engaging(k, [NO_ROWS])[0]
+            rows, vectors = read()[0]
             looked = self.index.at_rows([rows], generation)
             if looked is not None:
                 ids, stats, _ = looked[0]
-                rates = smoothed_ctr(stats, self.index.base_ctr())
-                # an item deleted since the ranking was read keeps its row until compacted
-                return [(i, r) for i, r in zip(ids, rates.tolist(), strict=True)
-                        if self.index.is_recommendable(i)]
+                live = np.array([self.index.is_recommendable(i) for i in ids], dtype=bool)
+                kept = [i for i, ok in zip(ids, live, strict=True) if ok]
+                return kept, vectors[live], stats[live]
 
     async def similar(self, item_id: str, k: int) -> list[tuple[str, float]] | None:
         """The ``k`` available items nearest to ``item_id`` by content embedding, with
@@ -514,19 +524,11 @@ class Engine:
         known, vector = self.index.vectors_of([item_id])
         if not known:
             return None
-        while True:  # rows are read again if they moved meanwhile (a compaction)
-            generation = self.index.row_generation
-            rows, vectors = self.index.related([[item_id]], k,
-                                               self.index.rows_of([[item_id]]))[0]
-            looked = self.index.at_rows([rows], generation)
-            if looked is not None:
-                ids = looked[0][0]
-                break
+        ids, vectors, _ = self._read_by_id(
+            lambda: self.index.related([[item_id]], k, self.index.rows_of([[item_id]])))
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(vector[0])), 1e-12)
         cosine = vectors @ vector[0] / np.maximum(norms, 1e-12)
-        # an item deleted since the neighbours were read keeps its row until compacted
-        return [(i, c) for i, c in zip(ids, cosine.tolist(), strict=True)
-                if self.index.is_recommendable(i)]
+        return list(zip(ids, cosine.tolist(), strict=True))
 
     async def delete_item(self, item_id: str) -> bool:
         found = await self.store.delete_item(item_id, origin=self.catalog.origin)

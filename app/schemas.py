@@ -202,13 +202,14 @@ class UserOut(BaseModel):
 
 
 class ArmValue(BaseModel):
-    value: float = Field(description="estimated reward per shown item it vouched for "
-                         "(clipped self-normalised IPS from the logged propensities)")
+    value: float = Field(description="estimated reward per shown item: of the slates an "
+                         "arm served, or of the items a source retrieved (self-normalised "
+                         "IPS from the logged propensities)")
     se: float = Field(description="standard error of that estimate")
 
 
 class AgentValue(ArmValue):
-    weight: float = Field(description="its weight in the fused ranking")
+    weight: float = Field(description="the share of exploring requests it serves")
 
 
 class SourceValue(ArmValue):
@@ -227,7 +228,8 @@ class ModelOut(BaseModel):
     device: str
     # additive (v1.1): what the fused ensemble learned, when it is on
     agents: dict[str, AgentValue] | None = Field(
-        None, description="each ranking agent's estimated value and fusion weight")
+        None, description="each arm's (an agent alone, or their fusion) estimated value "
+        "and share of requests")
     sources: dict[str, SourceValue] | None = Field(
         None, description="each candidate source's estimated value and reach")
 

@@ -1,12 +1,14 @@
-"""The fused ensemble: the logistic agent learns, fusion weights follow the agents'
-estimated values, the fused policy's propensities stay exact, and its state travels
-with the weights."""
+"""The ensemble: the logistic agent learns, the arm that serves a request is drawn by
+the arms' estimated values (each agent alone, or their fusion), the served policy's
+propensities stay exact, and its state travels with the weights."""
 
 import numpy as np
 import pytest
 
 from models.ensemble import (
     AGENTS,
+    ARM_FLOOR,
+    ARMS,
     N_LINEAR,
     SOURCES,
     EnsembleLearner,
@@ -17,7 +19,6 @@ from models.ensemble import (
     params_from_tensors,
     report_from_tensors,
     standardise,
-    top_k_masks,
 )
 from models.exploration import epsilon_greedy_slate
 from models.qnet import QNetwork, split_weights, weights_to_bytes
@@ -39,8 +40,8 @@ def test_the_logistic_agent_learns_log_odds_and_its_uncertainty_shrinks():
     p = learner.params()
     assert np.abs(p.theta - truth).max() < 0.15
     assert np.einsum("ni,ij,nj->n", x_new, p.a_inv, x_new).mean() < 0.02 * width_before
-    # no agent was credited: the fusion weights stay equal
-    assert np.allclose(p.weights, 1 / len(AGENTS))
+    # no arm served a slate: each is as likely to serve the next
+    assert np.allclose(p.weights, 1 / len(ARMS))
 
 
 def test_the_slot_is_not_mistaken_for_appeal():
@@ -59,31 +60,60 @@ def test_the_slot_is_not_mistaken_for_appeal():
     assert abs(learner.params().theta[0]) < 0.3
 
 
-def test_fusion_weights_move_to_the_agent_whose_picks_earn():
+def serve(learner: EnsembleLearner, rng: np.random.Generator, ctr: dict[str, float],
+          slates: int = 300, k: int = 10, start: int = 0) -> None:
+    """``slates`` requests, each served by an arm drawn with the learner's current play
+    probabilities, whose items are clicked at the arm's ``ctr`` (0.05 unless named)."""
+    weights = learner.params().weights
+    arms = rng.choice(len(ARMS), slates, p=weights)
+    n = slates * k
+    per_item = np.repeat(arms, k)
+    clicked = rng.random(n) < np.array([ctr.get(a, 0.05) for a in ARMS])[per_item]
+    learner.update(np.zeros((n, N_LINEAR)), clicked.astype(float), 1 << per_item,
+                   np.full(n, 0.9), slates=np.repeat(np.arange(start, start + slates), k),
+                   arm_propensities=weights[per_item])
+
+
+def test_the_arm_whose_slates_earn_serves_most_requests():
     learner = EnsembleLearner()
     rng = np.random.default_rng(1)
-    x = np.zeros((300, N_LINEAR))
-    for _ in range(10):
-        masks = rng.integers(0, 8, 300)              # which agents picked each shown item
-        popular = (masks >> 1) & 1                   # the popularity agent's picks ...
-        rewards = (rng.random(300) < np.where(popular, 0.15, 0.02)).astype(float)
-        learner.update(x, rewards, masks, np.full(300, 0.9))  # ... are clicked far more often
+    for batch in range(10):
+        serve(learner, rng, {"popularity": 0.15}, start=batch * 300)
     w = learner.params().weights
-    assert w[AGENTS.index("popularity")] > 0.9 and abs(w.sum() - 1) < 1e-9
-    assert all(v > 0 for v in w)                     # none is ever switched off
+    assert w[ARMS.index("popularity")] > 0.9 and abs(w.sum() - 1) < 1e-9
+    assert all(v >= ARM_FLOOR for v in w)           # none is ever switched off
     report = learner.report()
+    assert set(report["agents"]) == set(ARMS)
     assert report["agents"]["popularity"]["value"] > 0.1 > report["agents"]["q"]["value"]
 
 
-def test_agents_within_noise_share_the_weight():
-    """Two agents whose picks earn the same, on little evidence: neither takes over."""
+def test_arms_within_noise_share_the_requests():
+    """Arms whose slates earn the same, on little evidence: none takes over."""
     learner = EnsembleLearner()
-    rng = np.random.default_rng(6)
-    masks = rng.choice([1, 2], 200)                  # q's and popularity's picks alike
-    learner.update(np.zeros((200, N_LINEAR)), (rng.random(200) < 0.1).astype(float), masks,
-                   np.full(200, 0.9))
+    serve(learner, np.random.default_rng(6), {}, slates=40)
     w = learner.params().weights
-    assert w[0] > 0.2 and w[1] > 0.2
+    assert (w > 0.1).all()
+
+
+def test_an_arm_is_not_credited_with_the_traffic_of_the_hours_it_served():
+    """The traffic's CTR moves over time. An arm played mostly while it is high must
+    not look better than one played mostly while it is low: each slate weighs by the
+    inverse of the probability its arm was drawn with. The errors count slates, not
+    items: a slate's clicks go together."""
+    est = ValueEstimates(2, horizon=1e9, max_weight=50.0)
+    rng = np.random.default_rng(3)
+    k = 10
+    for period, (ctr, share0) in enumerate([(0.3, 0.9), (0.05, 0.1)]):
+        arms = (rng.random(2000) >= share0).astype(np.int64)  # arm 0 with share0
+        props = np.where(arms == 0, share0, 1 - share0)
+        clicks = rng.random((2000, k)) < ctr                    # both arms alike
+        est.update(np.repeat(1 << arms, k), clicks.ravel().astype(float),
+                   np.repeat(props, k), np.repeat(np.arange(2000) + 2000 * period, k))
+    value, se = est.values()
+    assert abs(value[0] - value[1]) < 3 * np.hypot(se[0], se[1])
+    assert value[0] == pytest.approx(0.175, abs=0.02)
+    # per item the error would be about sqrt(10) times smaller than per slate
+    assert se[0] > 0.004
 
 
 def test_explored_picks_weigh_more_than_greedy_ones():
@@ -151,16 +181,9 @@ def test_source_reach_follows_how_deep_the_greedy_picks_come_from():
     assert shown["engaging"]["reach"] is None and shown["query"]["reach"] == reach["query"]
 
 
-def test_top_k_masks_credit_each_agent_for_its_own_top_k():
-    scores = np.array([[5, 4, 3, 2, 1], [1, 2, 3, 4, 5], [0, 0, 9, 0, 8]], float)
-    # chosen: candidates 0, 4, 2; k = 2 -> q's top {0,1}, popularity's {4,3}, linear's {2,4}
-    assert top_k_masks(scores, np.array([0, 4, 2]), 2) == [0b001, 0b110, 0b100]
-
-
 def test_serving_fast_paths_match_the_straightforward_ones():
     """Serving scores one state against all candidates with matrix products; the
-    learner's row-wise path, a per-agent standardise and a per-agent top-k set are
-    what those must equal."""
+    learner's row-wise path and a per-agent standardise are what those must equal."""
     rng = np.random.default_rng(5)
     layout = StateLayout(16)
     items = rng.standard_normal((40, 16)).astype(np.float32)
@@ -170,33 +193,32 @@ def test_serving_fast_paths_match_the_straightforward_ones():
     rowwise = linear_features(layout, np.repeat(state[None], 40, 0), items, feats)
     assert np.allclose(one, rowwise, atol=1e-5)
     agents = np.stack([rng.standard_normal(40), np.full(40, 0.3), rng.standard_normal(40)])
-    params = EnsembleParams(np.eye(N_LINEAR), np.zeros(N_LINEAR), np.array([0.5, 0.2, 0.3]))
-    assert np.allclose(params.fuse(agents), sum(w * standardise(a) for w, a in
-                                                zip(params.weights, agents, strict=True)))
-    chosen = rng.choice(40, 10, replace=False)
-    scored = agents[[0, 2]]  # no ties: each top-10 set is unambiguous
-    tops = [set(np.argsort(-a)[:10].tolist()) for a in scored]
-    expected = [sum(1 << bit for bit, top in enumerate(tops) if c in top)
-                for c in chosen.tolist()]
-    assert top_k_masks(scored, chosen, 10) == expected
+    fused = EnsembleParams.arm_scores(agents, ARMS.index("fused"))
+    q, linear = AGENTS.index("q"), AGENTS.index("linear")
+    assert np.allclose(fused, (standardise(agents[q]) + standardise(agents[linear])) / 2)
+    for arm in range(len(AGENTS)):  # an agent's arm ranks by that agent alone
+        assert np.array_equal(EnsembleParams.arm_scores(agents, arm), agents[arm])
 
 
-def test_fused_policy_logs_exact_propensities():
+def test_the_served_policy_logs_exact_propensities():
     rng = np.random.default_rng(2)
     layout = StateLayout(8)
     items = rng.standard_normal((30, 8)).astype(np.float32)
     feats = rng.standard_normal((30, N_ITEM_FEATURES)).astype(np.float32)
     state = rng.standard_normal(layout.size).astype(np.float32)
     params = EnsembleParams(np.eye(N_LINEAR), rng.standard_normal(N_LINEAR),
-                            np.array([0.5, 0.2, 0.3]))
+                            np.array([0.1, 0.2, 0.3, 0.4]))
     agents = params.agent_scores(layout, state, items, feats, rng.standard_normal(30))
-    fused = params.fuse(agents)
-    assert np.allclose(fused, sum(w * standardise(a) for w, a in zip(params.weights, agents,
-                                                                      strict=True)))
+    fused = params.arm_scores(agents, ARMS.index("fused"))
+    # arms are drawn with the play probabilities; without exploration the likeliest
+    arms = [params.draw_arm(np.random.default_rng(s)) for s in range(4000)]
+    assert np.bincount(arms, minlength=len(ARMS)) / 4000 == pytest.approx(params.weights,
+                                                                           abs=0.025)
+    assert params.greedy_arm() == ARMS.index("fused")
     x = linear_features(layout, state, items, feats)
     assert np.allclose(agents[2], x @ params.theta + params.alpha * np.linalg.norm(x, axis=1),
                        atol=1e-5)
-    # the slate is epsilon-greedy over the fused scores: its propensities are that
+    # the slate is epsilon-greedy over the arm's scores: its propensities are that
     # policy's, which a direct count over many draws reproduces
     draws = [epsilon_greedy_slate(fused, 1, 0.3, np.random.default_rng(s)).indices[0]
              for s in range(4000)]
@@ -228,8 +250,27 @@ def test_ensemble_state_travels_in_the_weights_blob():
     assert np.allclose(resumed.values.sums, learner.values.sums)
     assert np.allclose(resumed.sources.sums, learner.sources.sums)
     assert params_from_tensors(split_weights(weights_to_bytes(net))[1]) is None
-    assert np.allclose(default_params().weights, 1 / len(AGENTS))
+    assert np.allclose(default_params().weights, 1 / len(ARMS))
     assert np.isnan(default_params().reach).all()
+
+
+def test_state_saved_before_the_fused_arm_keeps_its_logistic_model():
+    """Weights published by a release whose ensemble credited three agents: the
+    logistic model carries on, the arms start afresh with equal shares."""
+    net = QNetwork(StateLayout(8).size, 8, hidden=16)
+    learner = EnsembleLearner()
+    rng = np.random.default_rng(4)
+    learner.update(rng.standard_normal((50, N_LINEAR)), rng.random(50) < 0.3,
+                   np.zeros(50, np.int64))
+    tensors = learner.tensors()
+    tensors["ensemble.values"] = tensors["ensemble.values"][: len(AGENTS)]
+    tensors["ensemble.weights"] = tensors["ensemble.weights"][: len(AGENTS)]
+    old = split_weights(weights_to_bytes(net, tensors))[1]
+    resumed = EnsembleLearner()
+    assert resumed.load(old)
+    assert np.allclose(resumed.model.mean, learner.model.mean)
+    assert np.allclose(params_from_tensors(old).weights, 1 / len(ARMS))
+    assert np.allclose(resumed.params().weights, 1 / len(ARMS))
 
 
 def test_the_fused_service_learns_from_feedback_and_serves_its_weights(backend, encoder):
@@ -259,13 +300,13 @@ def test_the_fused_service_learns_from_feedback_and_serves_its_weights(backend, 
                                                  exclude_seen=False)["items"]]
         assert after.index(target) <= 1, after
         # The logistic agent's state is the learner's, served with the weights, and
-        # GET /v1/model shows every agent's and source's value. (With k equal to the
-        # catalog every agent's top-k is every item, so all are credited alike here and
-        # the fusion weights stay equal; the fusion test above covers their learning.)
+        # GET /v1/model shows every arm's and source's value. (With k equal to the
+        # catalog every arm's slate holds the target, so all earn alike here; the tests
+        # above cover how the arms' shares are learned.)
         served = c.app.state.engine.scorer.ensemble
         assert served is not None and not np.allclose(served.theta, default_params().theta)
         assert not np.allclose(served.a_inv, default_params().a_inv)
         shown = c.get("/v1/model").json()
-        assert set(shown["agents"]) == set(AGENTS) and set(shown["sources"]) == set(SOURCES)
+        assert set(shown["agents"]) == set(ARMS) and set(shown["sources"]) == set(SOURCES)
         assert shown["agents"]["q"]["value"] > 0 and "weight" in shown["agents"]["q"]
         assert "reach" in shown["sources"]["query"]

@@ -166,6 +166,21 @@ async def test_feedback_on_slate_validates_then_records(store):
         ("impression", None), ("feedback", "a"), ("feedback", "b")]
 
 
+async def test_an_impression_keeps_what_the_learner_credits(store):
+    """The arm that served a slate and the probability it was drawn with, and each
+    slot's sources and depth, come back as logged: the arms' and sources' values are
+    learned from them."""
+    logged = imp("r1")
+    logged.agents, logged.sources, logged.depths = [8, 8], [1, 3], [0, 17]
+    logged.arm_propensity = 0.125
+    await store.log_impression(logged, ttl_s=60, shown_max=10)
+    got = (await store.get_impressions(["r1"]))["r1"]
+    assert (got.agents, got.sources, got.depths) == ([8, 8], [1, 3], [0, 17])
+    assert got.arm_propensity == 0.125
+    await store.log_impression(imp("r2"), ttl_s=60, shown_max=10)  # none drawn: 1
+    assert (await store.get_impressions(["r2"]))["r2"].arm_propensity == 1.0
+
+
 async def test_batched_feedback_and_impressions_keep_their_order(store):
     """Concurrent requests' feedback and impressions are written in one call: each
     event gets the outcome it would get alone, a repeat within the batch is a

@@ -79,10 +79,12 @@ class SlotRecord:
     index: int             # the slot, 0 at the top
     propensity: float      # the probability the item was placed there
     features: np.ndarray   # the item's per-candidate features then
-    agents: int = 0        # the ensemble agents that ranked it top-k (bitmask; 0: unknown)
+    agents: int = 0        # the bit of the ensemble arm that served it (0: unknown)
     sources: int = 0       # the candidate sources that retrieved it (bitmask; 0: unknown)
     depth: int = 0         # its rank in that source's list
     explored: bool = False  # placed by the random branch
+    slate: str = ""        # the request that showed it
+    arm_propensity: float = 1.0  # the probability its slate's arm was drawn with
 
     @classmethod
     def of(cls, imp: Impression, item_id: str) -> SlotRecord:
@@ -94,7 +96,8 @@ class SlotRecord:
         return cls(j, float(imp.propensities[j]) if imp.propensities else 1.0, features,
                    imp.agents[j] if imp.agents else 0, imp.sources[j] if imp.sources else 0,
                    imp.depths[j] if imp.depths else 0,
-                   bool(imp.explored[j]) if imp.explored else False)
+                   bool(imp.explored[j]) if imp.explored else False, imp.request_id,
+                   imp.arm_propensity)
 
 
 def _feedback_target(heads: tuple[str, ...], event: str, reward: float
@@ -483,7 +486,9 @@ class LearnerWorker:
                 np.array([s.index for s in logged], dtype=np.float64),
                 np.array([s.sources for s in logged], dtype=np.int64),
                 np.array([s.depth for s in logged], dtype=np.float64),
-                np.array([not s.explored for s in logged]))
+                np.array([not s.explored for s in logged]),
+                np.array([s.slate for s in logged]),
+                np.array([s.arm_propensity for s in logged]))
         if self.adaptation is not None:
             phi = rule_features(self.layout, states, actions[:, d:])
             if phi.any():

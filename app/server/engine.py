@@ -43,7 +43,6 @@ from models.ensemble import (
     default_params,
     params_from_tensors,
     report_from_tensors,
-    top_k_masks,
 )
 from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import NO_ROWS, CandidateIndex, Hits, set_search_threads
@@ -122,9 +121,10 @@ class Chosen:
     scores: np.ndarray      # their ranking scores
     features: np.ndarray    # their per-candidate features
     choice: SlateChoice
-    agents: list[int]       # per slot, the ensemble agents that ranked it top-k (or [])
+    agents: list[int]       # per slot, the bit of the ensemble arm that served (or [])
     sources: list[int]      # per slot, the sources that retrieved it
     depths: list[int]       # per slot, its rank in that source's list
+    arm_propensity: float = 1.0  # the probability the serving arm was drawn with
 
 
 @dataclass
@@ -581,7 +581,8 @@ class Engine:
         imp = Impression(slate.request_id, user_id, now, version, state.tobytes(),
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
                          chosen.features[choice.indices].tolist(), len(ids),
-                         agents=chosen.agents, sources=chosen.sources, depths=chosen.depths)
+                         agents=chosen.agents, sources=chosen.sources, depths=chosen.depths,
+                         arm_propensity=chosen.arm_propensity)
         try:
             await self._impression_writes.submit(imp)
         except StoreUnavailable as exc:
@@ -771,20 +772,28 @@ class Engine:
                 adjustment = scorer.adaptation.adjust(self.layout, state, feats)
                 if adjustment is not None:
                     scores = scores + adjustment
-            agent_scores = None
+            agents: list[int] = []
+            arm_propensity = 1.0
             if scorer.ensemble is not None and len(ids):
-                agent_scores = scorer.ensemble.agent_scores(self.layout, state, items, feats,
-                                                            scores)
-                scores = scorer.ensemble.fuse(agent_scores)
+                # an exploring request draws the arm that serves it, and is evidence of
+                # that arm's value; one without exploration takes the likeliest best arm
+                e = scorer.ensemble
+                agent_scores = e.agent_scores(self.layout, state, items, feats, scores)
+                if p.epsilon > 0:
+                    with self._rng_lock:
+                        arm = e.draw_arm(self._rng)
+                    arm_propensity = float(e.weights[arm])
+                    agents = [1 << arm] * min(p.k, len(ids))
+                else:
+                    arm = e.greedy_arm()
+                scores = e.arm_scores(agent_scores, arm)
             held_back = found.explore_only
             if held_back is not None and held_back.any() and not held_back.all():
                 # below every other candidate: only the random branch places them
                 scores = np.where(held_back, scores[~held_back].min() - 1.0, scores)
             with self._rng_lock:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
-            agents = ([] if agent_scores is None
-                      else top_k_masks(agent_scores, choice.indices, p.k))
             out.append(Chosen(scorer, state, ids, scores, feats, choice, agents,
                               found.sources[choice.indices].tolist(),
-                              found.depths[choice.indices].tolist()))
+                              found.depths[choice.indices].tolist(), arm_propensity))
         return out

@@ -73,14 +73,17 @@ class Impression:
     # item -> the event types of its accepted feedback: a multi-task learner trains the
     # heads that got no event towards "nothing happened" when the window closes
     events: dict[str, list[str]] = field(default_factory=dict)
-    # per slot, a bitmask of the ensemble's agents that ranked the item in their own
-    # top-k (models.ensemble): the credit its reward gives each agent; empty without one
+    # per slot, the bit of the ensemble's arm that served the slate (models.ensemble.ARMS):
+    # whose value its reward is evidence of; empty without the ensemble
     agents: list[int] = field(default_factory=list)
     # per slot, a bitmask of the candidate sources that retrieved the item
     # (models.ensemble.SOURCES): the evidence each source's budget is learned from
     sources: list[int] = field(default_factory=list)
     # per slot, the item's rank in its source's list: how deep the policy's picks reach
     depths: list[int] = field(default_factory=list)
+    # the probability that the serving arm was drawn for this request (1 when none was
+    # drawn): how the arms' values weigh its slate, as play probabilities change
+    arm_propensity: float = 1.0
 
 
 @dataclass

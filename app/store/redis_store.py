@@ -530,7 +530,7 @@ class RedisStore(Store):
                 "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
                 "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
                 "agents": orjson.dumps(imp.agents), "sources": orjson.dumps(imp.sources),
-                "depths": orjson.dumps(imp.depths)})
+                "depths": orjson.dumps(imp.depths), "arm_p": repr(imp.arm_propensity)})
             pipe.expire(self._imp(imp.request_id), ttl_s)
             if imp.item_ids:
                 pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
@@ -565,7 +565,8 @@ class RedisStore(Store):
                                       _rewards_of(h), _events_of(h),
                                       orjson.loads(h.get(b"agents", b"[]")),
                                       orjson.loads(h.get(b"sources", b"[]")),
-                                      orjson.loads(h.get(b"depths", b"[]")))
+                                      orjson.loads(h.get(b"depths", b"[]")),
+                                      float(h.get(b"arm_p", b"1")))
         return out
 
     @_guard

@@ -75,10 +75,18 @@ def test_health_ready_metrics_docs(client):
     recommend(client)  # same context: served from the embedding cache
     text = client.get("/metrics").text
     for name in ("recsvc_http_request_duration_seconds_bucket", "recsvc_recommendations_total",
-                 "recsvc_explored_fraction", "recsvc_feedback_total",
-                 "recsvc_learner_updates", "recsvc_model_version",
-                 "recsvc_encoder_cache_hit_ratio"):
+                 "recsvc_explored_fraction", "recsvc_feedback_reward_total",
+                 "recsvc_learner_updates_total", "recsvc_model_version",
+                 "recsvc_encoder_cache_hit_ratio",
+                 # the standard collectors, as on the default registry
+                 "process_resident_memory_bytes", "python_info",
+                 "python_gc_objects_collected_total"):
         assert name in text
+    # a count that only grows is a counter named _total, whoever keeps it
+    types = dict(line.split()[2:4] for line in text.splitlines()
+                 if line.startswith("# TYPE recsvc_"))
+    assert types["recsvc_learner_updates_total"] == "counter"
+    assert all(kind != "gauge" or not name.endswith("_total") for name, kind in types.items())
     assert 'route="/v1/recommend"' in text
     assert "recsvc_encoder_cache_hits_total 1.0" in text
     page = client.get("/docs")

@@ -7,6 +7,7 @@ pass are real RECSVC_ settings. No cluster is needed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -119,3 +120,17 @@ def test_what_ships_is_closed_by_default():
         assert ":?" in env["RECSVC_API_KEYS"] and ":?" in env["RECSVC_ADMIN_KEYS"]
         assert "RECSVC_REDIS_PASSWORD" in env["RECSVC_REDIS_URL"]
     assert "--requirepass" in " ".join(compose["services"]["redis"]["command"])
+
+
+def test_alert_rules_use_only_metrics_that_are_exported():
+    """A rule on a metric nobody exports never fires: every recsvc_ name in the rules
+    is one an API process exposes."""
+    from prometheus_client import generate_latest
+
+    from app.metrics import Metrics
+
+    exported = generate_latest(Metrics().registry).decode()
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"recsvc_[a-z_]+", expr)}
+    assert used and all(f"# TYPE {name} " in exported for name in used), used

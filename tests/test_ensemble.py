@@ -310,3 +310,14 @@ def test_the_fused_service_learns_from_feedback_and_serves_its_weights(backend, 
         assert set(shown["agents"]) == set(ARMS) and set(shown["sources"]) == set(SOURCES)
         assert shown["agents"]["q"]["value"] > 0 and "weight" in shown["agents"]["q"]
         assert "reach" in shown["sources"]["query"]
+        # and /metrics shows the learning: the rewards, the loss, the weights' age and
+        # each arm's share of the requests and value
+        text = c.get("/metrics").text
+        assert "recsvc_feedback_reward_total 120.0" in text
+        lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                     if line and not line.startswith("#"))
+        assert float(lines["recsvc_learner_loss"]) >= 0
+        assert 0 <= float(lines["recsvc_model_age_seconds"]) < 60
+        shares = [float(lines[f'recsvc_ensemble_arm_share{{arm="{a}"}}']) for a in ARMS]
+        assert abs(sum(shares) - 1) < 1e-6
+        assert float(lines['recsvc_ensemble_arm_value{arm="q"}']) > 0

@@ -148,6 +148,14 @@ def test_learner_failover_learns_every_event_exactly_once(topology):
     status = standby.get("/status").json()
     assert status["active"] is True and status["takeovers"] == 1
     assert status["lease_holder"] == status["consumer"]
+    # the learner's counts are Prometheus counters (_total), beside the process metrics
+    text = standby.get("/metrics").text
+    assert "recsvc_learner_takeovers_total 1.0" in text
+    assert "# TYPE recsvc_learner_updates_total counter" in text
+    learned = [line for line in text.splitlines()
+               if line.startswith("recsvc_learner_feedback_learned_total ")]
+    assert len(learned) == 1 and float(learned[0].split()[1]) > 0
+    assert "recsvc_learner_active 1.0" in text and "process_resident_memory_bytes" in text
     assert status["claimed"] > 0  # the dead holder's uncommitted entries were taken over
     # both replicas serve the same, newer version
     versions = wait_for(lambda: len(v := {p.get("/v1/model").json()["version"]

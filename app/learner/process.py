@@ -16,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from app.auth import KeyRing
 from app.catalog import CatalogReplica
 from app.errors import APIError, install_error_handlers
 from app.learner.worker import LearnerWorker
 from app.loops import PeriodicLoop
+from app.metrics import ReadAtScrape, new_registry
 from app.settings import Settings
 from app.store import StoreUnavailable, make_store
 from models.device import resolve_device
@@ -37,23 +40,31 @@ from models.state import StateLayout
 log = logging.getLogger("recsvc.learner.process")
 
 
-def _gauges(registry: CollectorRegistry, app: FastAPI) -> None:
-    def stat(name: str):
-        return lambda: float(getattr(app.state, "learner", None) and
-                             app.state.learner.stats().get(name, 0.0) or 0.0)
+def _metrics(registry: CollectorRegistry, app: FastAPI) -> None:
+    """The learner's counters (``_total``) and levels, read when scraped."""
+    def stat(name: str, default: float = 0.0) -> Callable[[], float]:
+        def read() -> float:
+            learner = getattr(app.state, "learner", None)
+            return float(learner.stats().get(name, default)) if learner else default
+        return read
 
-    for name, doc in (("version", "last weights version this learner knows"),
-                      ("updates", "gradient steps"),
+    def learner_attr(name: str) -> Callable[[], float]:
+        return lambda: float(getattr(getattr(app.state, "learner", None), name, 0) or 0)
+
+    read = ReadAtScrape()
+    registry.register(read)
+    for name, doc in (("updates", "gradient steps"),
                       ("feedback_learned", "feedback events learned"),
-                      ("transitions", "transitions learned"),
+                      ("transitions", "transitions learned")):
+        read.counter(f"recsvc_learner_{name}", doc, stat(name))
+    read.counter("recsvc_learner_takeovers", "times this learner took the lease",
+                 learner_attr("takeovers"))
+    for name, doc in (("version", "last weights version this learner knows"),
                       ("pending_impressions", "impressions waiting for their reward window")):
-        Gauge(f"recsvc_learner_{name}", doc, registry=registry).set_function(stat(name))
-    Gauge("recsvc_learner_active", "1 while this learner holds the lease",
-          registry=registry).set_function(
-        lambda: float(bool(getattr(app.state, "learner", None) and app.state.learner.active)))
-    Gauge("recsvc_learner_takeovers", "times this learner took the lease",
-          registry=registry).set_function(
-        lambda: float(getattr(app.state, "learner", None) and app.state.learner.takeovers or 0))
+        read.gauge(f"recsvc_learner_{name}", doc, stat(name))
+    read.gauge("recsvc_learner_loss", "latest training loss (Huber)", stat("loss", math.nan))
+    read.gauge("recsvc_learner_active", "1 while this learner holds the lease",
+               learner_attr("active"))
 
 
 @asynccontextmanager
@@ -153,7 +164,7 @@ def create_learner_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)
-    app.state.registry = CollectorRegistry()
-    _gauges(app.state.registry, app)
+    app.state.registry = new_registry()
+    _metrics(app.state.registry, app)
     app.include_router(operations)
     return app

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import uuid
@@ -197,6 +198,7 @@ class LearnerWorker:
         self.transitions = 0
         self._dirty = False
         self._last_publish = float("-inf")  # the first version is due at once
+        self._published_at = 0.0  # wall-clock time of this learner's latest version
         self._loop = PeriodicLoop("learner", self.learn_round, settings.learner_poll_s)
         # renews the lease while a long round (a backlog, a big training batch) runs, so
         # the lease outlives rounds longer than its TTL
@@ -524,7 +526,10 @@ class LearnerWorker:
                 "feedback_learned": self.feedback_learned,
                 "pending_impressions": len(self.pending),
                 "transitions": self.transitions,
-                "rejected_updates": self.learner.rejected_updates}
+                "rejected_updates": self.learner.rejected_updates,
+                **({"loss": self.learner.last_loss} if math.isfinite(self.learner.last_loss)
+                   else {}),
+                **({"published_at": self._published_at} if self._published_at else {})}
 
     async def commit(self, force: bool = False) -> bool:
         """Write what was learned: a new weights version (when learning changed the
@@ -553,6 +558,9 @@ class LearnerWorker:
                 self.learner.rejected_updates += 1
         acks = list(dict.fromkeys(self._acks))
         stats = {**self.stats(), "version": weights.version if weights else self.version}
+        now = self.clock.time()
+        if weights is not None:
+            stats["published_at"] = now
         try:
             committed = await self.store.commit_learning(
                 self.consumer, acks, stats, self._log_backlog, self.settings.ope_log_size,
@@ -573,6 +581,7 @@ class LearnerWorker:
         self._dirty = False
         self.version = weights.version
         self._last_publish = self.clock.monotonic()
+        self._published_at = now
         return True
 
     def _option_tensors(self) -> dict | None:

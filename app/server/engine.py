@@ -247,7 +247,7 @@ class Engine:
         """Serve the newest published version, if it is newer than ours."""
         latest = await self.store.latest_version()
         self.learner_stats = await self.store.get_stats()
-        self.metrics.learner_updates.set(self.learner_stats.get("updates", 0))
+        self.metrics.learner_stats = self.learner_stats
         if latest <= self.scorer.version:
             return
         blob = await self.store.get_weights(latest)
@@ -266,7 +266,7 @@ class Engine:
                       latest, self.scorer.version)
             return
         self.scorer = Scorer(net, latest, self.device, ensemble, adaptation)
-        self.ensemble_report = report
+        self.ensemble_report = self.metrics.ensemble_report = report
         self.metrics.model_version.set(latest)
         log.info("serving weights version %d", latest)
 
@@ -365,6 +365,7 @@ class Engine:
             request_id, item_id, event, value, reward, self.clock.time()))
         if out.status == "accepted":
             self.metrics.feedback.labels(event).inc()
+            self.metrics.rewards.inc(reward)
             if reward > 0:
                 self.index.record((), (item_id,))
         return out

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader
 
 from app.errors import APIError
 
@@ -49,7 +51,15 @@ class KeyRing:
         return Principal(found.hex()[:12], admin) if found is not None else None
 
 
-async def authenticate(request: Request) -> Principal:
+# Declared so that the OpenAPI document has the scheme and Swagger UI an Authorize
+# button; the key itself is checked by the request gate, before the body is read.
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey",
+                       description="an API key (RECSVC_API_KEYS) or an admin key "
+                                   "(RECSVC_ADMIN_KEYS); none while the service has no keys")
+
+
+async def authenticate(request: Request,
+                       _key: Annotated[str | None, Security(API_KEY)] = None) -> Principal:
     """Every ``/v1`` route: who is calling, as the request gate (``app.server.gate``) found from
     the headers before the body was read (it answered ``401`` already otherwise)."""
     principal = getattr(request.state, "principal", None)

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
                                  "flight per process; beyond it, 503")
     shutdown_grace_s: float = Field(30.0, description="SIGTERM: longest wait for in-flight work")
     log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
+    log_format: Literal["text", "json"] = Field("text", description="text for a terminal, "
+                                                "json (one object per line) for a log "
+                                                "pipeline")
+    access_log: bool = Field(True, description="one INFO line per HTTP request (logger "
+                             "recsvc.access): method, route, status, duration, request id")
 
     # encoder
     encoder_path: str | None = Field(None, description="model dir; default bundled MiniLM")

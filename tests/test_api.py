@@ -101,6 +101,49 @@ def test_health_ready_metrics_docs(client):
     assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
 
 
+def test_the_openapi_document_declares_the_api_key():
+    """Swagger UI's Authorize button: the X-API-Key scheme, on every /v1 operation and
+    on no probe."""
+    doc = create_app(Settings()).openapi()
+    assert doc["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": doc["components"]["securitySchemes"]["ApiKey"]["description"]}
+    for path, operations in doc["paths"].items():
+        for op in operations.values():
+            assert (op.get("security") == [{"ApiKey": []}]) == path.startswith("/v1/"), path
+
+
+def test_every_response_carries_its_request_id_and_the_access_log_names_it(client):
+    """X-Request-ID: a client's sane id comes back as sent, anything else is replaced
+    by a new one; the access log's JSON line carries the same id, route and status."""
+    import io
+    import json
+    import logging
+
+    from app.logs import handler
+
+    stream = io.StringIO()
+    access = logging.getLogger("recsvc.access")
+    access.addHandler(out := handler("json", stream))
+    access.setLevel(logging.INFO)
+    try:
+        given = client.get("/v1/items/m-1", headers={"X-Request-ID": "trace-42.a:b"})
+        forged = client.get("/v1/items/nope", headers={"X-Request-ID": "\"} FAKE {\""})
+        made_up = client.get("/v1/popular")
+    finally:
+        access.removeHandler(out)
+        access.setLevel(logging.NOTSET)
+    assert given.headers["x-request-id"] == "trace-42.a:b"
+    assert forged.status_code == 404 and "FAKE" not in forged.headers["x-request-id"]
+    assert len(made_up.headers["x-request-id"]) == 26  # a ULID
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["request_id"], x["route"], x["status"]) for x in lines] == [
+        ("trace-42.a:b", "/v1/items/{item_id}", 200),
+        (forged.headers["x-request-id"], "/v1/items/{item_id}", 404),
+        (made_up.headers["x-request-id"], "/v1/popular", 200)]
+    assert all(x["logger"] == "recsvc.access" and x["duration_ms"] >= 0 for x in lines)
+
+
 # -- catalog -------------------------------------------------------------------------------
 def test_item_crud(client):
     r = client.post("/v1/items", json={"items": [

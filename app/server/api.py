@@ -72,7 +72,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     app.add_middleware(RequestGate, settings=settings, keyring=app.state.keyring,
                        metrics=metrics, store=lambda: getattr(
                            getattr(app.state, "engine", None), "store", None))
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
+    # outermost: counts and logs refusals too
+    app.add_middleware(MetricsMiddleware, metrics=metrics, access_log=settings.access_log)
 
     for area in (catalog, recommending, users, model):  # the contract's /v1, with a key
         app.include_router(area.router, dependencies=[Depends(authenticate)],

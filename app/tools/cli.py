@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ from app.tools.client import ServiceError
 
 
 def _settings():
+    from app.logs import configure
     from app.settings import Settings
 
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(settings.log_level, settings.log_format)
     return settings
 
 

@@ -36,13 +36,18 @@ test: $(VENV)/.dev
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server / brew install redis); the store tests run against a real Redis" >&2; exit 3; }
 	$(PY) -m pytest -q -o faulthandler_timeout=300 $(PYTEST_ARGS)
 
-## lint: ruff, mypy, hadolint on the Dockerfiles, docker-compose config
+## lint: ruff, mypy, hadolint on the Dockerfiles, docker-compose config, the alert
+## rules (promtool) and the Grafana dashboard (its JSON schema)
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile deploy/Dockerfile.gpu
 	$(COMPOSE_SECRETS) docker-compose -f docker-compose.yml config -q
 	$(COMPOSE_SECRETS) docker-compose -f docker-compose.yml --profile gpu config -q
+	$(COMPOSE_SECRETS) docker-compose -f docker-compose.yml --profile observability config -q
+	@command -v promtool >/dev/null || { echo "promtool not found: install it (apt-get install prometheus) to check the alert rules" >&2; exit 3; }
+	promtool check rules deploy/prometheus/alerts.yml
+	$(VENV)/bin/check-jsonschema --schemafile deploy/grafana/dashboard.schema.json deploy/grafana/dashboards/recsvc.json
 
 ## demo: needs a running service (make run in another shell)
 demo: $(VENV)/.base

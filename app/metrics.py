@@ -80,14 +80,15 @@ def counter_value(counter: Counter) -> float:
 
 class Metrics:
     """The API process's metrics. The engine keeps ``learner_stats`` (the learner's
-    published counters) and ``ensemble_report`` (``GET /v1/model``'s arms) current;
-    they are read when scraped."""
+    published counters) and ``ensemble_report`` (``GET /v1/model``'s arms) current,
+    and sets ``held_impressions``; they are read when scraped."""
 
     def __init__(self) -> None:
         self.registry = new_registry()
         r = self.registry
         self.learner_stats: dict[str, float] = {}
         self.ensemble_report: dict[str, Any] = {}
+        self.held_impressions: Callable[[], int] = lambda: 0
         self.latency = Histogram(
             "recsvc_http_request_duration_seconds", "HTTP request latency by route",
             ["method", "route", "status"], registry=r,
@@ -130,6 +131,9 @@ class Metrics:
                    lambda: _ratio(self.items_explored, self.items_served))
         read.gauge("recsvc_encoder_cache_hit_ratio", "context embedding cache hit ratio",
                    lambda: _ratio(self.cache_hits, self.cache_hits, self.cache_misses))
+        read.gauge("recsvc_held_impressions", "slates served while the store refused "
+                   "writes, held in memory until they are logged",
+                   lambda: float(self.held_impressions()))
         self._learning(read)
 
     def _learning(self, read: ReadAtScrape) -> None:

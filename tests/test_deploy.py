@@ -7,6 +7,7 @@ pass are real RECSVC_ settings. No cluster is needed.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -122,15 +123,57 @@ def test_what_ships_is_closed_by_default():
     assert "--requirepass" in " ".join(compose["services"]["redis"]["command"])
 
 
-def test_alert_rules_use_only_metrics_that_are_exported():
-    """A rule on a metric nobody exports never fires: every recsvc_ name in the rules
-    is one an API process exposes."""
+def _exported() -> str:
+    """The exposition of an API process and of a learner process, values aside."""
     from prometheus_client import generate_latest
 
+    from app.learner.process import create_learner_app
     from app.metrics import Metrics
 
-    exported = generate_latest(Metrics().registry).decode()
+    learner = create_learner_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+    return (generate_latest(Metrics().registry).decode()
+            + generate_latest(learner.state.registry).decode())
+
+
+def _recsvc_names(exprs: list[str]) -> set[str]:
+    return {name for expr in exprs for name in re.findall(r"recsvc_[a-z_]+", expr)}
+
+
+def test_alert_rules_and_the_dashboard_use_only_metrics_that_are_exported():
+    """A rule or a panel on a metric nobody exports never fires or draws: every
+    recsvc_ name they use is one an API or a learner process exposes (a histogram's
+    _bucket and _count series by its name)."""
+    exported = _exported()
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
-    used = {name for expr in exprs for name in re.findall(r"recsvc_[a-z_]+", expr)}
-    assert used and all(f"# TYPE {name} " in exported for name in used), used
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "recsvc.json").read_text())
+    for exprs in ([rule["expr"] for group in rules["groups"] for rule in group["rules"]],
+                  [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]):
+        used = _recsvc_names(exprs)
+        missing = {name for name in used if f"# TYPE {name} " not in exported
+                   and f"# TYPE {re.sub('_(bucket|count|sum)$', '', name)} " not in exported}
+        assert used and not missing, missing
+
+
+def test_prometheus_loads_the_alert_rules_and_grafana_the_dashboard():
+    """The observability profile wires the files together: Prometheus reads the rules
+    from beside its config (in compose and in the cluster's ConfigMap alike), Grafana
+    is provisioned with the data source the dashboard names."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    configmap = _by_kind("ConfigMap")["recsvc-prometheus"]["data"]
+    assert configmap["alerts.yml"] == (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == [
+        "observability"]
+    assert any(v.endswith(":/etc/prometheus/alerts.yml:ro")
+               for v in services["prometheus"]["volumes"])
+    source = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources"
+                             / "prometheus.yml").read_text())["datasources"][0]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "recsvc.json").read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"] if "targets" in p} == {
+        source["uid"]}
+    # no login at all: nothing to guess, no default admin password shipped
+    assert services["grafana"]["environment"]["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
+    assert all(port.startswith("127.0.0.1:") for name in ("prometheus", "grafana")
+               for port in services[name]["ports"])

@@ -84,6 +84,8 @@ def test_redis_outage_degrades_and_recovers(encoder):
                                                    "context": {"text": "a text never seen"}})
             assert during.status_code == 200
             during = during.json()
+            # the two slates served meanwhile are held in memory, and the metrics say so
+            assert "recsvc_held_impressions 2.0" in c.get("/metrics").text
 
             server.start()
             back = time.time()

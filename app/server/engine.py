@@ -178,6 +178,7 @@ class Engine:
             self._write_feedback)
         # impressions served while the store was down, by request id, oldest first
         self._unlogged: OrderedDict[str, Impression] = OrderedDict()
+        metrics.held_impressions = lambda: len(self._unlogged)
         self._flusher: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
         self._refused_version = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -29,8 +30,9 @@ def first_error(errors: Sequence[Any]) -> str:
     return f"{error_field(tuple(errors[0].get('loc', ())))}: {errors[0].get('msg', '')}"
 
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=128,
-                                      pattern=r"^[A-Za-z0-9_.:@-]+$")]
+ID_CHARS = r"^[A-Za-z0-9_.:@-]+$"
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_CHARS)]
+ID_PATTERN = re.compile(ID_CHARS[:-2] + "{1,128}$")  # an Id, for checks outside a model
 Event = Literal["click", "purchase", "like", "dislike", "skip", "rating", "dwell"]
 
 
@@ -56,6 +58,12 @@ class ItemOut(BaseModel):
     text: str
     tags: list[str]
     available: bool
+
+
+class ItemsPage(BaseModel):
+    items: list[ItemOut]
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null "
+                                    "after the last")
 
 
 class ScoredItem(BaseModel):

@@ -702,3 +702,30 @@ def test_ids_in_paths_follow_the_id_rule(client):
                          ("GET", "/v1/items/a%20b"), ("DELETE", "/v1/items/" + "x" * 129)):
         assert_error(client.request(method, path), 422)
     assert client.get("/v1/users/u.ok:1@x-y_z").status_code == 200
+
+
+def test_the_catalog_is_listed_a_page_at_a_time_every_item_once(client):
+    """v1.1: GET /v1/items with a cursor: pages in a stable order, every item once
+    (unavailable ones too, as GET /v1/items/{id} shows them), then a null cursor."""
+    assert client.post("/v1/items", json={"items": [
+        {"item_id": "zz-off", "text": "withdrawn", "available": False}]}).status_code == 200
+    seen, cursor, pages = [], None, 0
+    while True:
+        r = client.get("/v1/items", params={"limit": 4, **({"cursor": cursor} if cursor
+                                                            else {})})
+        assert r.status_code == 200
+        body = r.json()
+        assert len(body["items"]) <= 4
+        seen += body["items"]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    ids = [i["item_id"] for i in seen]
+    assert len(ids) == len(set(ids)) == 11 and pages == 3 and ids == sorted(ids)
+    assert seen[-1] == {"item_id": "zz-off", "text": "withdrawn", "tags": [],
+                        "available": False}
+    assert client.get("/v1/items", params={"limit": 100}).json()["items"] == seen
+    for bad in ({"cursor": "%%%"}, {"cursor": "aGVsbG8gd29ybGQ"},  # "hello world"
+                {"limit": 0}, {"limit": 1001}):
+        assert_error(client.get("/v1/items", params=bad), 422)

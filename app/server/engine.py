@@ -9,6 +9,7 @@ made through another replica, within ``weights_poll_s``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import gc
 import inspect
@@ -182,6 +183,7 @@ class Engine:
         self._flusher: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
         self._refused_version = 0
+        self._sorted: tuple[int, list[str]] = (-1, [])  # (index version, sorted ids)
 
     async def run(self, fn, *args):
         """Run blocking work on the compute pool."""
@@ -491,6 +493,27 @@ class Engine:
                 self.index.set_available(r.item_id, r.available)
 
     # -- catalog reads (v1.1) --------------------------------------------------------------
+    async def list_items(self, limit: int, after: str | None
+                         ) -> tuple[list[ItemRecord], str | None]:
+        """A page of the catalog in item-id order: up to ``limit`` items after the id
+        ``after`` (from the start without one), and the id to continue after, or None
+        at the end. Every item once, in a stable order, while the catalog does not
+        change; an item added meanwhile appears if its id sorts after the page."""
+        ids = await self.run(self._sorted_ids)
+        start = bisect.bisect_right(ids, after) if after is not None else 0
+        page = ids[start:start + limit]
+        records = await self.store.get_items(page)
+        more = start + limit < len(ids)
+        return [records[i] for i in page if i in records], (page[-1] if more else None)
+
+    def _sorted_ids(self) -> list[str]:
+        """Every item id in this replica's catalog, sorted; kept until the catalog
+        changes (sorting a million ids takes about a second)."""
+        version = self.index.version
+        if self._sorted[0] != version:
+            self._sorted = (version, sorted(self.index.ids()))
+        return self._sorted[1]
+
     async def popular(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` available items with the highest smoothed engagement rate, the
         ranking the engaging candidate source draws from, with that rate."""

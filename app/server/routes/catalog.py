@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from fastapi import APIRouter, Query, Response
 
 from app.errors import APIError
-from app.schemas import Id, ItemOut, ItemsIn, ScoredItemsOut, UpsertOut
+from app.schemas import ID_PATTERN, Id, ItemOut, ItemsIn, ItemsPage, ScoredItemsOut, UpsertOut
 from app.server.routes.deps import ADMIN, ADMIN_ERRORS, V1, EngineDep
 
 router = APIRouter(prefix=V1)
@@ -15,6 +18,31 @@ router = APIRouter(prefix=V1)
 async def upsert_items(body: ItemsIn, engine: EngineDep):
     size = await engine.upsert_items(body.items)
     return {"upserted": len({it.item_id for it in body.items}), "catalog_size": size}
+
+
+def _cursor(after: str) -> str:
+    """Opaque to clients: the last item id of the page, base64url without padding."""
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+def _after(cursor: str) -> str:
+    try:
+        after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        after = ""
+    if not ID_PATTERN.fullmatch(after):
+        raise APIError(422, "validation_error", "cursor: not one this service gave")
+    return after
+
+
+@router.get("/items", response_model=ItemsPage)
+async def list_items(engine: EngineDep, limit: int = Query(100, ge=1, le=1000),
+                     cursor: str | None = Query(None, max_length=256)):
+    """Every item once, in item-id order, a page at a time (``next_cursor``)."""
+    items, after = await engine.list_items(limit, _after(cursor) if cursor else None)
+    return {"items": [{"item_id": r.item_id, "text": r.text, "tags": r.tags,
+                       "available": r.available} for r in items],
+            "next_cursor": _cursor(after) if after is not None else None}
 
 
 @router.get("/items/{item_id}", response_model=ItemOut)

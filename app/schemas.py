@@ -94,6 +94,18 @@ class RecommendIn(Strict):
     explore: StrictBool = True
     explain: StrictBool = Field(False, description="add each item's main reasons (an "
                                 "addition to API.md: the other fields are unchanged)")
+    defer_seen: StrictBool = Field(False, description="v1.1: learn only from the items "
+                                   "POST /v1/seen says were displayed")
+
+
+class SeenIn(Strict):
+    request_id: Id
+    item_ids: list[Id] = Field(min_length=1, max_length=100)
+
+
+class SeenOut(BaseModel):
+    accepted: bool
+    seen: int = Field(description="distinct items this call marked displayed")
 
 
 class Reason(BaseModel):

@@ -729,3 +729,50 @@ def test_the_catalog_is_listed_a_page_at_a_time_every_item_once(client):
     for bad in ({"cursor": "%%%"}, {"cursor": "aGVsbG8gd29ybGQ"},  # "hello world"
                 {"limit": 0}, {"limit": 1001}):
         assert_error(client.get("/v1/items", params=bad), 422)
+
+
+def test_a_deferred_slate_learns_only_from_what_was_displayed(backend, encoder):
+    """v1.1 defer_seen: POST /v1/seen marks displayed items (202; 404 unknown request;
+    422 an item not in the slate). When the window closes, only displayed items (and
+    one clicked, which shows it was displayed) are learned from: the evaluation log
+    keeps the slots down to the first one never displayed. A deferred slate that
+    nobody marked is not learned from at all; one without defer_seen is, whole."""
+    with make_client(backend, encoder, reward_wait_s=2.0) as client:
+        assert client.post("/v1/items", json={"items": [
+            {"item_id": i, "text": t} for i, t in MOVIES]}).status_code == 200
+        marked = client.post("/v1/recommend", json={"user_id": "d-1", "k": 5,
+                                                    "defer_seen": True}).json()
+        unmarked = client.post("/v1/recommend", json={"user_id": "d-2", "k": 5,
+                                                      "defer_seen": True}).json()
+        plain = recommend(client, user="d-3", k=5)
+        items = [i["item_id"] for i in marked["items"]]
+        r = client.post("/v1/seen", json={"request_id": marked["request_id"],
+                                          "item_ids": items[:2] + items[:1]})
+        assert r.status_code == 202 and r.json() == {"accepted": True, "seen": 2}
+        # the 4th was clicked without being marked: the click shows it was displayed
+        assert client.post("/v1/feedback", json={"request_id": marked["request_id"],
+                                                 "item_id": items[3],
+                                                 "event": "click"}).status_code == 202
+        assert_error(client.post("/v1/seen", json={"request_id": "01NOPE",
+                                                   "item_ids": items[:1]}), 404,
+                     "unknown_request")
+        outside = next(i for i, _ in MOVIES if i not in items)
+        assert_error(client.post("/v1/seen", json={"request_id": marked["request_id"],
+                                                   "item_ids": [outside]}), 422,
+                     "item_not_in_slate")
+        assert_error(client.post("/v1/seen", json={"request_id": marked["request_id"],
+                                                   "item_ids": []}), 422)
+
+        def logged():
+            records = {r["request_id"]: r for r in client.get("/v1/log").json()["records"]}
+            return plain["request_id"] in records and marked["request_id"] in records \
+                and records
+
+        records = wait_for(logged, 15, "the windows to close")
+        assert records[marked["request_id"]]["item_ids"] == items[:2]
+        assert len(records[plain["request_id"]]["item_ids"]) == 5
+        assert unmarked["request_id"] not in records
+        # the deferred slates' learning: 2 displayed silent items and 1 click, against
+        # 5 items of the plain slate; the unmarked slate gave nothing
+        learner = client.app.state.learner
+        assert learner.stats()["transitions"] == 5 + 3

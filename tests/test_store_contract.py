@@ -181,6 +181,24 @@ async def test_an_impression_keeps_what_the_learner_credits(store):
     assert (await store.get_impressions(["r2"]))["r2"].arm_propensity == 1.0
 
 
+async def test_displayed_items_are_marked_on_a_deferred_impression(store):
+    """v1.1 defer_seen: the flag and the displayed items come back with the
+    impression; marking is a union; an unknown impression is not created by it."""
+    deferred = imp("r1", items=("a", "b", "c"))
+    deferred.propensities, deferred.explored = [0.9] * 3, [False] * 3
+    deferred.deferred = True
+    await store.log_impression(deferred, ttl_s=60, shown_max=10)
+    assert (await store.get_impressions(["r1"]))["r1"].seen == []
+    assert await store.mark_seen("r1", ["a"])
+    assert await store.mark_seen("r1", ["c", "a"])
+    got = (await store.get_impressions(["r1"]))["r1"]
+    assert got.deferred and sorted(got.seen) == ["a", "c"]
+    assert not await store.mark_seen("nope", ["a"])
+    assert await store.get_impressions(["nope"]) == {}
+    await store.log_impression(imp("r2"), ttl_s=60, shown_max=10)
+    assert not (await store.get_impressions(["r2"]))["r2"].deferred
+
+
 async def test_batched_feedback_and_impressions_keep_their_order(store):
     """Concurrent requests' feedback and impressions are written in one call: each
     event gets the outcome it would get alone, a repeat within the batch is a

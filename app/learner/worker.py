@@ -152,13 +152,31 @@ def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
     return out
 
 
-def _log_record(imp: Impression, rewards: dict[str, float], default: float) -> dict:
-    """What off-policy evaluation needs of a closed impression."""
+def displayed(stored: Impression) -> set[str] | None:
+    """The items of a ``defer_seen`` slate that were displayed: those ``POST /v1/seen``
+    named, and those that got feedback (a click shows the item was seen). None for a
+    slate that was not deferred: all of it was."""
+    if not stored.deferred:
+        return None
+    return set(stored.seen) | set(stored.rewards) | set(stored.events)
+
+
+def _log_record(imp: Impression, rewards: dict[str, float], default: float,
+                shown: set[str] | None = None) -> dict | None:
+    """What off-policy evaluation needs of a closed impression. Of a deferred slate,
+    the slots down to the last of an unbroken run of displayed ones from the top
+    (slot-by-slot estimators need every slot above a logged one), or None without
+    one."""
+    n = len(imp.item_ids)
+    if shown is not None:
+        n = next((j for j, i in enumerate(imp.item_ids) if i not in shown), n)
+        if n == 0:
+            return None
     return {"request_id": imp.request_id, "user_id": imp.user_id, "ts": imp.ts,
             "model_version": imp.model_version, "n_candidates": imp.n_candidates,
-            "item_ids": imp.item_ids, "propensities": imp.propensities,
-            "explored": imp.explored,
-            "rewards": [rewards.get(i, default) for i in imp.item_ids]}
+            "item_ids": imp.item_ids[:n], "propensities": imp.propensities[:n],
+            "explored": imp.explored[:n],
+            "rewards": [rewards.get(i, default) for i in imp.item_ids[:n]]}
 
 
 class LearnerWorker:
@@ -438,11 +456,16 @@ class LearnerWorker:
             stored = still_stored[rid]
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
+            shown = displayed(stored)  # a defer_seen slate: only what was displayed
             for item_id, (reward, mask) in _silence_targets(self.settings.heads, stored,
                                                             default).items():
+                if shown is not None and item_id not in shown:
+                    continue
                 out.transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
                                                   mask, SlotRecord.of(p.imp, item_id)))
-            out.closed.append(_log_record(p.imp, stored.rewards, default))
+            record = _log_record(p.imp, stored.rewards, default, shown)
+            if record is not None:
+                out.closed.append(record)
             out.learned_keys.append((rid,))
 
     def _learn(self, transitions: list[Transition], users: dict[str, UserData],

@@ -355,14 +355,7 @@ class Engine:
         """``POST /v1/feedback`` past validation: the reward from the reward map, the
         event recorded against its slate, and a positive one counted for the item's
         popularity."""
-        # A slate served while the store was down may still be held in memory: log it
-        # first, so feedback on it is never a 404; the rest are logged in the background.
-        held = self._unlogged.get(request_id)
-        if held is not None:
-            await self.store.log_impressions([held], self.settings.impression_ttl_s,
-                                             self.settings.shown_len)
-            self._unlogged.pop(request_id, None)
-        self.flush_in_background()
+        await self._log_if_held(request_id)
         reward = self.settings.rewards.reward(event, value)
         out = await self.record_feedback(FeedbackEvent(
             request_id, item_id, event, value, reward, self.clock.time()))
@@ -372,6 +365,31 @@ class Engine:
             if reward > 0:
                 self.index.record((), (item_id,))
         return out
+
+    async def _log_if_held(self, request_id: str) -> None:
+        """A slate served while the store was down may still be held in memory: log it
+        first, so what refers to it is never a 404; the rest are logged in the
+        background."""
+        held = self._unlogged.get(request_id)
+        if held is not None:
+            await self.store.log_impressions([held], self.settings.impression_ttl_s,
+                                             self.settings.shown_len)
+            self._unlogged.pop(request_id, None)
+        self.flush_in_background()
+
+    async def seen(self, request_id: str, item_ids: list[str]) -> str:
+        """``POST /v1/seen``: mark items of a slate displayed. Returns ``accepted``,
+        ``unknown_request`` (unknown or expired), or the first item not in the slate."""
+        await self._log_if_held(request_id)
+        slate = await self.store.slate_of(request_id)
+        if slate is None:
+            return "unknown_request"
+        outside = [i for i in item_ids if i not in set(slate[1])]
+        if outside:
+            return outside[0]
+        if not await self.store.mark_seen(request_id, item_ids):
+            return "unknown_request"  # expired in between
+        return "accepted"
 
     async def add_event(self, user_id: str, item_id: str, event: str,
                         value: float | None) -> None:
@@ -573,7 +591,7 @@ class Engine:
     async def recommend(self, user_id: str, context_text: str | None, k: int,
                         exclude: list[str], *, exclude_seen: bool,
                         candidates: list[str] | None, explore: bool,
-                        explain: bool = False) -> Slate:
+                        explain: bool = False, defer_seen: bool = False) -> Slate:
         async def user() -> UserData:
             try:
                 return await self._user_reads.submit(user_id)
@@ -607,7 +625,7 @@ class Engine:
                          slate.item_ids, choice.propensities.tolist(), choice.explored.tolist(),
                          chosen.features[choice.indices].tolist(), len(ids),
                          agents=chosen.agents, sources=chosen.sources, depths=chosen.depths,
-                         arm_propensity=chosen.arm_propensity)
+                         arm_propensity=chosen.arm_propensity, deferred=defer_seen)
         try:
             await self._impression_writes.submit(imp)
         except StoreUnavailable as exc:

@@ -84,6 +84,10 @@ class Impression:
     # the probability that the serving arm was drawn for this request (1 when none was
     # drawn): how the arms' values weigh its slate, as play probabilities change
     arm_propensity: float = 1.0
+    # v1.1 defer_seen: only the items POST /v1/seen marks displayed (``seen``), and those
+    # that got feedback, are learned from when the window closes
+    deferred: bool = False
+    seen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,6 +216,11 @@ class ImpressionLog(abc.ABC):
 
     @abc.abstractmethod
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]: ...
+
+    @abc.abstractmethod
+    async def mark_seen(self, request_id: str, item_ids: list[str]) -> bool:
+        """Add ``item_ids`` to the impression's displayed items (``Impression.seen``);
+        False, and nothing written, when it is unknown or expired."""
 
     async def slate_of(self, request_id: str) -> tuple[str, list[str]] | None:
         """The user and the item ids of an impression, or None when it is unknown or

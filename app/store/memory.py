@@ -197,6 +197,13 @@ class MemoryStore(Store):
                 out[rid] = hit
         return out
 
+    async def mark_seen(self, request_id: str, item_ids: list[str]) -> bool:
+        imp = self._imps.get(request_id, self.clock.time())
+        if imp is None:
+            return False
+        imp.seen = list(dict.fromkeys([*imp.seen, *item_ids]))
+        return True
+
     async def record_feedback(self, request_id: str, user_id: str, item_id: str, event: str,
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:

@@ -109,6 +109,14 @@ end
 return 0
 """
 
+# Mark items of a stored impression displayed (fields s:{item}); never re-creates one
+# that expired (it would have no TTL). KEYS: the impression; ARGV: field, 1, field, 1...
+_MARK_SEEN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -284,6 +292,7 @@ class RedisStore(Store):
         self._hold = self.r.register_script(_HOLD_LEASE)
         self._release = self.r.register_script(_RELEASE_LEASE)
         self._commit = self.r.register_script(_COMMIT)
+        self._mark_seen = self.r.register_script(_MARK_SEEN)
         self._group_ready = False
 
     # keys
@@ -530,7 +539,8 @@ class RedisStore(Store):
                 "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
                 "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
                 "agents": orjson.dumps(imp.agents), "sources": orjson.dumps(imp.sources),
-                "depths": orjson.dumps(imp.depths), "arm_p": repr(imp.arm_propensity)})
+                "depths": orjson.dumps(imp.depths), "arm_p": repr(imp.arm_propensity),
+                **({"deferred": 1} if imp.deferred else {})})
             pipe.expire(self._imp(imp.request_id), ttl_s)
             if imp.item_ids:
                 pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
@@ -566,8 +576,15 @@ class RedisStore(Store):
                                       orjson.loads(h.get(b"agents", b"[]")),
                                       orjson.loads(h.get(b"sources", b"[]")),
                                       orjson.loads(h.get(b"depths", b"[]")),
-                                      float(h.get(b"arm_p", b"1")))
+                                      float(h.get(b"arm_p", b"1")),
+                                      h.get(b"deferred") == b"1",
+                                      [k[2:].decode() for k in h if k.startswith(b"s:")])
         return out
+
+    @_guard
+    async def mark_seen(self, request_id: str, item_ids: list[str]) -> bool:
+        fields = [x for i in dict.fromkeys(item_ids) for x in (f"s:{i}", 1)]
+        return bool(await self._mark_seen(keys=[self._imp(request_id)], args=fields))
 
     @_guard
     async def feedback_on_slate(self, request_id: str, item_id: str, event: str,

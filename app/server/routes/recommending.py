@@ -17,6 +17,8 @@ from app.schemas import (
     FeedbackOut,
     RecommendIn,
     RecommendOut,
+    SeenIn,
+    SeenOut,
     SlateItem,
     first_error,
 )
@@ -46,7 +48,7 @@ async def recommend(body: RecommendIn, engine: EngineDep):
     slate = await engine.recommend(
         body.user_id, body.context.text if body.context else None, body.k, body.exclude,
         exclude_seen=body.exclude_seen, candidates=body.candidates, explore=body.explore,
-        explain=body.explain)
+        explain=body.explain, defer_seen=body.defer_seen)
     c = slate.choice
     if slate.explanations is None:  # the common case: straight to JSON, no models
         return FastJSONResponse({
@@ -61,6 +63,19 @@ async def recommend(body: RecommendIn, engine: EngineDep):
                                       c.propensities, slate.explanations, strict=True)]
     return RecommendOut(request_id=slate.request_id, model_version=slate.model_version,
                         items=items)
+
+
+@router.post("/seen", response_model=SeenOut, status_code=202)
+async def seen(body: SeenIn, engine: EngineDep):
+    """v1.1: which items of a ``defer_seen`` slate were displayed; only those (and any
+    that got feedback, which shows they were) are learned from."""
+    out = await engine.seen(body.request_id, body.item_ids)
+    if out == "unknown_request":
+        raise APIError(404, "unknown_request",
+                       f"request_id {body.request_id!r} is unknown or expired")
+    if out != "accepted":
+        raise APIError(422, "item_not_in_slate", f"item_ids: {out!r} was not in that slate")
+    return {"accepted": True, "seen": len(set(body.item_ids))}
 
 
 @router.post("/feedback", response_model=FeedbackOut, status_code=202,

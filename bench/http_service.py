@@ -16,8 +16,8 @@ import contextlib
 import httpx
 import numpy as np
 
+from app.tools.processes import running_service
 from bench.peers import Policy, View
-from bench.server import running_service
 from bench.service import BENCH_ENV, feedback_events
 from bench.simulate import simulate
 from bench.worlds import World, WorldConfig, request_stream

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.tools.movielens import load
-from bench.server import running_service
+from app.tools.processes import running_service
 
 
 def percentiles(ms: list[float]) -> str:

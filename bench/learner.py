@@ -33,7 +33,7 @@ from app.learner.worker import LearnerWorker
 from app.settings import Settings
 from app.store import Impression, ItemRecord
 from app.store.redis_store import RedisStore
-from bench.server import private_redis, running_service_process
+from app.tools.processes import private_redis, running_service_process
 from models.index import CandidateIndex, set_search_threads
 from models.state import N_ITEM_FEATURES, StateLayout
 

@@ -51,8 +51,8 @@ import redis
 from tqdm import tqdm
 
 from app.tools.client import wait_ready
+from app.tools.processes import free_port, private_redis, running_service_process
 from bench.latency import catalog
-from bench.server import free_port, private_redis, running_service_process
 from bench.soak import post_concurrently, run_wrk, wrk
 
 

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from app.store import ItemRecord
 from app.store.redis_store import RedisStore
+from app.tools.processes import private_redis, running_service_process
 from bench.retrieval import TopicSpace
-from bench.server import private_redis, running_service_process
 from bench.soak import post_concurrently, proc_memory_mb
 
 DIM = 384

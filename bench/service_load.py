@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from app.tools.processes import private_redis, running_service_process
 from bench.load import cache_workdir, measure_feedback, service_env, wait_redis
-from bench.server import private_redis, running_service_process
 from bench.soak import wrk
 
 TICK = os.sysconf("SC_CLK_TCK")

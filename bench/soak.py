@@ -36,8 +36,8 @@ import httpx
 import redis
 from tqdm import tqdm
 
+from app.tools.processes import private_redis, running_service_process
 from bench.latency import catalog
-from bench.server import private_redis, running_service_process
 
 LUA = Path(__file__).with_name("wrk") / "traffic.lua"
 

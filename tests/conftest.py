@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from bench.server import free_port, wait_port  # noqa: F401 - tests import them from here
+from app.tools.processes import free_port, wait_port  # noqa: F401 - tests import them from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

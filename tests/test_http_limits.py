@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bench.server import running_service_process
+from app.tools.processes import running_service_process
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,6 @@
-"""Start ``recsvc serve`` as a subprocess for a benchmark, and stop it afterwards."""
+"""``recsvc serve`` (or ``recsvc learner``) and a private ``redis-server`` as
+subprocesses on free ports, stopped afterwards: what the benchmarks and the
+end-to-end tests run against."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -11,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StringConstraints,
     model_validator,
 )
@@ -30,9 +30,8 @@ def first_error(errors: Sequence[Any]) -> str:
     return f"{error_field(tuple(errors[0].get('loc', ())))}: {errors[0].get('msg', '')}"
 
 
-ID_CHARS = r"^[A-Za-z0-9_.:@-]+$"
-Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_CHARS)]
-ID_PATTERN = re.compile(ID_CHARS[:-2] + "{1,128}$")  # an Id, for checks outside a model
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128,
+                                      pattern=r"^[A-Za-z0-9_.:@-]+$")]
 Event = Literal["click", "purchase", "like", "dislike", "skip", "rating", "dwell"]
 
 
@@ -157,7 +156,8 @@ class _EventValue(Strict):
 
     event: Event
     # Python's JSON parser accepts NaN and Infinity; they must never reach a reward.
-    value: float | None = Field(None, allow_inf_nan=False)
+    # Strict: a JSON number only (false is not 0, "3" is not 3).
+    value: StrictFloat | None = Field(None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _value_rules(self) -> _EventValue:

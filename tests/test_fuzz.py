@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
@@ -12,8 +13,7 @@ from schemathesis import checks
 
 from app.server.api import create_app
 from app.settings import Settings
-from app.tools.client import wait_ready
-from tests.conftest import free_port
+from app.tools.processes import running_service_process
 
 pytestmark = pytest.mark.e2e
 ADMIN = "fuzz-admin-key"
@@ -22,29 +22,15 @@ MAX_EXAMPLES = int(os.environ.get("RECSVC_FUZZ_EXAMPLES", "40"))
 
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("fuzz") / "serve.log"
-    env = {**os.environ, "RECSVC_ADMIN_KEYS": ADMIN, "RECSVC_DEVICE": "cpu",
-           "RECSVC_MAX_BODY_BYTES": "65536"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.tools.cli", "serve", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_ready(url, lambda: proc.poll() is None, 90):
-            raise RuntimeError(log_path.read_text())
-        import httpx
-
+    env = {"RECSVC_ADMIN_KEYS": ADMIN, "RECSVC_DEVICE": "cpu", "RECSVC_MAX_BODY_BYTES": "65536"}
+    with running_service_process(env, 90, log_path=log_path) as (url, _):
         items = [{"item_id": f"m-{n}", "text": f"Film {n}. Drama"} for n in range(30)]
         httpx.post(f"{url}/v1/items", json={"items": items}, headers={"X-API-Key": ADMIN},
                    timeout=60).raise_for_status()
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        output = log_path.read_text()
-        assert "Traceback" not in output, output
+    output = log_path.read_text()
+    assert "Traceback" not in output, output
 
 
 # The spec the service serves at /openapi.json, built here so pytest can collect one
@@ -84,21 +70,11 @@ def test_schemathesis_all_checks_find_nothing(store, request, tmp_path):
     naming the allowed methods, response schemas, headers...) passes. At 3b796b0 it
     found 6 failures: the 405 Allow header, a dwell without a value (schema-valid,
     refused) and 0 taken for false."""
-    env = {**os.environ, "RECSVC_ADMIN_KEYS": ADMIN, "RECSVC_DEVICE": "cpu"}
+    env = {"RECSVC_ADMIN_KEYS": ADMIN, "RECSVC_DEVICE": "cpu"}
     if store == "redis":
         env |= {"RECSVC_REDIS_URL": request.getfixturevalue("redis_url"),
                 "RECSVC_KEY_PREFIX": request.getfixturevalue("redis_prefix")}
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.tools.cli", "serve", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_ready(url, lambda: proc.poll() is None, 90), log_path.read_text()
-        import httpx
-
+    with running_service_process(env, 90, log_path=tmp_path / "serve.log") as (url, _):
         items = [{"item_id": f"m-{n}", "text": f"Film {n}. Drama"} for n in range(10)]
         httpx.post(f"{url}/v1/items", json={"items": items}, headers={"X-API-Key": ADMIN},
                    timeout=60).raise_for_status()
@@ -109,6 +85,3 @@ def test_schemathesis_all_checks_find_nothing(store, request, tmp_path):
              "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic",
              "--warnings", "off"], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-6000:]
-    finally:
-        proc.terminate()
-        proc.wait(30)

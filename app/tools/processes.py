@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from app.tools.client import wait_ready
 
@@ -36,12 +37,14 @@ def wait_port(port: int, timeout: float = 10.0, alive=lambda: True) -> None:
 
 @contextlib.contextmanager
 def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0,
-                            command: str = "serve"):
+                            command: str = "serve", log_path: Path | None = None):
     """Yield ``(base URL, process)`` of a fresh ``recsvc serve`` (or ``recsvc learner``,
-    whose port answers /readyz too); its log is printed if it fails to start."""
+    whose port answers /readyz too); its log is printed if it fails to start, and
+    kept in ``log_path`` when one is given."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+", prefix="recsvc-bench-") as log:
+    with (open(log_path, "w+") if log_path is not None
+          else tempfile.TemporaryFile("w+", prefix="recsvc-bench-")) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.tools.cli", command, "--port", str(port)],
             env={**os.environ, **(env or {})}, stdout=log,

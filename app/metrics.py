@@ -101,9 +101,14 @@ class Metrics:
                                       "items placed by the exploration branch", registry=r)
         self.feedback = Counter("recsvc_feedback_total", "accepted feedback by event",
                                 ["event"], registry=r)
-        self.rewards = Counter("recsvc_feedback_reward_total", "sum of the rewards of "
-                               "accepted feedback: rate(this) / rate(recsvc_recommended_"
-                               "items_total) is the reward per shown item", registry=r)
+        # a counter only grows: positive rewards and penalties (dislike, skip) apart
+        self.rewards = Counter("recsvc_feedback_reward_total", "sum of the positive "
+                               "rewards of accepted feedback: rate(this) / rate(recsvc_"
+                               "recommended_items_total) is the reward per shown item",
+                               registry=r)
+        self.penalties = Counter("recsvc_feedback_penalty_total", "sum of the magnitudes "
+                                 "of the negative rewards of accepted feedback (dislike, "
+                                 "skip)", registry=r)
         self.events = Counter("recsvc_events_total", "accepted interactions by event",
                               ["event"], registry=r)
         self.cache_hits = Counter("recsvc_encoder_cache_hits_total",

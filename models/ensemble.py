@@ -25,8 +25,9 @@ agent's standardised scores); a request draws one arm with the probability that 
 the best under the posterior of the arms' values (Thompson sampling, with a floor so
 that no arm is switched off for good), and its slate is chosen from that arm's scores
 by the same epsilon-greedy, so the logged propensities stay exact for the policy that
-served it. An arm's value is the reward per shown item of the requests it served: an
-on-policy estimate, since the arm was drawn at random, with no importance weights.
+served it. An arm's value is the reward per shown item of the slates it served, each
+slate one observation weighted by the inverse of the probability its arm was drawn
+with (``EnsembleLearner.update_arms``).
 
 Why not weigh the agents inside one fused ranking by off-policy values of their own
 top-k? Items an agent ranks first but the fusion does not show are placed only by
@@ -34,8 +35,8 @@ exploration, whose weights must be clipped, so such values mostly credit each ag
 with the fused policy's own greedy picks, and the fusion followed the agent that
 agreed with it. On the binge world (``bench.worlds``) it ended at 19.8% while the
 Q-network alone made 22.1%. Serving whole requests by one arm has a regret guarantee
-(that of Thompson sampling on the arms' rewards), so the service cannot end below its
-best arm by more than that regret.
+(that of Thompson sampling on the arms' rewards), so beyond the floor's share the
+service cannot end below its best arm by more than that regret.
 """
 
 from __future__ import annotations
@@ -147,16 +148,16 @@ ARM_FLOOR = 0.02
 
 @dataclass
 class ValueEstimates:
-    """Per arm (an agent, a candidate source), the clipped self-normalised IPS estimate
-    of the reward rate of the shown items that arm vouched for, with its standard
+    """Per arm (an ensemble arm, a candidate source), the clipped self-normalised IPS
+    estimate of the reward rate of the shown items credited to it, with its standard
     error, exponentially forgotten.
 
-    A shown item with logged propensity ``p`` and reward ``r`` is evidence for every
-    arm whose bit is set on it (the agent ranked it in its own top-k; the source
-    retrieved it). With target policy "place an item the arm vouches for", its
-    importance weight is ``1 / p`` (clipped at ``MAX_IPS_WEIGHT``), so items the
-    fused policy only explored weigh as much as they would under that arm's policy
-    and the greedy picks do not decide alone.
+    A shown item with propensity ``p`` and reward ``r`` is evidence for every arm whose
+    bit is set on it, with importance weight ``1 / p`` (clipped at ``max_weight``). For
+    a source (the bit: it retrieved the item) ``p`` is the slot's logged propensity,
+    so items only exploration placed weigh as they would under a policy that places
+    them. For an ensemble arm (the bit: it served the slate) ``p`` is the probability
+    the arm was drawn with, and a slate's items are one observation (``groups``).
     """
 
     arms: int
@@ -313,43 +314,51 @@ class EnsembleLearner:
     from the rewards of the requests it served."""
 
     model: LogisticBandit = field(default_factory=lambda: LogisticBandit(N_LINEAR + 1))
-    # the arms' values, from the requests each served: on-policy, so every shown item
-    # weighs alike; slow to forget, since the arms differ by a tenth of their value
+    # the arms' values, from the slates each served (``update_arms``); slow to forget,
+    # since the arms differ by a tenth of their value
     values: ValueEstimates = field(
         default_factory=lambda: ValueEstimates(len(ARMS), horizon=50_000.0,
                                                max_weight=1.0 / ARM_FLOOR))
     sources: ValueEstimates = field(default_factory=lambda: ValueEstimates(len(SOURCES)))
     depths: SourceDepths = field(default_factory=lambda: SourceDepths(len(SOURCES)))
 
-    def update(self, x: np.ndarray, rewards: np.ndarray, masks: np.ndarray,
+    def update(self, x: np.ndarray, rewards: np.ndarray,
                propensities: np.ndarray | None = None, slots: np.ndarray | None = None,
                sources: np.ndarray | None = None, depths: np.ndarray | None = None,
-               greedy: np.ndarray | None = None, slates: np.ndarray | None = None,
-               arm_propensities: np.ndarray | None = None) -> None:
-        """``x``: ``(n, N_LINEAR)``; ``rewards``: ``(n,)``; ``masks``: ``(n,)`` the bit of
-        the arm that served each shown item (0 when unknown: the transition then trains
-        the logistic model only); and of the shown items, when known: ``propensities``,
-        ``slots``, ``sources`` (bits), their ``depths`` in those sources' lists and
-        whether each was a ``greedy`` pick, which ``slates`` they were shown in
-        (labels) and the probability their slate's arm was drawn with. The sources'
-        values are importance-weighted by the slot propensities; the arms' by the arm
-        propensities, one observation per slate, so that an arm's value weighs every
-        period alike however often it was played then (the traffic's own CTR moves
-        with the time of day and with who is on)."""
+               greedy: np.ndarray | None = None) -> None:
+        """The logistic agent and the sources, from ``n`` learned transitions: ``x``
+        ``(n, N_LINEAR)``, ``rewards`` ``(n,)``, and of the shown items, when known:
+        ``propensities``, ``slots``, ``sources`` (bits), their ``depths`` in those
+        sources' lists and whether each was a ``greedy`` pick. The sources' values are
+        importance-weighted by the slot propensities."""
         n = len(x)
         slots = np.zeros(n) if slots is None else slots
         propensities = np.ones(n) if propensities is None else propensities
         positive = (rewards > 0).astype(np.float64)
         self.model.update(np.concatenate([x, slot_covariate(slots)], 1), positive,
                           np.maximum(np.abs(rewards), 1.0))
-        self.values.update(masks.astype(np.int64), rewards,
-                           np.ones(n) if arm_propensities is None else arm_propensities,
-                           slates)
         if sources is not None:
             bits = sources.astype(np.int64)
             self.sources.update(bits, rewards, propensities)
             if depths is not None and greedy is not None:
                 self.depths.update(bits, depths, greedy.astype(bool))
+
+    def update_arms(self, arms: np.ndarray, arm_propensities: np.ndarray,
+                    rewards: list[np.ndarray]) -> None:
+        """The arms' values, from closed slates: the arm that served each (an index into
+        ``ARMS``), the probability it was drawn with, and the rewards of the slate's
+        items, feedback and silence alike. Called once per slate, when its window
+        closes, so a slate is one observation (its items' rewards go together) and
+        each weighs by the inverse of its arm propensity: an arm's value then weighs
+        every period alike however often it was played then (the traffic's own CTR
+        moves with the time of day and with who is on)."""
+        if not len(arms):
+            return
+        sizes = np.array([len(r) for r in rewards])
+        self.values.update(np.repeat(1 << np.asarray(arms, dtype=np.int64), sizes),
+                           np.concatenate(rewards).astype(np.float64),
+                           np.repeat(arm_propensities, sizes),
+                           np.repeat(np.arange(len(arms)), sizes))
 
     def params(self) -> EnsembleParams:
         cov = np.linalg.inv(self.model.precision)

@@ -704,6 +704,20 @@ def test_ids_in_paths_follow_the_id_rule(client):
     assert client.get("/v1/users/u.ok:1@x-y_z").status_code == 200
 
 
+def test_negative_rewards_are_accepted_and_counted_apart(client):
+    """A dislike's reward is negative: accepted like any feedback, and counted in its
+    own counter (a Prometheus counter cannot go down). Once, this answered 500."""
+    slate = recommend(client, user="grumpy", k=3)
+    for event in ("dislike", "click"):
+        r = client.post("/v1/feedback", json={"request_id": slate["request_id"],
+                                              "item_id": slate["items"][0]["item_id"],
+                                              "event": event})
+        assert r.status_code == 202, r.text
+    text = client.get("/metrics").text
+    assert "recsvc_feedback_penalty_total 1.0" in text
+    assert "recsvc_feedback_reward_total 1.0" in text
+
+
 def test_the_catalog_is_listed_a_page_at_a_time_every_item_once(client):
     """v1.1: GET /v1/items with a cursor: pages in a stable order, every item once
     (unavailable ones too, as GET /v1/items/{id} shows them), then a null cursor."""
@@ -735,8 +749,8 @@ def test_the_catalog_is_listed_a_page_at_a_time_every_item_once(client):
 
 def test_a_deferred_slate_learns_only_from_what_was_displayed(backend, encoder):
     """v1.1 defer_seen: POST /v1/seen marks displayed items (202; 404 unknown request;
-    422 an item not in the slate). When the window closes, only displayed items (and
-    one clicked, which shows it was displayed) are learned from: the evaluation log
+    422 an item not in the slate). When the window closes, only displayed items are
+    learned from (feedback on another is accepted, not learned); the evaluation log
     keeps the slots down to the first one never displayed. A deferred slate that
     nobody marked is not learned from at all; one without defer_seen is, whole."""
     with make_client(backend, encoder, reward_wait_s=2.0) as client:
@@ -751,7 +765,7 @@ def test_a_deferred_slate_learns_only_from_what_was_displayed(backend, encoder):
         r = client.post("/v1/seen", json={"request_id": marked["request_id"],
                                           "item_ids": items[:2] + items[:1]})
         assert r.status_code == 202 and r.json() == {"accepted": True, "seen": 2}
-        # the 4th was clicked without being marked: the click shows it was displayed
+        # the 4th is clicked but never marked displayed: accepted, not learned from
         assert client.post("/v1/feedback", json={"request_id": marked["request_id"],
                                                  "item_id": items[3],
                                                  "event": "click"}).status_code == 202
@@ -774,7 +788,7 @@ def test_a_deferred_slate_learns_only_from_what_was_displayed(backend, encoder):
         assert records[marked["request_id"]]["item_ids"] == items[:2]
         assert len(records[plain["request_id"]]["item_ids"]) == 5
         assert unmarked["request_id"] not in records
-        # the deferred slates' learning: 2 displayed silent items and 1 click, against
-        # 5 items of the plain slate; the unmarked slate gave nothing
+        # the deferred slates' learning: the 2 displayed items, against 5 items of the
+        # plain slate; the click on an item never marked and the unmarked slate, nothing
         learner = client.app.state.learner
-        assert learner.stats()["transitions"] == 5 + 3
+        assert learner.stats()["transitions"] == 5 + 2

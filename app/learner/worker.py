@@ -80,12 +80,9 @@ class SlotRecord:
     index: int             # the slot, 0 at the top
     propensity: float      # the probability the item was placed there
     features: np.ndarray   # the item's per-candidate features then
-    agents: int = 0        # the bit of the ensemble arm that served it (0: unknown)
     sources: int = 0       # the candidate sources that retrieved it (bitmask; 0: unknown)
     depth: int = 0         # its rank in that source's list
     explored: bool = False  # placed by the random branch
-    slate: str = ""        # the request that showed it
-    arm_propensity: float = 1.0  # the probability its slate's arm was drawn with
 
     @classmethod
     def of(cls, imp: Impression, item_id: str) -> SlotRecord:
@@ -95,10 +92,8 @@ class SlotRecord:
             logged = np.asarray(imp.features[j], dtype=np.float32)[:N_ITEM_FEATURES]
             features[: len(logged)] = logged
         return cls(j, float(imp.propensities[j]) if imp.propensities else 1.0, features,
-                   imp.agents[j] if imp.agents else 0, imp.sources[j] if imp.sources else 0,
-                   imp.depths[j] if imp.depths else 0,
-                   bool(imp.explored[j]) if imp.explored else False, imp.request_id,
-                   imp.arm_propensity)
+                   imp.sources[j] if imp.sources else 0, imp.depths[j] if imp.depths else 0,
+                   bool(imp.explored[j]) if imp.explored else False)
 
 
 def _feedback_target(heads: tuple[str, ...], event: str, reward: float
@@ -125,6 +120,8 @@ class LearningRound:
     # feedback events (request, item, event) and closed impressions (request,)
     learned_keys: list[tuple[str, ...]] = field(default_factory=list)
     closed: list[dict] = field(default_factory=list)       # evaluation-log records
+    # closed slates an ensemble arm served: (arm, its propensity, the items' rewards)
+    arm_slates: list[tuple[int, float, np.ndarray]] = field(default_factory=list)
 
 
 def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
@@ -152,13 +149,25 @@ def _silence_targets(heads: tuple[str, ...], imp: Impression, default: float
     return out
 
 
-def displayed(stored: Impression) -> set[str] | None:
+def displayed(stored: Impression, feedback_counts: bool = False) -> set[str] | None:
     """The items of a ``defer_seen`` slate that were displayed: those ``POST /v1/seen``
-    named, and those that got feedback (a click shows the item was seen). None for a
-    slate that was not deferred: all of it was."""
+    named (and, with ``feedback_counts``, those that got feedback). None for a slate
+    that was not deferred: all of it was."""
     if not stored.deferred:
         return None
-    return set(stored.seen) | set(stored.rewards) | set(stored.events)
+    shown = set(stored.seen) & set(stored.item_ids)
+    return shown | set(stored.rewards) | set(stored.events) if feedback_counts else shown
+
+
+def _serving_arm(stored: Impression) -> int | None:
+    """The ensemble arm that served a slate (an index into ``ARMS``), or None: no
+    ensemble, a request without exploration, or a slate logged by an older release
+    (whose ``agents`` were top-k masks of several agents)."""
+    bits = set(stored.agents)
+    if len(bits) != 1:
+        return None
+    bit = bits.pop()
+    return bit.bit_length() - 1 if bit > 0 and bit & (bit - 1) == 0 else None
 
 
 def _log_record(imp: Impression, rewards: dict[str, float], default: float,
@@ -382,6 +391,11 @@ class LearnerWorker:
             users = await self.store.get_users(list({t.user_id for t in out.transitions}))
             ok = await self.run(self._learn, out.transitions, users, now)
             self._dirty = self._dirty or ok
+        if out.arm_slates and self.ensemble is not None:
+            arms, propensities, rewards = zip(*out.arm_slates, strict=True)
+            await self.run(self.ensemble.update_arms, np.array(arms), np.array(propensities),
+                           list(rewards))
+            self._dirty = True
         # learned: commit to memory; from here on, nothing is learned twice
         self.pending.update(arriving)
         for rid in closing:
@@ -431,6 +445,8 @@ class LearnerWorker:
             out.learned_keys.append(key)
             if target is None:  # an event of a head this network does not have
                 continue
+            if imp.deferred and not self.settings.heads:
+                continue  # learned when the window closes, if the item was displayed
             state = np.frombuffer(imp.state, dtype=np.float32)
             reward, mask = target
             out.transitions.append(Transition(imp.user_id, state, f["item_id"], reward,
@@ -456,17 +472,31 @@ class LearnerWorker:
             stored = still_stored[rid]
             state = np.frombuffer(p.imp.state, dtype=np.float32)
             ctx = context_of(self.layout, state)
-            shown = displayed(stored)  # a defer_seen slate: only what was displayed
-            for item_id, (reward, mask) in _silence_targets(self.settings.heads, stored,
-                                                            default).items():
-                if shown is not None and item_id not in shown:
-                    continue
+            shown = displayed(stored, bool(self.settings.heads))
+            for item_id, (reward, mask) in self._closing_targets(stored, shown).items():
                 out.transitions.append(Transition(p.imp.user_id, state, item_id, reward, ctx,
                                                   mask, SlotRecord.of(p.imp, item_id)))
+            arm = _serving_arm(stored)
+            if arm is not None:
+                out.arm_slates.append((arm, stored.arm_propensity, np.array(
+                    [stored.rewards.get(i, default) for i in stored.item_ids
+                     if shown is None or i in shown], dtype=np.float64)))
             record = _log_record(p.imp, stored.rewards, default, shown)
             if record is not None:
                 out.closed.append(record)
             out.learned_keys.append((rid,))
+
+    def _closing_targets(self, stored: Impression, shown: set[str] | None
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Item id -> ``(reward, mask)`` learned when a slate's window closes: its silent
+        items' default reward; of a deferred slate (one head), every displayed item with
+        the rewards of its feedback, or the default, and nothing else."""
+        default = self.settings.rewards.default
+        if shown is None or self.settings.heads:
+            targets = _silence_targets(self.settings.heads, stored, default)
+            return {i: t for i, t in targets.items() if shown is None or i in shown}
+        return {i: (np.array([stored.rewards.get(i, default)], np.float32),
+                    np.ones(1, np.float32)) for i in stored.item_ids if i in shown}
 
     def _learn(self, transitions: list[Transition], users: dict[str, UserData],
                now: float) -> bool:
@@ -506,14 +536,11 @@ class LearnerWorker:
             x = linear_features(self.layout, states, actions[:, :d], actions[:, d:])
             self.ensemble.update(
                 x, rewards.astype(np.float64),
-                np.array([s.agents for s in logged], dtype=np.int64),
                 np.array([s.propensity for s in logged]),
                 np.array([s.index for s in logged], dtype=np.float64),
                 np.array([s.sources for s in logged], dtype=np.int64),
                 np.array([s.depth for s in logged], dtype=np.float64),
-                np.array([not s.explored for s in logged]),
-                np.array([s.slate for s in logged]),
-                np.array([s.arm_propensity for s in logged]))
+                np.array([not s.explored for s in logged]))
         if self.adaptation is not None:
             phi = rule_features(self.layout, states, actions[:, d:])
             if phi.any():
@@ -584,6 +611,8 @@ class LearnerWorker:
         now = self.clock.time()
         if weights is not None:
             stats["published_at"] = now
+        # stores merge stats: a loss that stopped being finite must not stay shown
+        stats.setdefault("loss", float("nan"))
         try:
             committed = await self.store.commit_learning(
                 self.consumer, acks, stats, self._log_backlog, self.settings.ope_log_size,

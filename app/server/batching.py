@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from contextvars import Context
 from typing import Generic, TypeVar
 
 In = TypeVar("In")
@@ -33,7 +34,8 @@ class MicroBatcher(Generic[In, Out]):
         self._queue.append((value, fut))
         if self._running < self.concurrency:
             self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            # a fresh context: not the request id of whichever request started it
+            asyncio.get_running_loop().create_task(self._drain(), context=Context())
         return await fut
 
     async def _drain(self) -> None:
@@ -69,7 +71,7 @@ class StoreBatcher(Generic[In, Out]):
         self._queue.append((value, fut))
         if not self._running:
             self._running = True
-            loop.create_task(self._drain())
+            loop.create_task(self._drain(), context=Context())
         return await fut
 
     async def _drain(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 import gc
 import inspect
 import logging
@@ -90,6 +91,7 @@ class Pick:
     # resting items (passed over just now) that only the exploration may place, newest
     # first: how the learner keeps finding out whether resting them pays
     explore_only: list[str] = field(default_factory=list)
+    explore: bool = False  # the request explores (draws its ensemble arm, at any epsilon)
 
 
 def _encode_in_background(encoder, texts: list[str]) -> np.ndarray:
@@ -361,7 +363,10 @@ class Engine:
             request_id, item_id, event, value, reward, self.clock.time()))
         if out.status == "accepted":
             self.metrics.feedback.labels(event).inc()
-            self.metrics.rewards.inc(reward)
+            if reward >= 0:
+                self.metrics.rewards.inc(reward)
+            else:
+                self.metrics.penalties.inc(-reward)
             if reward > 0:
                 self.index.record((), (item_id,))
         return out
@@ -415,7 +420,8 @@ class Engine:
         """Start logging held impressions, unless that is under way or none are held:
         no request waits for a backlog of up to ``unlogged_max`` of them."""
         if self._unlogged and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_quietly())
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_quietly(), context=contextvars.Context())  # no request's id
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(StoreUnavailable):  # the next poll or feedback retries
@@ -611,7 +617,7 @@ class Engine:
         now = self.clock.time()
         explore_only = self._rest(user_data, banned, candidates, k, now, explore=explore)
         pick = Pick(user_data, ctx, banned, candidates, k,
-                    self.epsilon if explore else 0.0, now, explore_only)
+                    self.epsilon if explore else 0.0, now, explore_only, explore)
         chosen = await self._chooser.submit(pick)
         scorer, state, ids, choice = chosen.scorer, chosen.state, chosen.ids, chosen.choice
         version = scorer.version
@@ -822,7 +828,7 @@ class Engine:
                 # that arm's value; one without exploration takes the likeliest best arm
                 e = scorer.ensemble
                 agent_scores = e.agent_scores(self.layout, state, items, feats, scores)
-                if p.epsilon > 0:
+                if p.explore:
                     with self._rng_lock:
                         arm = e.draw_arm(self._rng)
                     arm_propensity = float(e.weights[arm])

@@ -573,7 +573,9 @@ class RedisStore(Store):
                                       orjson.loads(h.get(b"features", b"[]")),
                                       int(h.get(b"n_cand", 0)),
                                       _rewards_of(h), _events_of(h),
-                                      orjson.loads(h.get(b"agents", b"[]")),
+                                      # before arm_p, agents were top-k masks
+                                      orjson.loads(h.get(b"agents", b"[]"))
+                                      if b"arm_p" in h else [],
                                       orjson.loads(h.get(b"sources", b"[]")),
                                       orjson.loads(h.get(b"depths", b"[]")),
                                       float(h.get(b"arm_p", b"1")),

@@ -51,7 +51,8 @@ def _uvicorn(app, args: argparse.Namespace, settings) -> None:
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
                 http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
                 limit_concurrency=settings.max_concurrency, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
+                log_config=None)  # uvicorn's own lines through recsvc's handler (JSON too)
 
 
 def _serve(args: argparse.Namespace) -> None:

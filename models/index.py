@@ -122,6 +122,9 @@ class CandidateIndex:
         self._uncounted: deque[tuple[Sequence[str], Sequence[str]]] = deque()  # see record
         self._totals = np.zeros(2)  # shown, clicked over every item ever counted
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
+        # bumped only when an id joins or leaves: caches of the id set keyed on it
+        # (a sorted listing) survive re-embeddings and availability changes
+        self.ids_version = 0
         # bumped whenever rows move (compaction): rows a caller holds stay valid until then
         self.row_generation = 0
 
@@ -261,6 +264,8 @@ class CandidateIndex:
             order = sorted(last.values())
             carried = {ids[i]: self._stats[self._row_of[ids[i]]].copy()
                        for i in order if ids[i] in self._row_of}  # re-embedding keeps counts
+            if len(carried) < len(order):
+                self.ids_version += 1
             for i in order:
                 self._retire(ids[i])
             start = self._n_rows
@@ -298,6 +303,7 @@ class CandidateIndex:
             self._count_queued()  # counts recorded before the removal die with the item
             removed = sum(1 for item_id in ids if self._retire(item_id))
             if removed:
+                self.ids_version += 1
                 self._maybe_rebuild()
                 self.version += 1
             return removed

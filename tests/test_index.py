@@ -354,3 +354,21 @@ def test_reading_candidates_by_row_gives_what_reading_them_by_id_gives():
     assert idx.at_rows([np.arange(5)], generation) is None
     rows = idx.rows_of([["i500"]])[0]
     assert idx.at_rows([rows], idx.row_generation)[0][0] == ["i500"]
+
+
+def test_the_id_set_version_moves_only_when_ids_join_or_leave():
+    """What a cached sorted listing of the ids is keyed on: re-embedding an item or
+    changing its availability keeps the id set, adding or removing one does not."""
+    index = CandidateIndex(4)
+    rng = np.random.default_rng(0)
+    index.upsert(["a", "b"], rng.standard_normal((2, 4)))
+    before = index.ids_version
+    index.upsert(["a"], rng.standard_normal((1, 4)))
+    index.set_available("b", False)
+    assert index.ids_version == before
+    index.upsert(["a", "c"], rng.standard_normal((2, 4)))
+    assert index.ids_version == before + 1
+    index.remove(["zz"])
+    assert index.ids_version == before + 1
+    index.remove(["a"])
+    assert index.ids_version == before + 2

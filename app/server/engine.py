@@ -185,7 +185,7 @@ class Engine:
         self._flusher: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
         self._refused_version = 0
-        self._sorted: tuple[int, list[str]] = (-1, [])  # (index version, sorted ids)
+        self._sorted: tuple[int, list[str]] = (-1, [])  # (index ids_version, sorted ids)
 
     async def run(self, fn, *args):
         """Run blocking work on the compute pool."""
@@ -531,9 +531,9 @@ class Engine:
         return [records[i] for i in page if i in records], (page[-1] if more else None)
 
     def _sorted_ids(self) -> list[str]:
-        """Every item id in this replica's catalog, sorted; kept until the catalog
-        changes (sorting a million ids takes about a second)."""
-        version = self.index.version
+        """Every item id in this replica's catalog, sorted; kept until an id joins or
+        leaves (sorting a million ids takes about a second)."""
+        version = self.index.ids_version
         if self._sorted[0] != version:
             self._sorted = (version, sorted(self.index.ids()))
         return self._sorted[1]

@@ -240,3 +240,50 @@ def test_every_option_has_help_with_its_default(capsys, command, shown):
         main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert shown in out
+
+
+def test_the_client_speaks_every_operation_of_the_api(backend, encoder):
+    """The typed client against the service in process: every operation of
+    docs/api.md by name, with ServiceError carrying the status and the error body."""
+    from app.tools.client import Client, ServiceError
+    from tests.test_api import MOVIES, make_client
+
+    with make_client(backend, encoder) as http, Client(http=http) as c:
+        assert c.upsert([{"item_id": i, "text": t} for i, t in MOVIES])["catalog_size"] == 10
+        assert c.get_item("m-1")["item_id"] == "m-1"
+        assert [i["item_id"] for i in c.iter_items(page=3)] == sorted(i for i, _ in MOVIES)
+        assert len(c.similar("m-1", k=3)["items"]) == 3
+        assert len(c.popular(k=2)["items"]) == 2
+        slate = c.recommend("u-1", "a rainy evening", k=4, defer_seen=True)
+        first = slate["items"][0]["item_id"]
+        assert c.seen(slate["request_id"], [first]) == {"accepted": True, "seen": 1}
+        assert c.feedback(slate["request_id"], first)["accepted"]
+        batch = c.feedback_batch([{"request_id": slate["request_id"], "item_id": first,
+                                   "event": "click"}])
+        assert batch["results"][0]["duplicate"]
+        assert c.event("u-1", "m-2", "like") == {"accepted": True}
+        assert [h["item_id"] for h in c.user("u-1")["history"]][-1] == "m-2"
+        assert "version" in c.model()
+        assert c.delete_item("m-10") == {} and c.delete_user("u-1") == {}
+        with pytest.raises(ServiceError) as refused:
+            c.get_item("m-10")
+        assert refused.value.status == 404 and refused.value.error["code"] == "item_not_found"
+
+
+async def test_the_async_client_waits_out_a_retry_after_too():
+    import httpx
+
+    from app.tools.client import AsyncClient
+
+    answers = iter([httpx.Response(503, headers={"Retry-After": "0"}, json={}),
+                    httpx.Response(200, json={"items": [{"item_id": "a", "score": 1.0}]})])
+    seen = []
+
+    def answer(request):
+        seen.append((request.method, request.url.path, dict(request.url.params)))
+        return next(answers)
+
+    http = httpx.AsyncClient(base_url="http://unused", transport=httpx.MockTransport(answer))
+    async with AsyncClient(http=http) as c:
+        assert (await c.popular(k=1))["items"][0]["item_id"] == "a"
+    assert seen == [("GET", "/v1/popular", {"k": "1"})] * 2

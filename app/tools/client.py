@@ -1,12 +1,31 @@
-"""A small synchronous client for the HTTP API (used by the CLI, demo and benchmarks)."""
+"""Python clients of the HTTP API, synchronous and asyncio (used by the CLI, the demo
+and the benchmarks): every operation of ``docs/api.md``, retrying ``429`` and ``503``
+after their ``Retry-After`` (tenacity).
+
+    with Client("http://127.0.0.1:8000", api_key="...") as c:
+        slate = c.recommend("u-1", "evening, on a phone", k=10)
+        c.feedback(slate["request_id"], slate["items"][0]["item_id"], "click")
+
+    async with AsyncClient(...) as c:
+        slate = await c.recommend("u-1", k=10)
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_result,
+    stop_after_attempt,
+)
 
 # answers that say "not now": retried after their Retry-After, this many times
 RETRIED = (429, 503)
@@ -45,44 +64,265 @@ def _retrying(send: Callable[[], httpx.Response]) -> httpx.Response:
 class ServiceError(RuntimeError):
     """The service refused a request: its method, path, status and error body."""
 
+    def __init__(self, resp: httpx.Response) -> None:
+        super().__init__(f"{resp.request.method} {resp.request.url.path} -> "
+                         f"{resp.status_code}: {resp.text}")
+        self.status = resp.status_code
+        try:
+            self.error: dict = resp.json().get("error", {})
+        except ValueError:
+            self.error = {}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One operation of the API, as both clients send it."""
+
+    method: str
+    path: str
+    body: dict | None = None
+    params: dict | None = None
+
+
+def _answer(resp: httpx.Response) -> dict:
+    if resp.status_code >= 400:
+        raise ServiceError(resp)
+    return resp.json() if resp.content else {}
+
+
+class Operations:
+    """The API's operations (``docs/api.md``), each built as a ``Call``; ``Client`` and
+    ``AsyncClient`` send them, so both have every operation under the same name."""
+
+    @staticmethod
+    def upsert(items: list[dict]) -> Call:
+        return Call("POST", "/v1/items", {"items": items})
+
+    @staticmethod
+    def get_item(item_id: str) -> Call:
+        return Call("GET", f"/v1/items/{quote(item_id, safe='')}")
+
+    @staticmethod
+    def delete_item(item_id: str) -> Call:
+        return Call("DELETE", f"/v1/items/{quote(item_id, safe='')}")
+
+    @staticmethod
+    def list_items(limit: int = 100, cursor: str | None = None) -> Call:
+        return Call("GET", "/v1/items", params={"limit": limit,
+                                                **({"cursor": cursor} if cursor else {})})
+
+    @staticmethod
+    def similar(item_id: str, k: int = 10) -> Call:
+        return Call("GET", f"/v1/items/{quote(item_id, safe='')}/similar", params={"k": k})
+
+    @staticmethod
+    def popular(k: int = 10) -> Call:
+        return Call("GET", "/v1/popular", params={"k": k})
+
+    @staticmethod
+    def recommend(user_id: str, context: str | None = None, k: int = 10,
+                  **extra: Any) -> Call:
+        """``extra``: the request's other fields (``exclude``, ``explore``,
+        ``defer_seen``...)."""
+        body = {"user_id": user_id, "k": k, **extra}
+        if context:
+            body["context"] = {"text": context}
+        return Call("POST", "/v1/recommend", body)
+
+    @staticmethod
+    def feedback(request_id: str, item_id: str, event: str = "click",
+                 value: float | None = None) -> Call:
+        return Call("POST", "/v1/feedback", {"request_id": request_id, "item_id": item_id,
+                                             "event": event, "value": value})
+
+    @staticmethod
+    def feedback_batch(events: list[dict]) -> Call:
+        return Call("POST", "/v1/feedback/batch", {"events": events})
+
+    @staticmethod
+    def seen(request_id: str, item_ids: list[str]) -> Call:
+        return Call("POST", "/v1/seen", {"request_id": request_id, "item_ids": item_ids})
+
+    @staticmethod
+    def event(user_id: str, item_id: str, event: str, value: float | None = None) -> Call:
+        return Call("POST", "/v1/events", {"user_id": user_id, "item_id": item_id,
+                                           "event": event, "value": value})
+
+    @staticmethod
+    def user(user_id: str) -> Call:
+        return Call("GET", f"/v1/users/{quote(user_id, safe='')}")
+
+    @staticmethod
+    def delete_user(user_id: str) -> Call:
+        return Call("DELETE", f"/v1/users/{quote(user_id, safe='')}")
+
+    @staticmethod
+    def model() -> Call:
+        return Call("GET", "/v1/model")
+
 
 class Client:
+    """Synchronous client: every ``Operations`` method, sent and answered (a ``dict``,
+    or ``ServiceError`` for a 4xx/5xx). A ``429`` or ``503`` (a rate limit, a store
+    outage: a pause, not a failure) is retried after its ``Retry-After``."""
+
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, http: httpx.Client | None = None) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.http = http or httpx.Client(base_url=url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
 
-    def _ok(self, resp: httpx.Response) -> dict:
-        if resp.status_code >= 400:
-            raise ServiceError(f"{resp.request.method} {resp.request.url.path} -> "
-                               f"{resp.status_code}: {resp.text}")
-        return resp.json() if resp.content else {}
+    def __enter__(self) -> Client:
+        return self
 
-    def _post(self, path: str, body: dict) -> httpx.Response:
-        """POST, waiting out a ``429`` or ``503`` (a rate limit, a store outage: a pause,
-        not a failure, for a bulk load) as ``_retrying`` says."""
-        return _retrying(lambda: self.http.post(path, json=body))
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
+    def send(self, call: Call) -> dict:
+        return _answer(_retrying(lambda: self.http.request(
+            call.method, call.path, json=call.body, params=call.params)))
+
+    # -- the operations (Operations' docstrings) --
     def upsert(self, items: list[dict]) -> dict:
-        return self._ok(self._post("/v1/items", {"items": items}))
+        return self.send(Operations.upsert(items))
+
+    def get_item(self, item_id: str) -> dict:
+        return self.send(Operations.get_item(item_id))
+
+    def delete_item(self, item_id: str) -> dict:
+        return self.send(Operations.delete_item(item_id))
+
+    def list_items(self, limit: int = 100, cursor: str | None = None) -> dict:
+        return self.send(Operations.list_items(limit, cursor))
+
+    def similar(self, item_id: str, k: int = 10) -> dict:
+        return self.send(Operations.similar(item_id, k))
+
+    def popular(self, k: int = 10) -> dict:
+        return self.send(Operations.popular(k))
 
     def recommend(self, user_id: str, context: str | None = None, k: int = 10,
-                  **extra) -> dict:
-        body = {"user_id": user_id, "k": k, **extra}
-        if context:
-            body["context"] = {"text": context}
-        return self._ok(self._post("/v1/recommend", body))
+                  **extra: Any) -> dict:
+        return self.send(Operations.recommend(user_id, context, k, **extra))
 
     def feedback(self, request_id: str, item_id: str, event: str = "click",
                  value: float | None = None) -> dict:
-        return self._ok(self._post("/v1/feedback", {
-            "request_id": request_id, "item_id": item_id, "event": event, "value": value}))
+        return self.send(Operations.feedback(request_id, item_id, event, value))
+
+    def feedback_batch(self, events: list[dict]) -> dict:
+        return self.send(Operations.feedback_batch(events))
+
+    def seen(self, request_id: str, item_ids: list[str]) -> dict:
+        return self.send(Operations.seen(request_id, item_ids))
+
+    def event(self, user_id: str, item_id: str, event: str, value: float | None = None) -> dict:
+        return self.send(Operations.event(user_id, item_id, event, value))
+
+    def user(self, user_id: str) -> dict:
+        return self.send(Operations.user(user_id))
+
+    def delete_user(self, user_id: str) -> dict:
+        return self.send(Operations.delete_user(user_id))
 
     def model(self) -> dict:
-        return self._ok(self.http.get("/v1/model"))
+        return self.send(Operations.model())
+
+    def iter_items(self, page: int = 100) -> Iterator[dict]:
+        """Every item of the catalog, a page at a time."""
+        cursor = None
+        while True:
+            got = self.send(Operations.list_items(page, cursor))
+            yield from got["items"]
+            cursor = got["next_cursor"]
+            if cursor is None:
+                return
+
+
+class AsyncClient:
+    """``Client`` for asyncio: the same operations, awaited."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
+                 timeout: float = 60.0, http: httpx.AsyncClient | None = None) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = http or httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def send(self, call: Call) -> dict:
+        retrying = AsyncRetrying(retry=retry_if_result(lambda r: r.status_code in RETRIED),
+                                 wait=_retry_after, stop=stop_after_attempt(RETRIES + 1),
+                                 retry_error_callback=_last_answer, reraise=True)
+        async def attempt() -> httpx.Response:
+            return await self.http.request(call.method, call.path, json=call.body,
+                                           params=call.params)
+
+        resp: httpx.Response = await retrying(attempt)
+        return _answer(resp)
+
+    # -- the operations (Operations' docstrings) --
+    async def upsert(self, items: list[dict]) -> dict:
+        return await self.send(Operations.upsert(items))
+
+    async def get_item(self, item_id: str) -> dict:
+        return await self.send(Operations.get_item(item_id))
+
+    async def delete_item(self, item_id: str) -> dict:
+        return await self.send(Operations.delete_item(item_id))
+
+    async def list_items(self, limit: int = 100, cursor: str | None = None) -> dict:
+        return await self.send(Operations.list_items(limit, cursor))
+
+    async def similar(self, item_id: str, k: int = 10) -> dict:
+        return await self.send(Operations.similar(item_id, k))
+
+    async def popular(self, k: int = 10) -> dict:
+        return await self.send(Operations.popular(k))
+
+    async def recommend(self, user_id: str, context: str | None = None, k: int = 10,
+                        **extra: Any) -> dict:
+        return await self.send(Operations.recommend(user_id, context, k, **extra))
+
+    async def feedback(self, request_id: str, item_id: str, event: str = "click",
+                       value: float | None = None) -> dict:
+        return await self.send(Operations.feedback(request_id, item_id, event, value))
+
+    async def feedback_batch(self, events: list[dict]) -> dict:
+        return await self.send(Operations.feedback_batch(events))
+
+    async def seen(self, request_id: str, item_ids: list[str]) -> dict:
+        return await self.send(Operations.seen(request_id, item_ids))
+
+    async def event(self, user_id: str, item_id: str, event: str,
+                    value: float | None = None) -> dict:
+        return await self.send(Operations.event(user_id, item_id, event, value))
+
+    async def user(self, user_id: str) -> dict:
+        return await self.send(Operations.user(user_id))
+
+    async def delete_user(self, user_id: str) -> dict:
+        return await self.send(Operations.delete_user(user_id))
+
+    async def model(self) -> dict:
+        return await self.send(Operations.model())
+
+    async def iter_items(self, page: int = 100) -> AsyncIterator[dict]:
+        cursor = None
+        while True:
+            got = await self.send(Operations.list_items(page, cursor))
+            for item in got["items"]:
+                yield item
+            cursor = got["next_cursor"]
+            if cursor is None:
+                return
 
 
 def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float = 90.0) -> bool:

@@ -389,7 +389,8 @@ class Engine:
         slate = await self.store.slate_of(request_id)
         if slate is None:
             return "unknown_request"
-        outside = [i for i in item_ids if i not in set(slate[1])]
+        in_slate = set(slate[1])
+        outside = [i for i in item_ids if i not in in_slate]
         if outside:
             return outside[0]
         if not await self.store.mark_seen(request_id, item_ids):

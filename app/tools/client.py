@@ -52,13 +52,20 @@ def _last_answer(state: RetryCallState) -> httpx.Response:
     return state.outcome.result()
 
 
+# Both clients' retry policy: again while the answer is 429 or 503, RETRIES times at
+# most, after its Retry-After; the last answer is returned whatever it is.
+_RETRY_POLICY: dict[str, Any] = dict(
+    retry=retry_if_result(lambda r: r.status_code in RETRIED), wait=_retry_after,
+    stop=stop_after_attempt(RETRIES + 1), retry_error_callback=_last_answer, reraise=True)
+
+
 def _retrying(send: Callable[[], httpx.Response]) -> httpx.Response:
-    """``send()`` again while it answers ``429`` or ``503``, ``RETRIES`` times at most;
-    the last answer is returned whatever it is."""
-    return Retrying(retry=retry_if_result(lambda r: r.status_code in RETRIED),
-                    wait=_retry_after, stop=stop_after_attempt(RETRIES + 1),
-                    retry_error_callback=_last_answer,
-                    reraise=True)(send)
+    """``send()`` under the retry policy."""
+    return Retrying(**_RETRY_POLICY)(send)
+
+
+def _key_header(api_key: str | None) -> dict[str, str]:
+    return {"X-API-Key": api_key} if api_key else {}
 
 
 class ServiceError(RuntimeError):
@@ -168,8 +175,8 @@ class Client:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 60.0, http: httpx.Client | None = None) -> None:
-        headers = {"X-API-Key": api_key} if api_key else {}
-        self.http = http or httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.http = http or httpx.Client(base_url=url, headers=_key_header(api_key),
+                                         timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
@@ -245,8 +252,8 @@ class AsyncClient:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 60.0, http: httpx.AsyncClient | None = None) -> None:
-        headers = {"X-API-Key": api_key} if api_key else {}
-        self.http = http or httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout)
+        self.http = http or httpx.AsyncClient(base_url=url, headers=_key_header(api_key),
+                                              timeout=timeout)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -258,14 +265,11 @@ class AsyncClient:
         await self.aclose()
 
     async def send(self, call: Call) -> dict:
-        retrying = AsyncRetrying(retry=retry_if_result(lambda r: r.status_code in RETRIED),
-                                 wait=_retry_after, stop=stop_after_attempt(RETRIES + 1),
-                                 retry_error_callback=_last_answer, reraise=True)
         async def attempt() -> httpx.Response:
             return await self.http.request(call.method, call.path, json=call.body,
                                            params=call.params)
 
-        resp: httpx.Response = await retrying(attempt)
+        resp: httpx.Response = await AsyncRetrying(**_RETRY_POLICY)(attempt)
         return _answer(resp)
 
     # -- the operations (Operations' docstrings) --

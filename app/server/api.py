@@ -19,7 +19,7 @@ from app.server.engine import Engine
 from app.server.gate import RequestGate
 from app.server.middleware import MetricsMiddleware
 from app.server.routes import catalog, model, operations, recommending, users
-from app.server.routes.operations import DOCS_ASSETS
+from app.server.routes.operations import DASHBOARD_ASSETS, DASHBOARD_DIR, DOCS_ASSETS
 from app.settings import Settings
 from app.store import Store, make_store
 
@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     # Swagger UI from the package's own copy of its assets: FastAPI's default page loads
     # them from a CDN, so it was blank wherever the service runs offline
     app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    # the dashboard's page script, styles and vendored charting library (uPlot)
+    app.mount(DASHBOARD_ASSETS, StaticFiles(directory=DASHBOARD_DIR), name="dashboard-assets")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)

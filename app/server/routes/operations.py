@@ -4,10 +4,11 @@ and the offline API docs."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import APIError
@@ -17,6 +18,9 @@ from app.store import StoreUnavailable
 
 # where Swagger UI's assets are served (``app.server.api`` mounts the package's copy there)
 DOCS_ASSETS = "/docs-assets"
+# the dashboard page and its assets, vendored in the package (the service runs offline)
+DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "dashboard"
+DASHBOARD_ASSETS = "/dashboard-assets"
 
 router = APIRouter()
 
@@ -27,6 +31,13 @@ async def docs() -> HTMLResponse:
                                swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                                swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
                                swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard() -> FileResponse:
+    """The live dashboard: a static page that reads ``/metrics``, ``/v1/model`` and
+    ``/v1/log`` with the key typed into it, so it needs no key to load."""
+    return FileResponse(DASHBOARD_DIR / "index.html")
 
 
 @router.get("/healthz", include_in_schema=True)

@@ -1,0 +1,85 @@
+"""Headless Chromium driven over the DevTools protocol (a websocket; the ``websockets``
+package comes with ``uvicorn[standard]``), for the dashboard test: open a page, let it
+run in real time (its polls must see real traffic between them), read the DOM, take a
+screenshot. No webdriver and no extra dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Page:
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.ids = itertools.count(1)
+
+    async def call(self, method: str, **params) -> dict:
+        msg_id = next(self.ids)
+        await self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(await self.ws.recv())
+            if reply.get("id") == msg_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    async def evaluate(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression,
+                                 returnByValue=True, awaitPromise=True)
+        return result["result"].get("value")
+
+
+async def _visit(url: str, seconds: float, screenshot: Path | None, width: int,
+                 height: int) -> str:
+    import websockets
+
+    with tempfile.TemporaryDirectory(prefix="recsvc-chromium-") as profile:
+        proc = subprocess.Popen(
+            [str(BROWSER), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            port = None
+            for line in proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/..."
+                found = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+                if found:
+                    port = int(found.group(1))
+                    break
+            if port is None:
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+                target = next(t for t in json.load(r) if t["type"] == "page")
+            async with websockets.connect(target["webSocketDebuggerUrl"],
+                                          max_size=64 * 2**20) as ws:
+                page = Page(ws)
+                await page.call("Page.enable")
+                await page.call("Page.navigate", url=url)
+                await asyncio.sleep(seconds)
+                dom = await page.evaluate("document.documentElement.outerHTML")
+                if screenshot is not None:
+                    shot = await page.call("Page.captureScreenshot", format="png")
+                    screenshot.write_bytes(base64.b64decode(shot["data"]))
+                return dom
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def visit(url: str, seconds: float = 10.0, screenshot: Path | None = None,
+          width: int = 1280, height: int = 1300) -> str:
+    """Open ``url``, wait ``seconds`` of real time, return the page's HTML (and write a
+    PNG screenshot to ``screenshot`` if given)."""
+    return asyncio.run(_visit(url, seconds, screenshot, width, height))

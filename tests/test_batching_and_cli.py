@@ -231,7 +231,7 @@ def test_the_client_gives_up_after_its_retries_with_the_last_answer():
     assert len(calls) == client_module.RETRIES + 1
 
 
-@pytest.mark.parametrize("command, shown", [("demo", "recommend requests to play (default: 3000)"),
+@pytest.mark.parametrize("command, shown", [("demo", "recommend requests to play (default: 4000)"),
                                             ("load-items", "(at most 1000) (default: 500)")])
 def test_every_option_has_help_with_its_default(capsys, command, shown):
     from app.tools.cli import main

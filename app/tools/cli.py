@@ -1,15 +1,16 @@
-"""The ``recsvc`` command: serve, learner, load-items, demo, export-log, ope."""
+"""The ``recsvc`` command: serve, learner, load-items, import-events, demo, export-log,
+ope."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 from pathlib import Path
 
 from app.tools.client import ServiceError
+from app.tools.rows import InputError, Resume, count_rows, numbered_rows
 
 
 def _settings():
@@ -74,41 +75,18 @@ def _learner(args: argparse.Namespace) -> None:
     _uvicorn(create_learner_app(settings), args, settings)
 
 
-class InputError(Exception):
-    """A problem with what the user gave a command, said in one line, not a traceback."""
-
-
 def numbered_items(path: Path):
     """``(line number, item)`` from JSONL (one object per line) or CSV
-    (item_id,text[,tags][,available]). A line that is not an object, or a CSV without
-    the columns, is an ``InputError`` that names the file and the line."""
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in ("item_id", "text") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise InputError(f"{path}: the CSV header has no {' or '.join(missing)} column "
-                                 f"(it has: {', '.join(reader.fieldnames or []) or 'nothing'})")
-            for row in reader:
-                item = {"item_id": row["item_id"], "text": row["text"]}
-                if row.get("tags"):
-                    item["tags"] = [t for t in row["tags"].split("|") if t]
-                if row.get("available"):
-                    item["available"] = row["available"].strip().lower() not in {"0", "false"}
-                yield reader.line_num, item
-    else:
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n}: not JSON ({exc.msg}, column {exc.colno})"
-                                     ) from None
-                if not isinstance(item, dict):
-                    raise InputError(f"{path}:{n}: not a JSON object")
-                yield n, item
+    (item_id,text[,tags][,available])."""
+    def item_of(row: dict[str, str]) -> dict:
+        item: dict = {"item_id": row["item_id"], "text": row["text"]}
+        if row.get("tags"):
+            item["tags"] = [t for t in row["tags"].split("|") if t]
+        if row.get("available"):
+            item["available"] = row["available"].strip().lower() not in {"0", "false"}
+        return item
+
+    return numbered_rows(path, ("item_id", "text"), item_of)
 
 
 def read_items(path: Path):
@@ -140,18 +118,9 @@ def _load_items(args: argparse.Namespace) -> None:
     from app.tools.client import Client
 
     path = Path(args.file)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    with path.open("rb") as fh:
-        total = sum(1 for line in fh if line.strip()) - (path.suffix.lower() == ".csv")
-    marker = path.with_name(path.name + ".loaded")
-    stat = path.stat()
-    fingerprint = {"size": stat.st_size, "mtime": stat.st_mtime}
-    done = 0
-    if marker.exists() and not args.from_start:
-        saved = json.loads(marker.read_text())
-        if {k: saved.get(k) for k in fingerprint} == fingerprint:
-            done = int(saved["done"])
+    total = count_rows(path)
+    resume = Resume(path, ".loaded")
+    done = 0 if args.from_start else resume.done()
     client = Client(args.url, args.api_key)
     batch: list[dict] = []
     size = None
@@ -164,7 +133,7 @@ def _load_items(args: argparse.Namespace) -> None:
             size = client.upsert(batch)["catalog_size"]
         bar.update(rows - done)
         done = rows
-        marker.write_text(json.dumps({**fingerprint, "done": done}))
+        resume.save(done)
         batch.clear()
 
     with tqdm(total=total, initial=done, desc="loading items", unit="item") as bar:
@@ -192,7 +161,14 @@ def _load_items(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from app.tools.demo import run_demo
 
-    run_demo(args.url, args.api_key, args.requests, args.window, args.seed)
+    run_demo(args.url, args.api_key, args.requests, args.window, args.seed,
+             Path(args.png) if args.png else None)
+
+
+def _import_events(args: argparse.Namespace) -> None:
+    from app.tools.import_events import run
+
+    run(Path(args.file), args.url, args.api_key, args.from_start, args.concurrency)
 
 
 def _fetch_log(url: str, api_key: str | None, limit: int) -> list[dict]:
@@ -268,12 +244,29 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(fn=_load_items)
 
-    p = command("demo", "load MovieLens-100k into a running service and play simulated "
-                "users against it, printing the CTR learning curve")
-    p.add_argument("--requests", type=int, default=3000, help="recommend requests to play")
-    p.add_argument("--window", type=int, default=250, help="requests per row of the curve")
-    p.add_argument("--seed", type=int, default=0, help="seed of the simulated users")
+    p = command("import-events", "import past interactions (oldest first) into users' "
+                "histories, from a JSONL or CSV file, with a progress bar; resumable")
+    p.add_argument("file", help="JSONL ({user_id, item_id, event, value?} per line) or CSV "
+                   "(user_id,item_id,event[,value])")
+    p.add_argument("--concurrency", type=int, default=16, help="users sent at once")
+    p.add_argument("--from-start", action="store_true",
+                   help="ignore <file>.imported and import every row again")
     _client_args(p)
+    p.set_defaults(fn=_import_events)
+
+    p = command("demo", "play simulated MovieLens-100k users against a service and "
+                "print its CTR learning curve next to random and popularity peers "
+                "served in the same run")
+    p.add_argument("--requests", type=int, default=4000, help="recommend requests to play")
+    p.add_argument("--window", type=int, default=400, help="requests per row of the curve")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated users")
+    p.add_argument("--png", default="recsvc-demo.png",
+                   help="where to write the curves (needs matplotlib); '' for none")
+    p.add_argument("--url", default=os.environ.get("RECSVC_URL"),
+                   help="a running service to use (RECSVC_URL); by default the demo "
+                   "starts its own with the embedded store and a 1 s reward window")
+    p.add_argument("--api-key", default=os.environ.get("RECSVC_API_KEY"),
+                   help="sent as X-API-Key (RECSVC_API_KEY)")
     p.set_defaults(fn=_demo)
 
     p = command("export-log", "write the evaluation log (closed impressions) as JSONL")

@@ -1,0 +1,75 @@
+"""Reading a user's JSONL or CSV file row by row for the bulk commands (``load-items``,
+``import-events``), and remembering how far a run got so a rerun continues there.
+
+Every problem with the file is an ``InputError`` that names the file and the line, so
+the CLI says it in one line instead of a traceback."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+
+class InputError(Exception):
+    """A problem with what the user gave a command, said in one line, not a traceback."""
+
+
+def count_rows(path: Path) -> int:
+    """Rows of data in the file (non-blank lines, less a CSV's header), for progress."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip()) - (path.suffix.lower() == ".csv")
+
+
+def numbered_rows(path: Path, columns: Sequence[str],
+                  from_csv: Callable[[dict[str, str]], dict]) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` from JSONL (one object per line) or CSV (a header that
+    has at least ``columns``; ``from_csv`` turns a row into the object). A line that is
+    not a JSON object, or a CSV header without the columns, is an ``InputError``."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: the CSV header has no {' or '.join(missing)} column "
+                                 f"(it has: {', '.join(reader.fieldnames or []) or 'nothing'})")
+            for row in reader:
+                yield reader.line_num, from_csv(row)
+        return
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: not JSON ({exc.msg}, column {exc.colno})"
+                                 ) from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{n}: not a JSON object")
+            yield n, obj
+
+
+class Resume:
+    """How many rows of a file earlier runs finished, kept beside it (``<file><suffix>``)
+    with the file's size and mtime: a changed file starts over."""
+
+    def __init__(self, path: Path, suffix: str) -> None:
+        self.marker = path.with_name(path.name + suffix)
+        stat = path.stat()
+        self.fingerprint = {"size": stat.st_size, "mtime": stat.st_mtime}
+
+    def done(self) -> int:
+        if not self.marker.exists():
+            return 0
+        saved = json.loads(self.marker.read_text())
+        same = {k: saved.get(k) for k in self.fingerprint} == self.fingerprint
+        return int(saved["done"]) if same else 0
+
+    def save(self, done: int) -> None:
+        self.marker.write_text(json.dumps({**self.fingerprint, "done": done}))

@@ -7,16 +7,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 
+RUN useradd --create-home --uid 10001 recsvc
 WORKDIR /srv/recsvc
+# The dependency layer, cached apart from the source (rebuilt only when the lock
+# changes). Same install as the README: pinned CPU torch first, then the lock.
+COPY requirements.lock ./
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && pip install -r requirements.lock
+
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY models ./models
+RUN pip install --no-deps .
 
-# Same install as the README: pinned CPU torch first, then the service.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install .
-
-RUN useradd --create-home --uid 10001 recsvc
 USER 10001
 
 EXPOSE 8000

@@ -11,17 +11,18 @@ PORT ?= 8000
 # docker-compose.yml refuses to start without its secrets: validate it with stand-ins
 COMPOSE_SECRETS = RECSVC_API_KEYS=lint RECSVC_ADMIN_KEYS=lint RECSVC_REDIS_PASSWORD=lint
 
-.PHONY: run test lint install install-dev demo clean
+.PHONY: run test test-lowest lint install install-dev demo lock check-pins clean
 
-$(VENV)/.base: pyproject.toml
+# Every version comes from requirements.lock (make lock regenerates it).
+$(VENV)/.base: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -c requirements.lock -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.base
@@ -36,6 +37,23 @@ test: $(VENV)/.dev
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server / brew install redis); the store tests run against a real Redis" >&2; exit 3; }
 	$(PY) -m pytest -q -o faulthandler_timeout=300 $(PYTEST_ARGS)
 
+## test-lowest: the unit tests on the lowest versions pyproject.toml allows (a venv of
+## its own, .venv-lowest), so that no floor claims more than was tested
+UNIT_TESTS = tests/test_api.py tests/test_store_contract.py tests/test_memory_store.py \
+	tests/test_qnet_learner.py tests/test_ensemble.py tests/test_adaptation.py \
+	tests/test_encoder.py tests/test_index.py tests/test_exploration.py tests/test_rewards.py \
+	tests/test_ope.py tests/test_session.py tests/test_explain.py
+test-lowest:
+	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server / brew install redis)" >&2; exit 3; }
+	rm -rf .venv-lowest
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/pip install --quiet --upgrade pip
+	.venv-lowest/bin/pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(PYTHON) .ci/lowest.py > .venv-lowest/lowest.txt
+	.venv-lowest/bin/pip install --quiet -c .venv-lowest/lowest.txt -e '.[dev]'
+	.venv-lowest/bin/pip list --format=freeze | grep -i -E "^($$(cut -d= -f1 .venv-lowest/lowest.txt | paste -sd'|'))=="
+	.venv-lowest/bin/python -m pytest -q -p no:cacheprovider -o faulthandler_timeout=300 $(UNIT_TESTS)
+
 ## lint: ruff, mypy, hadolint on the Dockerfiles, docker-compose config, the alert
 ## rules (promtool) and the Grafana dashboard (its JSON schema)
 lint: $(VENV)/.dev
@@ -49,9 +67,29 @@ lint: $(VENV)/.dev
 	promtool check rules deploy/prometheus/alerts.yml
 	$(VENV)/bin/check-jsonschema --schemafile deploy/grafana/dashboard.schema.json deploy/grafana/dashboards/recsvc.json
 
-## demo: needs a running service (make run in another shell)
-demo: $(VENV)/.base
+## demo: starts its own service and plays simulated users against it (about a minute)
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@
+
+demo: $(VENV)/.demo
 	$(VENV)/bin/recsvc demo
+
+## lock: requirements.lock from a fresh resolve of pyproject.toml (torch's CPU build)
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	.lock-venv/bin/pip install --quiet .
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable \
+	  | grep -v '^recsvc' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf .lock-venv
+
+## check-pins: the images' pinned wheels exist and resolve together (no Docker needed)
+check-pins: $(VENV)/.base
+	deploy/check-pins.sh $(VENV)/bin/pip
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from app.tools.client import Call
 from bench.docs import write_block
 from bench.http_service import HttpServicePolicy, service_subprocess
 from bench.service import BENCH_ENV
@@ -37,14 +38,11 @@ def measure(client, world: World, samples: int, seed: int) -> dict:
     for n in range(2 * samples):
         u = users[int(rng.integers(len(users)))]
         explain = bool(n % 2)
-        body = {"user_id": f"u-{u.user_id}", "context": {"text": u.context}, "k": 10,
-                "explain": explain}
         start = time.perf_counter()
-        resp = client.post("/v1/recommend", json=body)
+        answer = client.recommend(f"u-{u.user_id}", u.context, 10, explain=explain)
         times[explain].append(time.perf_counter() - start)
-        resp.raise_for_status()
         if explain:
-            for item in resp.json()["items"]:
+            for item in answer["items"]:
                 why = item["explanation"]["reasons"]
                 reasons.append(len(why))
                 if why:
@@ -73,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         simulate(world, request_stream(world), policy, desc="training",
                  on_catalog=policy.on_catalog)
         out.update(measure(client, world, args.samples, args.seed))
-        out["importance"] = client.get("/v1/model/importance", params={"limit": 2000}).json()
+        out["importance"] = client.send(Call("GET", "/v1/model/importance",
+                                             params={"limit": 2000}))
     lat = out["latency"]
     lines = [f"Command: `{command}` (the service trained on {args.train} simulated requests "
              f"first; {args.samples} requests each way, alternating, sequential)", "",

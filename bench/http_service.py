@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 
-import httpx
 import numpy as np
 
+from app.tools.client import Client
 from app.tools.processes import running_service
 from bench.peers import Policy, View
 from bench.service import BENCH_ENV, feedback_events
@@ -26,14 +26,14 @@ from bench.worlds import World, WorldConfig, request_stream
 @contextlib.contextmanager
 def service_subprocess(env: dict[str, str]):
     """An HTTP client of a fresh ``recsvc serve`` process started with ``env``."""
-    with running_service(env) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running_service(env) as url, Client(url) as client:
         yield client
 
 
 class HttpServicePolicy(Policy):
     """Drives a running service through ``client`` (see the module docstring)."""
 
-    def __init__(self, world: World, client: httpx.Client, name: str = "service (HTTP)"
+    def __init__(self, world: World, client: Client, name: str = "service (HTTP)"
                  ) -> None:
         self.name = name
         self.world = world
@@ -45,34 +45,28 @@ class HttpServicePolicy(Policy):
     def on_catalog(self, live: np.ndarray) -> None:
         movies = self.world.data.movies
         for i in np.flatnonzero(self._catalog & ~live).tolist():
-            self.client.delete(f"/v1/items/{self.world.item_ids[i]}").raise_for_status()
+            self.client.delete_item(self.world.item_ids[i])
         rows = [{"item_id": self.world.item_ids[i], "text": movies[i].text,
                  "tags": [g.lower() for g in movies[i].genres]}
                 for i in np.flatnonzero(live & ~self._catalog).tolist()]
         for start in range(0, len(rows), 500):
-            self.client.post("/v1/items", json={"items": rows[start:start + 500]}
-                             ).raise_for_status()
+            self.client.upsert(rows[start:start + 500])
         self._catalog = live.copy()
 
     def slate(self, view: View, k: int) -> np.ndarray:
         u = self.world.data.users[view.user]
-        resp = self.client.post("/v1/recommend", json={
-            "user_id": f"u-{u.user_id}", "context": {"text": u.context}, "k": k,
-            "exclude_seen": self.world.config.consumes})
-        resp.raise_for_status()
-        body = resp.json()
+        body = self.client.recommend(f"u-{u.user_id}", u.context, k,
+                                     exclude_seen=self.world.config.consumes)
         self._request_id = body["request_id"]
         return np.array([self._index[i["item_id"]] for i in body["items"]], dtype=np.int64)
 
     def learn(self, view: View, items: np.ndarray, clicked: np.ndarray,
               bought: np.ndarray | None = None) -> None:
         for i, event in feedback_events(items, clicked, bought):
-            self.client.post("/v1/feedback", json={
-                "request_id": self._request_id, "item_id": self.world.item_ids[i],
-                "event": event}).raise_for_status()
+            self.client.feedback(self._request_id, self.world.item_ids[i], event)
 
     def model(self) -> dict:
-        return self.client.get("/v1/model").json()
+        return self.client.model()
 
 
 def run_over_http(config: WorldConfig, env: dict[str, str], label: str = "service (HTTP)"

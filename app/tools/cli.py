@@ -172,12 +172,10 @@ def _import_events(args: argparse.Namespace) -> None:
 
 
 def _fetch_log(url: str, api_key: str | None, limit: int) -> list[dict]:
-    import httpx
+    from app.tools.client import Client
 
-    headers = {"X-API-Key": api_key} if api_key else {}
-    resp = httpx.get(f"{url}/v1/log", params={"limit": limit}, headers=headers, timeout=120)
-    resp.raise_for_status()
-    return resp.json()["records"]
+    with Client(url, api_key, timeout=120) as client:
+        return client.log(limit)["records"]
 
 
 def _export_log(args: argparse.Namespace) -> None:

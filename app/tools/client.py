@@ -167,6 +167,11 @@ class Operations:
     def model() -> Call:
         return Call("GET", "/v1/model")
 
+    @staticmethod
+    def log(limit: int = 10_000) -> Call:
+        """The evaluation log's newest closed impressions (admin key)."""
+        return Call("GET", "/v1/log", params={"limit": limit})
+
 
 class Client:
     """Synchronous client: every ``Operations`` method, sent and answered (a ``dict``,
@@ -235,6 +240,9 @@ class Client:
 
     def model(self) -> dict:
         return self.send(Operations.model())
+
+    def log(self, limit: int = 10_000) -> dict:
+        return self.send(Operations.log(limit))
 
     def iter_items(self, page: int = 100) -> Iterator[dict]:
         """Every item of the catalog, a page at a time."""
@@ -317,6 +325,9 @@ class AsyncClient:
 
     async def model(self) -> dict:
         return await self.send(Operations.model())
+
+    async def log(self, limit: int = 10_000) -> dict:
+        return await self.send(Operations.log(limit))
 
     async def iter_items(self, page: int = 100) -> AsyncIterator[dict]:
         cursor = None

@@ -62,3 +62,40 @@ def test_import_events_says_what_is_wrong_with_the_file(service, tmp_path, capsy
         assert stop.value.code == 1
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err
+
+
+def test_import_events_cut_short_resends_nothing_it_had_sent(service, tmp_path, monkeypatch,
+                                                             capsys):
+    """A run that fails part-way (the service goes away) remembers every row the service
+    answered; the rerun sends only the rest, and a changed file is refused, not guessed."""
+    import app.tools.client
+
+    url, client = service
+    path = tmp_path / "cut.jsonl"
+    path.write_text("".join(f'{{"user_id": "cut-{n % 3}", "item_id": "m-{n % 5}", '
+                            f'"event": "click"}}\n' for n in range(12)))
+    real = app.tools.client.AsyncClient.event
+    calls = 0
+
+    async def failing(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > 5:
+            raise ConnectionError("the service went away")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(app.tools.client.AsyncClient, "event", failing)
+    with pytest.raises(SystemExit) as stop:
+        main(["import-events", str(path), "--url", url])
+    assert stop.value.code == 1 and "cannot reach the service" in capsys.readouterr().err
+    monkeypatch.setattr(app.tools.client.AsyncClient, "event", real)
+    main(["import-events", str(path), "--url", url])
+    assert "imported 7 events" in capsys.readouterr().out
+    total = sum(len(client.user(f"cut-{u}")["history"]) for u in range(3))
+    assert total == 12  # each row once
+
+    with path.open("a") as fh:  # rows appended: where to continue is the user's call
+        fh.write('{"user_id": "cut-0", "item_id": "m-1", "event": "click"}\n')
+    with pytest.raises(SystemExit):
+        main(["import-events", str(path), "--url", url])
+    assert "--from-start" in capsys.readouterr().err

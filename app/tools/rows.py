@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -57,19 +57,39 @@ def numbered_rows(path: Path, columns: Sequence[str],
 
 class Resume:
     """How many rows of a file earlier runs finished, kept beside it (``<file><suffix>``)
-    with the file's size and mtime: a changed file starts over."""
+    with the file's size and mtime and the service it went to.
 
-    def __init__(self, path: Path, suffix: str) -> None:
+    Not strict (``load-items``: an upsert sent twice changes nothing), a changed file
+    or another service starts over. Strict (``import-events``: an event sent twice is
+    two events), either is an ``InputError`` that says to choose: ``--from-start``
+    sends every row again."""
+
+    def __init__(self, path: Path, suffix: str, url: str = "", strict: bool = False) -> None:
+        self.path = path
         self.marker = path.with_name(path.name + suffix)
         stat = path.stat()
-        self.fingerprint = {"size": stat.st_size, "mtime": stat.st_mtime}
+        self.fingerprint = {"size": stat.st_size, "mtime": stat.st_mtime, "url": url}
+        self.strict = strict
+        self.finished_beyond: set[int] = set()  # read by done()
 
     def done(self) -> int:
+        """Rows, from the file's start, that earlier runs finished."""
         if not self.marker.exists():
             return 0
         saved = json.loads(self.marker.read_text())
-        same = {k: saved.get(k) for k in self.fingerprint} == self.fingerprint
-        return int(saved["done"]) if same else 0
+        if {k: saved.get(k, "") for k in self.fingerprint} == self.fingerprint:
+            self.finished_beyond = set(saved.get("beyond", []))
+            return int(saved["done"])
+        if not self.strict:
+            return 0
+        where = ("another service (" + str(saved.get("url")) + ")"
+                 if saved.get("url", "") != self.fingerprint["url"] else "this service")
+        raise InputError(f"{self.path}: an earlier run sent its first {saved['done']} rows to "
+                         f"{where}, and the file or the service differs now; rerun with "
+                         f"--from-start to send every row again (or remove {self.marker})")
 
-    def save(self, done: int) -> None:
-        self.marker.write_text(json.dumps({**self.fingerprint, "done": done}))
+    def save(self, done: int, beyond: Iterable[int] = ()) -> None:
+        """``done`` rows from the start are finished, and so are the rows ``beyond``
+        (indices past ``done``: a run cut short while rows were sent concurrently)."""
+        self.marker.write_text(json.dumps({**self.fingerprint, "done": done,
+                                           "beyond": sorted(beyond)}))

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -40,6 +41,28 @@ class Page:
         return result["result"].get("value")
 
 
+def _devtools_port(proc: subprocess.Popen, timeout: float) -> int:
+    """The port of Chromium's DevTools endpoint, from the line it prints on stderr
+    ("DevTools listening on ws://127.0.0.1:PORT/..."); ``RuntimeError`` if it has not
+    printed it within ``timeout`` seconds (a browser that hangs must not hang CI)."""
+    assert proc.stderr is not None
+    found: list[int] = []
+
+    def read() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            match = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
+            if match:
+                found.append(int(match.group(1)))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        raise RuntimeError(f"chromium did not open its DevTools endpoint in {timeout:.0f} s")
+    return found[0]
+
+
 async def _visit(url: str, seconds: float, screenshot: Path | None, width: int,
                  height: int) -> str:
     import websockets
@@ -51,31 +74,28 @@ async def _visit(url: str, seconds: float, screenshot: Path | None, width: int,
              f"--window-size={width},{height}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            assert proc.stderr is not None
-            port = None
-            for line in proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/..."
-                found = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
-                if found:
-                    port = int(found.group(1))
-                    break
-            if port is None:
-                raise RuntimeError("chromium did not start its DevTools endpoint")
+            port = _devtools_port(proc, timeout=60)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                 target = next(t for t in json.load(r) if t["type"] == "page")
             async with websockets.connect(target["webSocketDebuggerUrl"],
                                           max_size=64 * 2**20) as ws:
                 page = Page(ws)
-                await page.call("Page.enable")
-                await page.call("Page.navigate", url=url)
-                await asyncio.sleep(seconds)
-                dom = await page.evaluate("document.documentElement.outerHTML")
-                if screenshot is not None:
-                    shot = await page.call("Page.captureScreenshot", format="png")
-                    screenshot.write_bytes(base64.b64decode(shot["data"]))
+                async with asyncio.timeout(seconds + 60):  # never wait for ever
+                    await page.call("Page.enable")
+                    await page.call("Page.navigate", url=url)
+                    await asyncio.sleep(seconds)
+                    dom = await page.evaluate("document.documentElement.outerHTML")
+                    if screenshot is not None:
+                        shot = await page.call("Page.captureScreenshot", format="png")
+                        screenshot.write_bytes(base64.b64decode(shot["data"]))
                 return dom
         finally:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
 
 
 def visit(url: str, seconds: float = 10.0, screenshot: Path | None = None,

@@ -51,7 +51,7 @@ test-lowest:
 	.venv-lowest/bin/pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(PYTHON) .ci/lowest.py > .venv-lowest/lowest.txt
 	.venv-lowest/bin/pip install --quiet -c .venv-lowest/lowest.txt -e '.[dev]'
-	.venv-lowest/bin/pip list --format=freeze | grep -i -E "^($$(cut -d= -f1 .venv-lowest/lowest.txt | paste -sd'|'))=="
+	.venv-lowest/bin/pip list --format=freeze | grep -i -E "^($$(cut -d= -f1 .venv-lowest/lowest.txt | sed 's/[-_]/[-_]/g' | paste -sd'|'))=="
 	.venv-lowest/bin/python -m pytest -q -p no:cacheprovider -o faulthandler_timeout=300 $(UNIT_TESTS)
 
 ## lint: ruff, mypy, hadolint on the Dockerfiles, docker-compose config, the alert
@@ -69,22 +69,26 @@ lint: $(VENV)/.dev
 
 ## demo: starts its own service and plays simulated users against it (about a minute)
 $(VENV)/.demo: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[demo]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[demo]'
 	touch $@
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/recsvc demo
 
-## lock: requirements.lock from a fresh resolve of pyproject.toml (torch's CPU build)
+## lock: requirements.lock from a fresh resolve of pyproject.toml, torch's CPU build
+## included (where plain pip would take a CUDA torch, pass TORCH_PIP_ARGS="--index-url
+## https://download.pytorch.org/whl/cpu"; a lock with CUDA wheels is refused)
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
 	.lock-venv/bin/pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	.lock-venv/bin/pip install --quiet .
-	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable \
-	  | grep -v '^recsvc' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > requirements.lock.new
-	mv requirements.lock.new requirements.lock
+	.lock-venv/bin/pip freeze --exclude-editable > .lock-venv/freeze.txt
+	! grep -i -E '^(nvidia-|triton)' .lock-venv/freeze.txt || { echo "CUDA wheels in the lock: install torch's CPU build (TORCH_PIP_ARGS)" >&2; exit 1; }
+	{ sed -n '1,3p' requirements.lock; grep -v '^recsvc' .lock-venv/freeze.txt \
+	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > .lock-venv/lock.txt
+	mv .lock-venv/lock.txt requirements.lock
 	rm -rf .lock-venv
 
 ## check-pins: the images' pinned wheels exist and resolve together (no Docker needed)

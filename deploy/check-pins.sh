@@ -14,7 +14,7 @@ for minor in $(seq 17 36); do  # glibc 2.36: Debian bookworm, the images' base
 done
 target=$(mktemp -d)
 report=$(mktemp)
-trap 'rm -rf "$target" "$report"' EXIT
+trap 'rm -rf "$target" "$report" "$target.cpu.txt" "$target.gpu.txt"' EXIT
 
 check() {  # name, then the requirements
   local name=$1
@@ -25,8 +25,14 @@ check() {  # name, then the requirements
 import json, sys
 name, path = sys.argv[1:]
 wheels = json.load(open(path))["install"]
+import re
 cuda = sorted({w["metadata"]["name"] for w in wheels if w["metadata"]["name"].startswith("nvidia-")})
-majors = sorted({n.rsplit("-cu", 1)[1] for n in cuda if "-cu" in n})
+# the CUDA major of each CUDA wheel: a -cuNN suffix (CUDA 12), or the version of the
+# unsuffixed runtime and toolkit wheels (CUDA 13 names them without one)
+majors = {m.group(1) for n in cuda if (m := re.search(r"-cu(\d+)$", n))}
+majors |= {w["metadata"]["version"].split(".")[0] for w in wheels
+           if w["metadata"]["name"] in ("nvidia-cuda-runtime", "cuda-toolkit")}
+majors = sorted(majors)
 picked = {w["metadata"]["name"]: w["metadata"]["version"] for w in wheels}
 print(f"{name}: {len(wheels)} wheels resolve; torch {picked.get('torch')}, "
       f"faiss {picked.get('faiss-cpu') or picked.get('faiss-gpu')}; "
@@ -44,4 +50,3 @@ check "CPU image (Dockerfile)" torch==2.13.0 -r "$target.cpu.txt"
 # The GPU image: torch and faiss-gpu on CUDA 12, and the lock without torch and faiss-cpu.
 grep -v -E '^(torch|faiss-cpu)==' requirements.lock > "$target.gpu.txt"
 check "GPU image (deploy/Dockerfile.gpu)" torch==2.9.1 faiss-gpu==1.15.1 -r "$target.gpu.txt"
-rm -f "$target.cpu.txt" "$target.gpu.txt"

@@ -417,7 +417,12 @@ def test_commands_go_out_as_redis_py_would_send_them(url):
                  ("ZADD", "z", 0.1 + 0.2, "a", -1e-300, "b", 2 ** 70, "c"),
                  ("SET", bytearray(b"k"), memoryview(b"v"), "EX", 5),
                  ("CONFIG GET", "maxmemory"), (b"CLIENT SETNAME", "n"), ("SET", "k", "é")]:
-        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+        try:
+            sent = b"".join(theirs.pack_command(*args))
+        except DataError:  # redis-py before 8 takes no bytearray; ours sends it as 8 does
+            assert any(isinstance(a, bytearray) for a in args)
+            continue
+        assert b"".join(ours.pack_command(*args)) == sent
     assert (b"".join(ours.pack_commands([("GET", "a"), ("INCRBYFLOAT", "b", 1.5)]))
             == b"".join(theirs.pack_commands([("GET", "a"), ("INCRBYFLOAT", "b", 1.5)])))
     for bad in (None, True):

@@ -159,7 +159,9 @@ class ServicePolicy:
         answer = self.client.recommend(f"u-{u.user_id}", u.context, k=K)
         self.request_id = answer["request_id"]
         self.version = answer["model_version"]
-        return np.array([self.column[it["item_id"]] for it in answer["items"]], dtype=np.int64)
+        # a service of your own (--url) may hold other items: they get no clicks here
+        return np.array([self.column[it["item_id"]] for it in answer["items"]
+                         if it["item_id"] in self.column], dtype=np.int64)
 
     def learn(self, shown: np.ndarray, clicked: np.ndarray) -> None:
         events = [{"request_id": self.request_id, "item_id": f"m-{self.data.movies[i].item_id}",
@@ -257,15 +259,22 @@ def _service(url: str | None, seed: int) -> Iterator[str]:
     if url is not None:
         yield url
         return
-    from app.tools.processes import running_service
+    from app.tools.processes import running_service_process
 
     print("starting a fresh service (embedded store, RECSVC_REWARD_WAIT_S=1) ...", flush=True)
-    with running_service({**DEMO_SERVICE_ENV, "RECSVC_SEED": str(seed)}) as started:
+    # none of this shell's RECSVC_ settings: not its Redis, not its keys
+    with running_service_process({**DEMO_SERVICE_ENV, "RECSVC_SEED": str(seed)},
+                                 inherit_settings=False) as (started, _):
         yield started
 
 
 def run_demo(url: str | None, api_key: str | None, requests: int, window: int, seed: int,
              png: Path | None) -> None:
+    if requests < 1 or window < 1:
+        from app.tools.rows import InputError
+
+        raise InputError(f"--requests and --window must be at least 1 (got {requests} "
+                         f"and {window})")
     data = load()
     probs = click_model(data)
     with _service(url, seed) as base, Client(base, api_key) as client:

@@ -37,17 +37,21 @@ def wait_port(port: int, timeout: float = 10.0, alive=lambda: True) -> None:
 
 @contextlib.contextmanager
 def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0,
-                            command: str = "serve", log_path: Path | None = None):
+                            command: str = "serve", log_path: Path | None = None,
+                            inherit_settings: bool = True):
     """Yield ``(base URL, process)`` of a fresh ``recsvc serve`` (or ``recsvc learner``,
     whose port answers /readyz too); its log is printed if it fails to start, and
-    kept in ``log_path`` when one is given."""
+    kept in ``log_path`` when one is given. Without ``inherit_settings`` the process
+    sees none of this one's ``RECSVC_`` variables, only ``env``'s."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    base = {k: v for k, v in os.environ.items()
+            if inherit_settings or not k.startswith("RECSVC_")}
     with (open(log_path, "w+") if log_path is not None
           else tempfile.TemporaryFile("w+", prefix="recsvc-bench-")) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.tools.cli", command, "--port", str(port)],
-            env={**os.environ, **(env or {})}, stdout=log,
+            env={**base, **(env or {})}, stdout=log,
             stderr=subprocess.STDOUT)
         try:
             if not wait_ready(url, lambda: proc.poll() is None, startup_s):

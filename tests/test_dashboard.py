@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,9 @@ def test_dashboard_draws_live_charts_from_a_running_service(tmp_path):
         for n in range(60):  # closed slates for the evaluation log, a learned model
             slate = client.recommend(f"w-{n}", "morning", k=5)
             client.feedback(slate["request_id"], slate["items"][0]["item_id"], "click")
+        deadline = time.time() + 60  # their reward windows (1 s) close into the log
+        while not client.log(10)["records"] and time.time() < deadline:
+            time.sleep(0.2)
         player = threading.Thread(target=_traffic, args=(client, stop))
         player.start()
         try:

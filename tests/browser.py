@@ -17,6 +17,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from app.tools.processes import stop
+
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -90,12 +92,7 @@ async def _visit(url: str, seconds: float, screenshot: Path | None, width: int,
                         screenshot.write_bytes(base64.b64decode(shot["data"]))
                 return dom
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
+            stop(proc, grace_s=30)
 
 
 def visit(url: str, seconds: float = 10.0, screenshot: Path | None = None,

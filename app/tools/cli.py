@@ -233,23 +233,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8001, help="port of the probes")
     p.set_defaults(fn=_learner)
 
-    p = command("load-items", "bulk upsert items from a JSONL or CSV file")
-    p.add_argument("file", help="JSONL (one item object per line) or CSV "
-                   "(item_id,text[,tags][,available])")
+    def bulk(name: str, help: str, rows: str, marker: str) -> argparse.ArgumentParser:
+        """A command that sends a file's rows to a running service, resumably."""
+        p = command(name, help)
+        p.add_argument("file", help=f"JSONL (one object per line) or CSV ({rows})")
+        p.add_argument("--from-start", action="store_true",
+                       help=f"ignore <file>{marker} and send every row again")
+        _client_args(p)
+        return p
+
+    p = bulk("load-items", "bulk upsert items from a JSONL or CSV file",
+             "item_id,text[,tags][,available]", ".loaded")
     p.add_argument("--batch", type=int, default=500, help="items per request (at most 1000)")
-    p.add_argument("--from-start", action="store_true",
-                   help="ignore <file>.loaded and load every item again")
-    _client_args(p)
     p.set_defaults(fn=_load_items)
 
-    p = command("import-events", "import past interactions (oldest first) into users' "
-                "histories, from a JSONL or CSV file, with a progress bar; resumable")
-    p.add_argument("file", help="JSONL ({user_id, item_id, event, value?} per line) or CSV "
-                   "(user_id,item_id,event[,value])")
+    p = bulk("import-events", "import past interactions (oldest first) into users' "
+             "histories, from a JSONL or CSV file, with a progress bar; resumable",
+             "user_id,item_id,event[,value]", ".imported")
     p.add_argument("--concurrency", type=int, default=16, help="users sent at once")
-    p.add_argument("--from-start", action="store_true",
-                   help="ignore <file>.imported and import every row again")
-    _client_args(p)
     p.set_defaults(fn=_import_events)
 
     p = command("demo", "play simulated MovieLens-100k users against a service and "

@@ -35,6 +35,16 @@ def wait_port(port: int, timeout: float = 10.0, alive=lambda: True) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+def stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace_s)
+
+
 @contextlib.contextmanager
 def running_service_process(env: dict[str, str] | None = None, startup_s: float = 120.0,
                             command: str = "serve", log_path: Path | None = None,
@@ -59,11 +69,7 @@ def running_service_process(env: dict[str, str] | None = None, startup_s: float 
                 raise RuntimeError(f"service did not start:\n{log.read()}")
             yield url, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, grace_s=20)
 
 
 @contextlib.contextmanager

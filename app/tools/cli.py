@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from app.tools.client import ServiceError
-from app.tools.rows import InputError, Resume, count_rows, numbered_rows
+from app.tools.rows import InputError, Resume, count_rows, numbered_rows, refusal
 
 
 def _settings():
@@ -94,19 +94,6 @@ def read_items(path: Path):
     return (item for _, item in numbered_items(path))
 
 
-def _problem(item: dict) -> str | None:
-    """Why the service would refuse this item (API.md's item rules), or None."""
-    from pydantic import ValidationError
-
-    from app.schemas import ItemIn, first_error
-
-    try:
-        ItemIn.model_validate(item)
-    except ValidationError as exc:
-        return first_error(exc.errors())
-    return None
-
-
 def _load_items(args: argparse.Namespace) -> None:
     """Upsert a file's items in batches, with progress. Resumable: the count of rows the
     service confirmed (or that were skipped) is kept beside the file (``<file>.loaded``,
@@ -115,6 +102,7 @@ def _load_items(args: argparse.Namespace) -> None:
     bad row does not refuse the valid rows of its batch; the exit status is then 1."""
     from tqdm import tqdm
 
+    from app.schemas import ItemIn
     from app.tools.client import Client
 
     path = Path(args.file)
@@ -141,7 +129,7 @@ def _load_items(args: argparse.Namespace) -> None:
             if i < done:
                 continue  # confirmed by an earlier run
             rows = i + 1
-            problem = _problem(item)
+            problem = refusal(ItemIn, item)
             if problem is not None:
                 skipped += 1
                 tqdm.write(f"{path}:{line}: skipped: {problem}", file=sys.stderr)

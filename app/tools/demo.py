@@ -205,7 +205,7 @@ def play(service: ServicePolicy, probs: np.ndarray, requests: int, window: int,
     curves = {name: Curve() for name in names}
     print(f"{'requests':>9} {'service':>8} {'popularity':>11} {'random':>8} {'model':>6}")
     for n, (user, starts) in enumerate(sessions(n_users, requests, seed), 1):
-        if n % window == 1 or window == 1:
+        if (n - 1) % window == 0:  # a new window of the curve
             for curve in curves.values():
                 curve.clicks.append(0)
                 curve.shown.append(0)

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from app.schemas import EventIn
 from app.tools.client import AsyncClient, ServiceError
-from app.tools.rows import InputError, Resume, count_rows, numbered_rows
+from app.tools.rows import InputError, Resume, count_rows, numbered_rows, refusal
 
 CHUNK = 1000  # rows confirmed (and remembered) together
 
@@ -46,19 +47,6 @@ def numbered_events(path: Path):
         return event
 
     return numbered_rows(path, ("user_id", "item_id", "event"), event_of)
-
-
-def problem(event: dict) -> str | None:
-    """Why the service would refuse this event (API.md's rules), or None."""
-    from pydantic import ValidationError
-
-    from app.schemas import EventIn, first_error
-
-    try:
-        EventIn.model_validate(event)
-    except ValidationError as exc:
-        return first_error(exc.errors())
-    return None
 
 
 async def _send_chunk(client: AsyncClient, rows: list[tuple[int, dict]], concurrency: int,
@@ -130,7 +118,7 @@ async def import_events(path: Path, url: str, api_key: str | None, from_start: b
                 skipped += len(refused)
                 rows_done = confirmed_prefix()
                 bar.update(rows_done - bar.n)
-                resume.save(rows_done, {i for i in resume.finished_beyond if i >= rows_done})
+                resume.save(rows_done)
                 pending.clear()
                 answered.clear()
 
@@ -138,7 +126,7 @@ async def import_events(path: Path, url: str, api_key: str | None, from_start: b
                 for i, (line, event) in enumerate(numbered_events(path)):
                     if i < done or i in resume.finished_beyond:
                         continue  # confirmed by an earlier run
-                    reason = problem(event)
+                    reason = refusal(EventIn, event)
                     if reason is not None:
                         skipped += 1
                         tqdm.write(f"{path}:{line}: skipped: {reason}", file=sys.stderr)
@@ -150,9 +138,7 @@ async def import_events(path: Path, url: str, api_key: str | None, from_start: b
             finally:  # cut short (a failure, Ctrl-C): remember what the service answered
                 if pending:
                     prefix = confirmed_prefix()
-                    resume.save(prefix, {i for i, line, _ in pending
-                                         if i >= prefix and line in answered}
-                                 | {i for i in resume.finished_beyond if i >= prefix})
+                    resume.save(prefix, {i for i, line, _ in pending if line in answered})
     return accepted, skipped
 
 

@@ -10,6 +10,10 @@ import csv
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic loads only when a row is checked: the CLI starts fast
+    from pydantic import BaseModel
 
 
 class InputError(Exception):
@@ -55,6 +59,20 @@ def numbered_rows(path: Path, columns: Sequence[str],
             yield n, obj
 
 
+def refusal(schema: type[BaseModel], row: dict) -> str | None:
+    """Why the service would refuse ``row`` as a ``schema`` body (API.md's rules, the
+    same first error it would answer), or None."""
+    from pydantic import ValidationError
+
+    from app.schemas import first_error
+
+    try:
+        schema.model_validate(row)
+    except ValidationError as exc:
+        return first_error(exc.errors())
+    return None
+
+
 class Resume:
     """How many rows of a file earlier runs finished, kept beside it (``<file><suffix>``)
     with the file's size and mtime and the service it went to.
@@ -90,6 +108,8 @@ class Resume:
 
     def save(self, done: int, beyond: Iterable[int] = ()) -> None:
         """``done`` rows from the start are finished, and so are the rows ``beyond``
-        (indices past ``done``: a run cut short while rows were sent concurrently)."""
+        (indices past ``done``: a run cut short while rows were sent concurrently),
+        with those an earlier run finished past ``done``."""
+        beyond = {i for i in (*beyond, *self.finished_beyond) if i >= done}
         self.marker.write_text(json.dumps({**self.fingerprint, "done": done,
                                            "beyond": sorted(beyond)}))

@@ -153,8 +153,8 @@ async function pollMetrics() {
   };
   // a counter that went down: the process restarted, or (behind a load balancer) this
   // read came from another replica; no rate can be told from the two reads
-  const reset = previous && ["items", "reward", "slates", "feedback"]
-    .some((k) => now[k] < previous[k]) || (previous && now.latency.count < previous.latency.count);
+  const reset = previous && (["items", "reward", "slates", "feedback"].some((k) => now[k] < previous[k])
+                             || now.latency.count < previous.latency.count);
   if (previous && !reset) {
     const dt = Math.max(t - previous.t, 1e-3);
     const shown = now.items - previous.items;

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from app.tools.client import ServiceError
@@ -209,6 +210,17 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
+    _process_commands(command)
+    _bulk_commands(command)
+    _client_commands(command)
+    return parser
+
+
+Command = Callable[[str, str], argparse.ArgumentParser]
+
+
+def _process_commands(command: Command) -> None:
+    """The commands that run a process of the service."""
     p = command("serve", "run the service (embedded store unless RECSVC_REDIS_URL)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (another "
                    "host needs API keys, or RECSVC_ALLOW_OPEN=true)")
@@ -221,8 +233,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8001, help="port of the probes")
     p.set_defaults(fn=_learner)
 
+
+def _bulk_commands(command: Command) -> None:
+    """The commands that send a file's rows to a running service, resumably."""
+
     def bulk(name: str, help: str, rows: str, marker: str) -> argparse.ArgumentParser:
-        """A command that sends a file's rows to a running service, resumably."""
         p = command(name, help)
         p.add_argument("file", help=f"JSONL (one object per line) or CSV ({rows})")
         p.add_argument("--from-start", action="store_true",
@@ -241,6 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="users sent at once")
     p.set_defaults(fn=_import_events)
 
+
+def _client_commands(command: Command) -> None:
+    """The demo, and the commands that read a service's evaluation log."""
     p = command("demo", "play simulated MovieLens-100k users against a service and "
                 "print its CTR learning curve next to random and popularity peers "
                 "served in the same run")
@@ -268,7 +286,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="newest records to fetch from --url")
     _client_args(p)
     p.set_defaults(fn=_ope)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Every API replica and the learner hold the whole catalog's embeddings in memory.
 A change made through one replica is applied to that replica's index at once and
-announced in the store (``Store.catalog_changes``); the others read the
+announced in the store (``CatalogStore.catalog_changes``); the others read the
 announcements every ``weights_poll_s`` and apply them by re-reading the changed
 items: an item still stored is (re)indexed, one gone is removed. When the
 announcements they missed were trimmed away, they reload the whole catalog.

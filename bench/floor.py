@@ -44,11 +44,11 @@ def create_floor_app(store: RedisStore | None = None, ttl_s: int = 86_400,
     app = FastAPI(title="recsvc floor")
 
     async def read_users(user_ids: list[str]) -> list:
-        found = await store.get_users(list(dict.fromkeys(user_ids)))
+        found = await store.users.get_users(list(dict.fromkeys(user_ids)))
         return [found[u] for u in user_ids]
 
     async def write_impressions(imps: list[Impression]) -> list[None]:
-        await store.log_impressions(imps, ttl_s, shown_max)
+        await store.impressions.log_impressions(imps, ttl_s, shown_max)
         return [None] * len(imps)
 
     # batched across concurrent requests as the service batches them (app.server.engine)

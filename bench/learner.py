@@ -61,10 +61,10 @@ async def _fill(store: RedisStore, slates: int, items: list[str], users: int,
         imp = Impression(f"r{n}", f"u{n % users}", now + n * 1e-3, 0, state.tobytes(), chosen,
                          [0.9] * SLATE, [False] * SLATE,
                          rng.random((SLATE, N_ITEM_FEATURES)).round(3).tolist(), 200)
-        slates_batch.append(store.log_impression(imp, 86_400, 200))
+        slates_batch.append(store.impressions.log_impression(imp, 86_400, 200))
         for item in chosen:
             if rng.random() < click_rate:
-                clicks_batch.append(store.record_feedback(
+                clicks_batch.append(store.impressions.record_feedback(
                     imp.request_id, imp.user_id, item, "click", None, 1.0, imp.ts + 1,
                     86_400, 50))
                 clicks += 1
@@ -82,8 +82,8 @@ async def throughput(args: argparse.Namespace, redis_url: str) -> dict[str, floa
     vectors = rng.standard_normal((args.items, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     items = [f"i{n}" for n in range(args.items)]
-    await store.put_items([ItemRecord(i, i, [], True, v.tobytes(), i)
-                           for i, v in zip(items, vectors, strict=True)])
+    await store.catalog.put_items([ItemRecord(i, i, [], True, v.tobytes(), i)
+                                   for i, v in zip(items, vectors, strict=True)])
     set_search_threads(Settings().search_threads)  # as `recsvc learner` does
     index = CandidateIndex(DIM)
     index.upsert(items, vectors)
@@ -104,7 +104,7 @@ async def throughput(args: argparse.Namespace, redis_url: str) -> dict[str, floa
         bar.update(worker.transitions - bar.n)
     elapsed = time.perf_counter() - start
     bar.close()
-    stats = await store.get_stats()
+    stats = await store.registry.get_stats()
     await worker.stop()
     await store.close()
     return {"entries": entries, "clicks": clicks, "transitions": worker.transitions,
@@ -121,7 +121,7 @@ MOVIES = [f"Film {n}. " + g for n, g in enumerate(
 async def _store_version_holding(store: RedisStore, learned: int, timeout: float) -> int:
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        stats = await store.get_stats()
+        stats = await store.registry.get_stats()
         if stats.get("feedback_learned", 0) >= learned:
             return int(stats["version"])
         await asyncio.sleep(0.005)

@@ -47,7 +47,7 @@ async def write_catalog(redis_url: str, n: int, seed: int, chunk: int = 10_000) 
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             vectors = space.sample(m, seed=seed + 1 + start // chunk)
-            await store.put_items([
+            await store.catalog.put_items([
                 ItemRecord(f"i-{start + j}", f"synthetic item {start + j}", ["synthetic"], True,
                            vectors[j].tobytes(), f"synthetic:{start + j}") for j in range(m)])
             bar.update(m)

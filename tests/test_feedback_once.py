@@ -30,9 +30,9 @@ async def paused_store():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, timeout=10)
     s = RedisStore(f"redis://127.0.0.1:{port}/0", "once", timeout_s=0.5)
-    await s.log_impression(Impression("r", "u", time.time(), 1,
-                                      np.ones(4, np.float32).tobytes(), ["a", "b"],
-                                      [0.9, 0.5], [False, False]), 60, 10)
+    await s.impressions.log_impression(Impression("r", "u", time.time(), 1,
+                                                  np.ones(4, np.float32).tobytes(), ["a", "b"],
+                                                  [0.9, 0.5], [False, False]), 60, 10)
     yield s, proc
     os.kill(proc.pid, signal.SIGCONT)
     await s.close()
@@ -44,8 +44,8 @@ async def _stored(s: RedisStore) -> tuple[int, int, float]:
     """Feedback stream entries, history entries, and the impression's reward for "a"."""
     entries = await s.r.xrange(s._stream)
     feedback = sum(1 for _, f in entries if f[b"type"] == b"feedback")
-    history = (await s.get_user("u")).history
-    reward = (await s.get_impressions(["r"]))["r"].rewards.get("a", 0.0)
+    history = (await s.users.get_user("u")).history
+    reward = (await s.impressions.get_impressions(["r"]))["r"].rewards.get("a", 0.0)
     return feedback, len(history), reward
 
 
@@ -53,19 +53,20 @@ async def test_a_retry_after_writes_that_never_landed_is_accepted_and_stored(pau
     """Redis died after the dedupe marker was set, before the writes (and before any
     release of the marker could reach it)."""
     s, _ = paused_store
-    write = s._write_feedback
+    write = s.impressions._write_feedback
 
     async def redis_died(*args):
         raise StoreUnavailable("connection lost")
 
-    s._write_feedback = redis_died
+    s.impressions._write_feedback = redis_died
     with pytest.raises(StoreUnavailable):
-        await s.record_feedback("r", "u", "a", "click", None, 1.0, 5.0, 60, 10)
-    s._write_feedback = write
-    accepted, reward = await s.record_feedback("r", "u", "a", "click", None, 1.0, 6.0, 60, 10)
+        await s.impressions.record_feedback("r", "u", "a", "click", None, 1.0, 5.0, 60, 10)
+    s.impressions._write_feedback = write
+    accepted, reward = await s.impressions.record_feedback("r", "u", "a", "click", None, 1.0, 6.0,
+                                                           60, 10)
     assert accepted and reward == 1.0
     assert await _stored(s) == (1, 1, 1.0)
-    again, _ = await s.record_feedback("r", "u", "a", "click", None, 1.0, 7.0, 60, 10)
+    again, _ = await s.impressions.record_feedback("r", "u", "a", "click", None, 1.0, 7.0, 60, 10)
     assert not again and await _stored(s) == (1, 1, 1.0)
 
 
@@ -74,18 +75,18 @@ async def test_a_redis_paused_mid_write_stores_the_event_once(paused_store):
     deadline; whatever of the writes Redis carries out once it resumes, the client's
     retry is answered with a 2xx and the event is stored once."""
     s, proc = paused_store
-    write = s._write_feedback
+    write = s.impressions._write_feedback
 
     async def pause_then_write(*args):
         os.kill(proc.pid, signal.SIGSTOP)
         await write(*args)
 
-    s._write_feedback = pause_then_write
+    s.impressions._write_feedback = pause_then_write
     with pytest.raises(StoreUnavailable):
-        await s.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
+        await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
     os.kill(proc.pid, signal.SIGCONT)
-    s._write_feedback = write
-    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
+    s.impressions._write_feedback = write
+    out = await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
     assert out.status in ("accepted", "duplicate") and out.reward == 1.0
     assert await _stored(s) == (1, 1, 1.0)
 
@@ -113,10 +114,10 @@ async def test_a_retry_after_writes_whose_reply_was_lost_is_a_duplicate(paused_s
 
     s.r.pipeline = pipeline
     with pytest.raises(StoreUnavailable):
-        await s.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
+        await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
     del s.r.pipeline
     assert lost
-    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
+    out = await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
     assert out.status == "duplicate" and out.reward == 1.0
     assert await _stored(s) == (1, 1, 1.0)
 
@@ -127,16 +128,16 @@ async def test_redone_writes_add_nothing_twice(paused_store):
     impression's reward hold the event once (the stream entry it repeats is skipped
     by the learner, which learns a feedback key once)."""
     s, _ = paused_store
-    marker = s._marker("r", "a", "click")
+    marker = s.impressions._marker("r", "a", "click")
     await s.r.set(marker, b"pending", ex=60)
-    await s._write_feedback([(FeedbackEvent("r", "a", "click", None, 1.0, 5.0), "u", marker, 0.0)],
-                            10, 60)
+    await s.impressions._write_feedback(
+        [(FeedbackEvent("r", "a", "click", None, 1.0, 5.0), "u", marker, 0.0)], 10, 60)
     await s.r.set(marker, b"pending", ex=60)  # as if the marker's step had not landed
-    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
+    out = await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 6.0, 60, 10)
     assert out.status == "accepted"
     feedback, history, reward = await _stored(s)
     assert history == 1 and reward == 1.0
-    again = await s.feedback_on_slate("r", "a", "click", None, 1.0, 7.0, 60, 10)
+    again = await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 7.0, 60, 10)
     assert again.status == "duplicate"
 
 
@@ -152,9 +153,10 @@ async def test_a_write_refused_by_redis_leaves_the_event_open_to_its_retry(pause
     await s.r.delete(s._stream)
     await s.r.set(s._stream, b"not a stream")
     with pytest.raises(rexc.ResponseError):
-        await s.record_feedback("r", "u", "a", "click", None, 1.0, 5.0, 60, 10)
+        await s.impressions.record_feedback("r", "u", "a", "click", None, 1.0, 5.0, 60, 10)
     await s.r.delete(s._stream)
-    s._group_ready = False
-    accepted, reward = await s.record_feedback("r", "u", "a", "click", None, 1.0, 6.0, 60, 10)
+    s.group_ready = False
+    accepted, reward = await s.impressions.record_feedback("r", "u", "a", "click", None, 1.0, 6.0,
+                                                           60, 10)
     assert accepted and reward == 1.0
     assert await _stored(s) == (1, 1, 1.0)

@@ -9,8 +9,22 @@ from fastapi.testclient import TestClient
 from app.server.api import create_app
 from app.settings import Settings
 from app.store import StoreUnavailable
-from app.store.memory import MemoryStore
+from app.store.memory import MemoryRegistry, MemoryStore, MemoryUsers
 from tests.test_api import FAST, MOVIES, wait_for
+
+
+class FlakyUsers(MemoryUsers):
+    async def get_users(self, user_ids):
+        if self.m.fail == "get_users":  # after reading the events, before learning
+            await self.m.maybe_fail()
+        return await super().get_users(user_ids)
+
+
+class FlakyRegistry(MemoryRegistry):
+    async def commit_learning(self, owner, acks, stats, log_records, log_max, weights=None):
+        if self.m.fail == "commit_learning" and log_records:  # after learning, before commit
+            await self.m.maybe_fail()
+        return await super().commit_learning(owner, acks, stats, log_records, log_max, weights)
 
 
 class FlakyStore(MemoryStore):
@@ -19,21 +33,13 @@ class FlakyStore(MemoryStore):
     def __init__(self, fail: str) -> None:
         super().__init__()
         self.fail, self.failed = fail, 0
+        self.users = FlakyUsers(self)
+        self.registry = FlakyRegistry(self)
 
-    async def _maybe_fail(self):
+    async def maybe_fail(self):
         if not self.failed:
             self.failed += 1
             raise StoreUnavailable("injected")
-
-    async def get_users(self, user_ids):
-        if self.fail == "get_users":  # after reading the events, before learning
-            await self._maybe_fail()
-        return await super().get_users(user_ids)
-
-    async def commit_learning(self, owner, acks, stats, log_records, log_max, weights=None):
-        if self.fail == "commit_learning" and log_records:  # after learning, before the commit
-            await self._maybe_fail()
-        return await super().commit_learning(owner, acks, stats, log_records, log_max, weights)
 
 
 @pytest.mark.parametrize("fail", ["get_users", "commit_learning"])
@@ -82,18 +88,18 @@ async def test_the_lease_holder_claims_entries_stuck_on_a_deposed_learner(monkey
     holder = LearnerWorker(settings, store, index, layout, "cpu", consumer="holder")
     assert await holder.hold_lease() and holder.active
     state = np.zeros(layout.size, dtype=np.float32).tobytes()
-    await store.log_impression(Impression("r1", "u1", time.time(), 0, state, ["a", "b"],
-                                          [0.9, 0.9], [False, False]), 60, 10)
-    assert len(await store.read_stream("deposed", 10)) == 1  # read, never to be committed
+    await store.impressions.log_impression(Impression("r1", "u1", time.time(), 0, state, ["a", "b"],
+                                                      [0.9, 0.9], [False, False]), 60, 10)
+    assert len(await store.stream.read_stream("deposed", 10)) == 1  # read, never to be committed
     await holder.step()
     assert holder.transitions == 0  # not idle long enough to be called stuck
     await asyncio.sleep(0.5)  # > reward window + 2 lease TTLs + publish interval
     assert await holder.hold_lease()  # as every round of the loop does
     await holder.step()
     assert holder.transitions == 2
-    assert [r["request_id"] for r in await store.read_log(10)] == ["r1"]
-    assert await store.read_stream("deposed", 10, pending=True) == []
-    assert await store.read_stream("holder", 10, pending=True) == []  # committed
+    assert [r["request_id"] for r in await store.impressions.read_log(10)] == ["r1"]
+    assert await store.stream.read_stream("deposed", 10, pending=True) == []
+    assert await store.stream.read_stream("holder", 10, pending=True) == []  # committed
 
 
 class RepeatingStore(MemoryStore):

@@ -21,14 +21,14 @@ async def test_expired_impressions_markers_and_embeddings_are_freed():
     3b796b0 every entry stayed: 117 MB for 20,000 slates, never returned)."""
     store = MemoryStore()
     for n in range(20_000):
-        await store.log_impression(_imp(f"r{n}", f"u{n % 500}"), 1, 50)
-        await store.record_feedback(f"r{n}", f"u{n % 500}", "a", "click", None, 1.0,
-                                    time.time(), 1, 50)
-        await store.put_embedding(f"e{n}", b"\0" * 16, 1)
+        await store.impressions.log_impression(_imp(f"r{n}", f"u{n % 500}"), 1, 50)
+        await store.impressions.record_feedback(f"r{n}", f"u{n % 500}", "a", "click", None, 1.0,
+                                                time.time(), 1, 50)
+        await store.embeddings.put_embedding(f"e{n}", b"\0" * 16, 1)
     time.sleep(1.1)
-    assert await store.get_impressions(["r0", "r19999"]) == {}
-    await store.log_impression(_imp("fresh", "u1"), 1, 50)  # any write frees the rest
-    await store.put_embedding("fresh", b"\0" * 16, 1)
+    assert await store.impressions.get_impressions(["r0", "r19999"]) == {}
+    await store.impressions.log_impression(_imp("fresh", "u1"), 1, 50)  # any write frees the rest
+    await store.embeddings.put_embedding("fresh", b"\0" * 16, 1)
     assert len(store._imps) == 1 and len(store._emb) == 1 and len(store._dedupe) == 0
     assert sum(len(ids) for ids in store._user_imps.values()) == 1
 
@@ -36,13 +36,13 @@ async def test_expired_impressions_markers_and_embeddings_are_freed():
 async def test_users_expire_after_their_last_write():
     clock = SimulatedClock()
     store = MemoryStore(clock, user_ttl_s=100)
-    await store.add_event("gone", {"item_id": "a", "event": "click", "ts": 0}, 50)
-    await store.add_event("kept", {"item_id": "a", "event": "click", "ts": 0}, 50)
+    await store.users.add_event("gone", {"item_id": "a", "event": "click", "ts": 0}, 50)
+    await store.users.add_event("kept", {"item_id": "a", "event": "click", "ts": 0}, 50)
     clock.advance(60)
-    await store.log_impression(_imp("r1", "kept"), 1000, 50)  # kept is active again
+    await store.impressions.log_impression(_imp("r1", "kept"), 1000, 50)  # kept is active again
     clock.advance(60)
-    assert (await store.get_user("gone")).history == []
-    assert len((await store.get_user("kept")).history) == 1
+    assert (await store.users.get_user("gone")).history == []
+    assert len((await store.users.get_user("kept")).history) == 1
     assert "gone" not in store._history and "gone" not in store._shown
 
 
@@ -53,7 +53,7 @@ async def test_memory_is_flat_at_a_steady_load():
     store = MemoryStore(clock, user_ttl_s=5)
     held = []
     for n in range(30_000):
-        await store.log_impression(_imp(f"r{n}", f"u{n}"), 2, 50)
+        await store.impressions.log_impression(_imp(f"r{n}", f"u{n}"), 2, 50)
         clock.advance(0.001)  # 1,000 slates per second
         if n % 5_000 == 4_999:
             held.append(sum(store.held().values()) - store.held()["stream"])

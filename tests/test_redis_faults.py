@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from app.server.api import create_app
 from app.settings import Settings
+from app.store import StoreUnavailable
 from tests.conftest import RedisServer
 from tests.test_api import FAST, MOVIES, assert_error
 
@@ -92,8 +93,6 @@ def test_writes_refused_for_want_of_replicas_or_a_failed_save_are_unavailable(
             finally:
                 r.config_set(name, off)
         else:  # no RDB save can fail on demand here: the reply is injected
-            from app.store import redis_store
-
             refused = redis.exceptions.ResponseError(
                 "MISCONF Redis is configured to save RDB snapshots, but it's currently "
                 "unable to persist to disk.")
@@ -104,7 +103,7 @@ def test_writes_refused_for_want_of_replicas_or_a_failed_save_are_unavailable(
                 raise refused
             store.r.execute_command = misconf
             try:
-                with pytest.raises(redis_store.StoreUnavailable):
+                with pytest.raises(StoreUnavailable):
                     c.portal.call(store.check_writable)
             finally:
                 store.r.execute_command = original

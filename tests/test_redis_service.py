@@ -126,7 +126,7 @@ def test_feedback_does_not_wait_for_the_backlog_of_held_impressions(encoder):
         held = [Impression(f"held-{n}", "u", time.time(), 0, b"\0" * 16, ["m-1", "m-2"],
                            [0.9, 0.5], [False, False]) for n in range(5000)]
         calls = []  # store calls (round trips), with the impressions each logged
-        log_one, log_many = store.log_impression, store.log_impressions
+        log_one, log_many = store.impressions.log_impression, store.impressions.log_impressions
         batching = []
 
         async def new_event() -> asyncio.Event:
@@ -150,7 +150,7 @@ def test_feedback_does_not_wait_for_the_backlog_of_held_impressions(encoder):
             finally:
                 batching.pop()
 
-        store.log_impression, store.log_impressions = count_one, count_many
+        store.impressions.log_impression, store.impressions.log_impressions = count_one, count_many
 
         def hold_all() -> None:  # on the event loop's thread, as serving holds them
             for imp in held:

@@ -161,7 +161,7 @@ def recommend_with(c, headers, user):
 
 def test_rollback_serves_the_previous_weights_and_learning_continues_from_them(secured):
     c, admin = secured, as_key(ADMIN)
-    store = c.app.state.engine.store
+    registry = c.app.state.engine.store.registry
 
     def weights(coro_fn, *args):  # store calls on the app's own event loop
         return c.portal.call(coro_fn, *args)
@@ -172,7 +172,7 @@ def test_rollback_serves_the_previous_weights_and_learning_continues_from_them(s
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["restored_from"] == first and body["version"] > second
-    assert weights(store.get_weights, body["version"]) == weights(store.get_weights, first)
+    assert weights(registry.get_weights, body["version"]) == weights(registry.get_weights, first)
     # this replica serves it at once, and reports it (or a version the learner built
     # on it since: what it had learned on the replaced weights and not committed is
     # learned again on the restored ones)
@@ -183,10 +183,10 @@ def test_rollback_serves_the_previous_weights_and_learning_continues_from_them(s
     assert third >= body["version"] + 1
     lineage = [third]
     while lineage[-1] > body["version"]:
-        lineage.append(weights(store.weights_parent, lineage[-1]))
+        lineage.append(weights(registry.weights_parent, lineage[-1]))
     assert lineage[-1] == body["version"]
     # and it did not overwrite the restored version with the weights it had before
-    assert weights(store.get_weights, body["version"]) == weights(store.get_weights, first)
+    assert weights(registry.get_weights, body["version"]) == weights(registry.get_weights, first)
 
 
 def test_non_finite_weights_are_never_published(secured):
@@ -243,8 +243,8 @@ def test_a_rollback_is_never_overwritten_by_a_learner_commit(secured):
 
     first = _learn_a_version(c, admin, "cas-1")
     _learn_a_version(c, admin, "cas-2")
-    restored = call(store.get_weights, first)
-    commit = store.commit_learning
+    restored = call(store.registry.get_weights, first)
+    commit = store.registry.commit_learning
     raced = []
 
     async def rollback_first(*args, **kwargs):
@@ -255,7 +255,7 @@ def test_a_rollback_is_never_overwritten_by_a_learner_commit(secured):
             await rollback()
         return await commit(*args, **kwargs)
 
-    store.commit_learning = rollback_first
+    store.registry.commit_learning = rollback_first
     try:
         recommend_with(c, admin, "cas-3")
         slate = recommend_with(c, admin, "cas-3")
@@ -264,14 +264,14 @@ def test_a_rollback_is_never_overwritten_by_a_learner_commit(secured):
                                                     "event": "click"})
         wait_for(lambda: raced)
     finally:
-        store.commit_learning = commit
+        store.registry.commit_learning = commit
     rolled = raced[0]  # the rollback took the number the learner was about to publish
-    wait_for(lambda: call(store.latest_version) >= rolled)
-    assert call(store.get_weights, rolled) == restored
+    wait_for(lambda: call(store.registry.latest_version) >= rolled)
+    assert call(store.registry.get_weights, rolled) == restored
     # the learner continues from the rollback: its next version's parent is it
     after = _learn_a_version(c, admin, "cas-4")
-    assert after > rolled and call(store.weights_parent, after) == rolled
-    assert call(store.get_weights, rolled) == restored
+    assert after > rolled and call(store.registry.weights_parent, after) == rolled
+    assert call(store.registry.get_weights, rolled) == restored
     assert learner.version >= after
 
 
@@ -301,7 +301,7 @@ def test_a_store_that_lost_the_latest_versions_does_not_stop_the_learner(redis_u
                     "request_id": slate["request_id"],
                     "item_id": slate["items"][0]["item_id"], "event": "click"})
                 assert fb.status_code == 202
-                wait_for(lambda n=round_: c.portal.call(store.latest_version) >= n,
+                wait_for(lambda n=round_: c.portal.call(store.registry.latest_version) >= n,
                          timeout=20, what=f"version {round_} published after the loss")
     finally:
         for key in r.scan_iter(f"{prefix}*"):
@@ -343,17 +343,17 @@ async def test_feedback_racing_an_erasure_does_not_bring_the_history_back(redis_
     from app.store.redis_store import RedisStore
 
     s = RedisStore(redis_url, redis_prefix)
-    await s.log_impression(imp_for("r", "racer"), 60, 10)
-    write = s._write_feedback
+    await s.impressions.log_impression(imp_for("r", "racer"), 60, 10)
+    write = s.impressions._write_feedback
 
     async def erase_then_write(*args):
-        await s.delete_user("racer")
+        await s.users.delete_user("racer")
         await write(*args)
 
-    s._write_feedback = erase_then_write
-    out = await s.feedback_on_slate("r", "a", "click", None, 1.0, time.time(), 60, 10)
+    s.impressions._write_feedback = erase_then_write
+    out = await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, time.time(), 60, 10)
     assert out.status == "accepted"
-    assert (await s.get_user("racer")).history == []
+    assert (await s.users.get_user("racer")).history == []
     assert not await s.r.exists(s._user("racer", "hist"))
     await s.close()
 
@@ -439,12 +439,13 @@ def test_rollback_to_weights_of_another_network_shape_is_refused(backend, encode
         engine = c.app.state.engine
         net = engine.scorer.net
         older = QNetwork(net.state_dim, net.item_dim, hidden=net.hidden * 2, trunk_rank=0)
-        latest = c.portal.call(engine.store.latest_version)
-        c.portal.call(engine.store.publish_weights, latest + 1, weights_to_bytes(older), {})
-        c.portal.call(lambda: engine.store.publish_weights(
+        latest = c.portal.call(engine.store.registry.latest_version)
+        c.portal.call(engine.store.registry.publish_weights, latest + 1,
+                      weights_to_bytes(older), {})
+        c.portal.call(lambda: engine.store.registry.publish_weights(
             latest + 2, weights_to_bytes(net), {}, parent=latest + 1))
         c.portal.call(engine.refresh_weights)
         assert c.get("/v1/model").json()["version"] == latest + 2
         assert_error(c.post("/v1/model/rollback"), 409, "no_previous_version")
         assert c.get("/v1/model").json()["version"] == latest + 2
-        assert c.portal.call(engine.store.latest_version) == latest + 2
+        assert c.portal.call(engine.store.registry.latest_version) == latest + 2

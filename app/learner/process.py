@@ -84,7 +84,7 @@ async def _learner_running(app: FastAPI, settings: Settings):
                            approximate_kind=settings.approximate_index,
                            hnsw_m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,
                            ivf_nprobe=settings.ivf_nprobe, device=device)
-    catalog = CatalogReplica(store, index, run)
+    catalog = CatalogReplica(store.catalog, index, run)
     await catalog.try_load()
     app.state.catalog = catalog
     app.state.store = store
@@ -144,7 +144,7 @@ async def status(request: Request):
     learner: LearnerWorker = request.app.state.learner
     return {"consumer": learner.consumer, "active": learner.active,
             "takeovers": learner.takeovers, "claimed": learner.claimed,
-            "lease_holder": await request.app.state.store.lease_holder(),
+            "lease_holder": await request.app.state.store.registry.lease_holder(),
             **learner.stats()}
 
 

@@ -7,7 +7,7 @@ slate item that got no feedback becomes a transition with the default reward.
 Exactly one learner learns at a time: the one holding the lease in the store; any
 others wait as standbys and take over when the lease expires (``lease_ttl_s``
 after the holder's last renewal, a SIGKILL included). Stream entries are
-acknowledged only in ``Store.commit_learning``, together with the weights version
+acknowledged only in ``ModelRegistry.commit_learning``, together with the weights version
 that holds their learning and the counters, atomically and only while the lease is
 still this learner's. So learning that was never committed is redone by the next
 holder from the entries still pending (claimed with XAUTOCLAIM), and every event
@@ -252,7 +252,7 @@ class LearnerWorker:
                     log.info("learner %s committed version %d at shutdown (%d feedback "
                              "events learned)", self.consumer, self.version,
                              self.feedback_learned)
-                await self.store.release_lease(self.consumer)
+                await self.store.registry.release_lease(self.consumer)
         except StoreUnavailable:
             log.warning("store unreachable at shutdown: uncommitted learning is lost; "
                         "its events stay pending and are learned again")
@@ -266,7 +266,7 @@ class LearnerWorker:
                 return  # a standby: another learner holds the lease
             if self._reread:
                 # a failed round may have left entries delivered to us but unprocessed
-                await self._process_all(await self.store.read_stream(
+                await self._process_all(await self.store.stream.read_stream(
                     self.consumer, 1_000_000, pending=True))
                 self._reread = False
             await self.step()
@@ -278,7 +278,7 @@ class LearnerWorker:
     # -- the lease ---------------------------------------------------------------------
     async def hold_lease(self) -> bool:
         """Renew the lease (or take it when free); take over or step down on a change."""
-        held = await self.store.hold_lease(self.consumer, self.settings.lease_ttl_s)
+        held = await self.store.registry.hold_lease(self.consumer, self.settings.lease_ttl_s)
         if held and not self.active:
             await self._take_over()
         elif not held and self.active:
@@ -290,16 +290,16 @@ class LearnerWorker:
         (``hold_lease`` steps down); meanwhile commits are refused by the store."""
         if self.active:
             with contextlib.suppress(StoreUnavailable):
-                await self.store.hold_lease(self.consumer, self.settings.lease_ttl_s)
+                await self.store.registry.hold_lease(self.consumer, self.settings.lease_ttl_s)
 
     async def _take_over(self) -> None:
         """Continue from the published weights and counters, then learn what the previous
         holder read but never committed: its entries are still pending, so claim them."""
         self._forget()
-        self.version = await self.store.latest_version()
-        stats = await self.store.get_stats()
+        self.version = await self.store.registry.latest_version()
+        stats = await self.store.registry.get_stats()
         if self.version:
-            blob = await self.store.get_weights(self.version)
+            blob = await self.store.registry.get_weights(self.version)
             if blob is not None:
                 await self._load(blob, self.version)
         self.feedback_learned = int(stats.get("feedback_learned", 0))
@@ -307,7 +307,7 @@ class LearnerWorker:
         self.learner.updates = int(stats.get("updates", 0))
         self.active = True
         self.takeovers += 1
-        claimed = await self.store.claim_stream(self.consumer, 0.0, 1_000_000)
+        claimed = await self.store.stream.claim_stream(self.consumer, 0.0, 1_000_000)
         self.claimed += len(claimed)
         log.info("learner %s holds the lease: continues from version %d, %d pending "
                  "entries claimed", self.consumer, self.version, len(claimed))
@@ -348,13 +348,14 @@ class LearnerWorker:
         self._next_sweep = self.clock.monotonic() + SWEEP_EVERY_S
         s = self.settings
         stuck_s = s.reward_wait_s + 2 * s.lease_ttl_s + s.publish_interval_s
-        return await self.store.claim_stream(self.consumer, stuck_s, s.learner_read_count)
+        return await self.store.stream.claim_stream(self.consumer, stuck_s, s.learner_read_count)
 
     # -- one round ---------------------------------------------------------------------
     async def step(self, now: float | None = None) -> int:
         """Read new events, learn from what is ready, publish; returns transitions learned."""
         await self.adopt_newer_weights()
-        entries = await self.store.read_stream(self.consumer, self.settings.learner_read_count)
+        entries = await self.store.stream.read_stream(self.consumer,
+                                                      self.settings.learner_read_count)
         entries += await self._sweep()
         n = await self.process(entries, now)
         await self.commit()
@@ -379,7 +380,7 @@ class LearnerWorker:
                 feedback.append((entry_id, f))
         wanted = [rid for rid in new_imps if rid not in self.pending] + [
             f["request_id"] for _, f in feedback if f["request_id"] not in self.pending]
-        imps = await self.store.get_impressions(list(dict.fromkeys(wanted)))
+        imps = await self.store.impressions.get_impressions(list(dict.fromkeys(wanted)))
         out = LearningRound()
         arriving = self._arriving(new_imps, imps, out)
         waiting = {**self.pending, **arriving}
@@ -388,7 +389,7 @@ class LearnerWorker:
         await self._closing_transitions(closing, waiting, out)
 
         if out.transitions:
-            users = await self.store.get_users(list({t.user_id for t in out.transitions}))
+            users = await self.store.users.get_users(list({t.user_id for t in out.transitions}))
             ok = await self.run(self._learn, out.transitions, users, now)
             self._dirty = self._dirty or ok
         if out.arm_slates and self.ensemble is not None:
@@ -463,7 +464,7 @@ class LearnerWorker:
         unlearned and unlogged. The stored impression carries the rewards of the
         feedback accepted for it, whichever learner read that feedback."""
         default = self.settings.rewards.default
-        still_stored = await self.store.get_impressions(closing) if closing else {}
+        still_stored = await self.store.impressions.get_impressions(closing) if closing else {}
         for rid in closing:
             p = waiting[rid]
             out.acks.append(p.entry_id)
@@ -614,7 +615,7 @@ class LearnerWorker:
         # stores merge stats: a loss that stopped being finite must not stay shown
         stats.setdefault("loss", float("nan"))
         try:
-            committed = await self.store.commit_learning(
+            committed = await self.store.registry.commit_learning(
                 self.consumer, acks, stats, self._log_backlog, self.settings.ope_log_size,
                 weights)
         except VersionConflict:
@@ -650,7 +651,7 @@ class LearnerWorker:
         older than this learner's, resync to it; False then too). What was learned on top of
         the version it replaces and not committed yet is dropped, and so are those
         entries' acknowledgements: they are read again and learned on top of it."""
-        latest = await self.store.latest_version()
+        latest = await self.store.registry.latest_version()
         if latest < self.version:
             # the store lost the versions this learner published (a failover to a replica
             # behind, a restart without persistence): its weights are the newest there
@@ -664,7 +665,7 @@ class LearnerWorker:
             return False
         if latest == self.version:
             return False
-        blob = await self.store.get_weights(latest)
+        blob = await self.store.registry.get_weights(latest)
         if blob is None:
             return False
         if await self._load(blob, latest):
@@ -677,7 +678,7 @@ class LearnerWorker:
         return True
 
     async def _reload_published(self) -> None:
-        blob = await self.store.get_weights(self.version) if self.version else None
+        blob = await self.store.registry.get_weights(self.version) if self.version else None
         if blob is None or not await self._load(blob, self.version):
             await self.run(self.learner.reset_weights)
 

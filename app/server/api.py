@@ -72,8 +72,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
     app.state.keyring = KeyRing(settings.key_list, settings.admin_key_list)
     install_error_handlers(app)
     app.add_middleware(RequestGate, settings=settings, keyring=app.state.keyring,
-                       metrics=metrics, store=lambda: getattr(
-                           getattr(app.state, "engine", None), "store", None))
+                       metrics=metrics, limits=lambda: getattr(
+                           getattr(getattr(app.state, "engine", None), "store", None),
+                           "limits", None))
     # outermost: counts and logs refusals too
     app.add_middleware(MetricsMiddleware, metrics=metrics, access_log=settings.access_log)
 

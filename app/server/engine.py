@@ -221,7 +221,7 @@ class Engine:
         self._chooser = MicroBatcher(self.choose_batch, self.executor,
                                      max_batch=self.settings.recommend_batch_size,
                                      concurrency=self.compute_threads)
-        self.catalog = CatalogReplica(self.store, self.index, self.run)
+        self.catalog = CatalogReplica(self.store.catalog, self.index, self.run)
         await self.catalog.try_load()
         self.metrics.catalog_size.set(len(self.index))
         await self.refresh_weights()
@@ -250,12 +250,12 @@ class Engine:
     # -- weights -----------------------------------------------------------------------
     async def refresh_weights(self) -> None:
         """Serve the newest published version, if it is newer than ours."""
-        latest = await self.store.latest_version()
-        self.learner_stats = await self.store.get_stats()
+        latest = await self.store.registry.latest_version()
+        self.learner_stats = await self.store.registry.get_stats()
         self.metrics.learner_stats = self.learner_stats
         if latest <= self.scorer.version:
             return
-        blob = await self.store.get_weights(latest)
+        blob = await self.store.registry.get_weights(latest)
         if blob is None:
             return
         if weights_shape(blob) != self.scorer.net.shape:  # another release's layout
@@ -300,9 +300,9 @@ class Engine:
         """Serve again the weights the current version replaced, as a new version (every
         replica follows versions forward). Returns ``(new version, restored version)``.
         The learner sees the newer version and continues from it."""
-        latest = await self.store.latest_version()
-        parent = await self.store.weights_parent(latest) if latest else 0
-        blob = await self.store.get_weights(parent) if parent else None
+        latest = await self.store.registry.latest_version()
+        parent = await self.store.registry.weights_parent(latest) if latest else 0
+        blob = await self.store.registry.get_weights(parent) if parent else None
         if blob is None:
             raise APIError(409, "no_previous_version",
                            f"version {latest} has no earlier weights kept to return to")
@@ -310,12 +310,12 @@ class Engine:
             raise APIError(409, "no_previous_version",
                            f"version {parent} was saved by a release with another network "
                            "shape, which this one cannot serve")
-        stats = await self.store.get_stats()
+        stats = await self.store.registry.get_stats()
         version = latest + 1
         try:
-            await self.store.publish_weights(
+            await self.store.registry.publish_weights(
                 version, blob, {**stats, "version": version},
-                parent=await self.store.weights_parent(parent),
+                parent=await self.store.registry.weights_parent(parent),
                 keep=self.settings.weights_kept, expected=latest)
         except VersionConflict as exc:
             raise APIError(409, "version_conflict", f"version {latest} was replaced while "
@@ -329,26 +329,26 @@ class Engine:
         self.flush_in_background()
         with contextlib.suppress(StoreUnavailable):  # keep serving what we have
             await self.refresh_weights()
-            self.metrics.stream_backlog.set(await self.store.stream_length())
+            self.metrics.stream_backlog.set(await self.store.stream.stream_length())
             if await self.catalog.follow():
                 self.metrics.catalog_size.set(len(self.index))
 
     # -- store calls of concurrent requests, batched ----------------------------------------
     async def _read_users(self, user_ids: list[str]) -> list[UserData]:
-        found = await self.store.get_users(list(dict.fromkeys(user_ids)))
+        found = await self.store.users.get_users(list(dict.fromkeys(user_ids)))
         return [found[u] for u in user_ids]
 
     async def _write_impressions(self, imps: list[Impression]) -> list[None]:
-        await self.store.log_impressions(imps, self.settings.impression_ttl_s,
-                                         self.settings.shown_len)
+        await self.store.impressions.log_impressions(imps, self.settings.impression_ttl_s,
+                                                     self.settings.shown_len)
         return [None] * len(imps)
 
     async def _write_feedback(self, events: list[FeedbackEvent]) -> list[FeedbackOutcome]:
-        return await self.store.feedback_on_slates(events, self.settings.impression_ttl_s,
-                                                   self.settings.history_len)
+        return await self.store.impressions.feedback_on_slates(
+            events, self.settings.impression_ttl_s, self.settings.history_len)
 
     async def record_feedback(self, event: FeedbackEvent) -> FeedbackOutcome:
-        """Validate and record one feedback event (``Store.feedback_on_slate``), in one
+        """Validate and record one feedback event (``ImpressionLog.feedback_on_slate``), in one
         store call with the concurrent requests' events."""
         return await self._feedback_writes.submit(event)
 
@@ -377,8 +377,8 @@ class Engine:
         background."""
         held = self._unlogged.get(request_id)
         if held is not None:
-            await self.store.log_impressions([held], self.settings.impression_ttl_s,
-                                             self.settings.shown_len)
+            await self.store.impressions.log_impressions([held], self.settings.impression_ttl_s,
+                                                         self.settings.shown_len)
             self._unlogged.pop(request_id, None)
         self.flush_in_background()
 
@@ -386,23 +386,23 @@ class Engine:
         """``POST /v1/seen``: mark items of a slate displayed. Returns ``accepted``,
         ``unknown_request`` (unknown or expired), or the first item not in the slate."""
         await self._log_if_held(request_id)
-        slate = await self.store.slate_of(request_id)
+        slate = await self.store.impressions.slate_of(request_id)
         if slate is None:
             return "unknown_request"
         in_slate = set(slate[1])
         outside = [i for i in item_ids if i not in in_slate]
         if outside:
             return outside[0]
-        if not await self.store.mark_seen(request_id, item_ids):
+        if not await self.store.impressions.mark_seen(request_id, item_ids):
             return "unknown_request"  # expired in between
         return "accepted"
 
     async def add_event(self, user_id: str, item_id: str, event: str,
                         value: float | None) -> None:
         """``POST /v1/events``: an interaction outside any slate, into the history."""
-        await self.store.add_event(user_id, {"item_id": item_id, "event": event,
-                                             "ts": self.clock.time(), "value": value},
-                                   self.settings.history_len)
+        await self.store.users.add_event(user_id, {"item_id": item_id, "event": event,
+                                                   "ts": self.clock.time(), "value": value},
+                                         self.settings.history_len)
         self.metrics.events.labels(event).inc()
 
     # -- impressions served while the store was down ------------------------------------
@@ -437,8 +437,8 @@ class Engine:
         async with self._flush_lock:  # one flusher at a time: each impression logged once
             while self._unlogged:
                 chunk = list(self._unlogged.values())[:batch]
-                await self.store.log_impressions(chunk, self.settings.impression_ttl_s,
-                                                 self.settings.shown_len)
+                await self.store.impressions.log_impressions(chunk, self.settings.impression_ttl_s,
+                                                             self.settings.shown_len)
                 for imp in chunk:
                     self._unlogged.pop(imp.request_id, None)
                 done += len(chunk)
@@ -474,7 +474,7 @@ class Engine:
     async def _uncached_context(self, key: str, text: str) -> np.ndarray:
         """After an LRU miss: the store's cache, then the (micro-batched) transformer."""
         try:
-            raw = await self.store.get_embedding(key)
+            raw = await self.store.embeddings.get_embedding(key)
         except StoreUnavailable:
             raw = None
         if raw is not None:
@@ -486,7 +486,8 @@ class Engine:
         vec = await self._batcher.submit(text)
         self.cache.put(key, vec)
         with contextlib.suppress(StoreUnavailable):
-            await self.store.put_embedding(key, vec.tobytes(), self.settings.embedding_cache_ttl_s)
+            await self.store.embeddings.put_embedding(key, vec.tobytes(),
+                                                      self.settings.embedding_cache_ttl_s)
         return vec
 
     # -- catalog -----------------------------------------------------------------------
@@ -494,7 +495,7 @@ class Engine:
         """Embed new or changed texts in batches, store, then index (recommendable at return)."""
         latest = {it.item_id: it for it in items}  # a repeated id: the last one wins
         keys = {i: text_key(self.encoder.model_id, it.text) for i, it in latest.items()}
-        existing = await self.store.get_items(list(latest))
+        existing = await self.store.catalog.get_items(list(latest))
         to_embed = [i for i in latest if i not in existing or existing[i].text_key != keys[i]]
         vectors = await asyncio.get_running_loop().run_in_executor(
             self.catalog_executor, self._encode_catalog, [latest[i].text for i in to_embed])
@@ -502,7 +503,7 @@ class Engine:
         records = [ItemRecord(i, it.text, list(it.tags), it.available,
                               fresh[i].tobytes() if i in fresh else existing[i].embedding, keys[i])
                    for i, it in latest.items()]
-        size = await self.store.put_items(records, origin=self.catalog.origin)
+        size = await self.store.catalog.put_items(records, origin=self.catalog.origin)
         retagged = {i for i in latest if i in existing and existing[i].tags != list(latest[i].tags)}
         await self.run(self._apply_upsert, records, set(fresh) | retagged)
         self.metrics.catalog_size.set(len(self.index))
@@ -527,7 +528,7 @@ class Engine:
         ids = await self.run(self._sorted_ids)
         start = bisect.bisect_right(ids, after) if after is not None else 0
         page = ids[start:start + limit]
-        records = await self.store.get_items(page)
+        records = await self.store.catalog.get_items(page)
         more = start + limit < len(ids)
         return [records[i] for i in page if i in records], (page[-1] if more else None)
 
@@ -581,7 +582,7 @@ class Engine:
         return list(zip(ids, cosine.tolist(), strict=True))
 
     async def delete_item(self, item_id: str) -> bool:
-        found = await self.store.delete_item(item_id, origin=self.catalog.origin)
+        found = await self.store.catalog.delete_item(item_id, origin=self.catalog.origin)
         removed = await self.run(self.index.remove, [item_id])
         self.metrics.catalog_size.set(len(self.index))
         return found or bool(removed)
@@ -589,8 +590,8 @@ class Engine:
     async def importance(self, limit: int) -> dict:
         """Model-wide importance of the input's parts, by ablation on the latest
         ``limit`` closed impressions still stored (``app.server.explain.importance``)."""
-        records = await self.store.read_log(limit)
-        imps = await self.store.get_impressions([r["request_id"] for r in records])
+        records = await self.store.impressions.read_log(limit)
+        imps = await self.store.impressions.get_impressions([r["request_id"] for r in records])
         return await self.run(importance, self.layout, self.scorer, self.index,
                               list(imps.values()))
 

@@ -40,13 +40,14 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 class RequestGate:
     def __init__(self, app, settings: Settings, keyring: KeyRing, metrics: Metrics,
-                 store=lambda: None) -> None:
-        """``store()`` gives the store once the application has started (None before)."""
+                 limits=lambda: None) -> None:
+        """``limits()`` gives the store's rate limits once the application has started
+        (None before)."""
         self.app = app
         self.settings = settings
         self.keyring = keyring
         self.metrics = metrics
-        self.store = store
+        self.limits = limits
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -137,7 +138,7 @@ class RequestGate:
         the count. If the store is unavailable the request is let through: an outage
         must not turn into refusing every recommendation."""
         s = self.settings
-        store: RateLimits | None = self.store()
+        store: RateLimits | None = self.limits()
         if s.rate_limit <= 0 or store is None:
             return None
         window = s.rate_limit_window_s

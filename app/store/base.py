@@ -126,7 +126,8 @@ def change_id_key(change_id: str) -> tuple[int, int]:
 
 
 # The store's roles: each is what one part of the service needs of it. Every backend
-# implements all of them (``Store``); a part that needs one role is given that type.
+# implements all of them, and ``Store`` holds one of each; a part that needs one role
+# is given that role.
 
 
 class Lifecycle(abc.ABC):
@@ -354,6 +355,17 @@ class RateLimits(abc.ABC):
         returns the count so far (this one included). Windows expire by themselves."""
 
 
-class Store(Lifecycle, CatalogStore, EmbeddingCache, UserStore, ImpressionLog, EventStream,
-            ModelRegistry, RateLimits):
-    """Async persistence used by the API and the learner: every role, one backend."""
+class Store(Lifecycle):
+    """Async persistence used by the API and the learner: every role, one backend.
+
+    A process is given the store and uses the roles it needs by name (the engine its
+    catalog, users and impressions; the learner its stream and registry; the request
+    gate its limits). The roles of one backend share its connection."""
+
+    catalog: CatalogStore
+    embeddings: EmbeddingCache
+    users: UserStore
+    impressions: ImpressionLog
+    stream: EventStream
+    registry: ModelRegistry
+    limits: RateLimits

@@ -17,11 +17,18 @@ from collections import deque
 from app.clock import SYSTEM_CLOCK, Clock
 from app.store.base import (
     CatalogChange,
+    CatalogStore,
+    EmbeddingCache,
+    EventStream,
     Impression,
+    ImpressionLog,
     ItemRecord,
+    ModelRegistry,
+    RateLimits,
     Store,
     StreamEntry,
     UserData,
+    UserStore,
     VersionConflict,
     WeightsUpdate,
     change_id_key,
@@ -34,6 +41,10 @@ ERASED_KEPT_S = 86_400  # as the Redis backend's tombstones
 
 
 class MemoryStore(Store):
+    """Every role on one set of in-process dictionaries. The roles' classes below read
+    and write this object's state: several of their operations span roles (feedback
+    appends to a history and the stream, erasure reaches the stream and the log)."""
+
     def __init__(self, clock: Clock = SYSTEM_CLOCK, user_ttl_s: float = USER_TTL_S) -> None:
         self.clock = clock
         self.user_ttl_s = user_ttl_s
@@ -65,14 +76,17 @@ class MemoryStore(Store):
         self._lease: tuple[str, float] | None = None  # (owner, expiry on the monotonic clock)
         self._changes: deque[CatalogChange] = deque()
         self._changes_trimmed = "0"  # the newest change id dropped from ``_changes``
+        self.catalog = MemoryCatalog(self)
+        self.embeddings = MemoryEmbeddings(self)
+        self.users = MemoryUsers(self)
+        self.impressions = MemoryImpressions(self)
+        self.stream = MemoryStream(self)
+        self.registry = MemoryRegistry(self)
+        self.limits = MemoryRateLimits(self)
 
     async def ping(self) -> bool:
         return True
 
-    async def stream_length(self) -> int:
-        return len(self._entries)
-
-    # -- expiry --------------------------------------------------------------------
     def _purge(self) -> None:
         """Free what has expired (a heap pop per expired entry: run on every write)."""
         now = self.clock.time()
@@ -101,7 +115,6 @@ class MemoryStore(Store):
                 "embeddings": len(self._emb), "users": len(self._users),
                 "stream": len(self._entries), "log": len(self._log)}
 
-    # catalog
     def _new_id(self) -> str:
         return f"{int(self.clock.time() * 1000)}-{next(self._seq)}"
 
@@ -110,95 +123,107 @@ class MemoryStore(Store):
         while len(self._changes) > CATALOG_CHANGES_KEPT:
             self._changes_trimmed = self._changes.popleft()[0]
 
-    async def put_items(self, items: list[ItemRecord], origin: str = "") -> int:
-        for item in items:
-            self._items[item.item_id] = item
-        self._announce(origin, [it.item_id for it in items])
-        return len(self._items)
-
-    async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
-        return {i: self._items[i] for i in item_ids if i in self._items}
-
-    async def delete_item(self, item_id: str, origin: str = "") -> bool:
-        self._announce(origin, [item_id])
-        return self._items.pop(item_id, None) is not None
-
-    async def last_catalog_change(self) -> str:
-        return self._changes[-1][0] if self._changes else self._changes_trimmed
-
-    async def catalog_changes(self, after: str, count: int = 1000,
-                              ) -> tuple[list[CatalogChange], bool]:
-        complete = change_id_key(after) >= change_id_key(self._changes_trimmed)
-        newer = [c for c in self._changes if change_id_key(c[0]) > change_id_key(after)]
-        return newer[:count], complete
-
-    async def catalog_size(self) -> int:
-        return len(self._items)
-
-    async def all_item_ids(self) -> list[str]:
-        return list(self._items)
-
-    # embedding cache
-    async def get_embedding(self, key: str) -> bytes | None:
-        return self._emb.get(key, self.clock.time())
-
-    async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None:
-        self._purge()
-        self._emb.put(key, vector, self.clock.time() + ttl_s)
-
-    # users
-    async def get_user(self, user_id: str) -> UserData:
-        self._purge()  # a user whose data expired reads as new
-        return UserData(list(self._history.get(user_id, [])), list(self._shown.get(user_id, [])))
-
-    async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
-        self._purge()
-        self._touch_user(user_id)
-        hist = self._history.setdefault(user_id, [])
-        hist.append(dict(entry))
-        del hist[:-max_len]
-
-    async def delete_user(self, user_id: str) -> None:
-        now = self.clock.time()
-        self._erased.put(user_id, now, now + ERASED_KEPT_S)
-        self._users.pop(user_id)
-        self._forget(user_id)
-        doomed = {e for e, f in self._entries.items() if f.get("user_id") == user_id}
-        for entry_id in doomed:
-            del self._entries[entry_id]
-            self._pending.pop(entry_id, None)
-            self._delivered_at.pop(entry_id, None)
-        self._undelivered = deque(e for e in self._undelivered if e not in doomed)
-        self._log = deque(r for r in self._log if r.get("user_id") != user_id)
-
-    # impressions and feedback
     def _append(self, fields: dict[str, str]) -> None:
         entry_id = self._new_id()
         self._entries[entry_id] = fields
         self._undelivered.append(entry_id)
 
+
+class _MemoryRole:
+    def __init__(self, store: MemoryStore) -> None:
+        self.m = store
+
+
+class MemoryCatalog(_MemoryRole, CatalogStore):
+    async def put_items(self, items: list[ItemRecord], origin: str = "") -> int:
+        for item in items:
+            self.m._items[item.item_id] = item
+        self.m._announce(origin, [it.item_id for it in items])
+        return len(self.m._items)
+
+    async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
+        return {i: self.m._items[i] for i in item_ids if i in self.m._items}
+
+    async def delete_item(self, item_id: str, origin: str = "") -> bool:
+        self.m._announce(origin, [item_id])
+        return self.m._items.pop(item_id, None) is not None
+
+    async def last_catalog_change(self) -> str:
+        return self.m._changes[-1][0] if self.m._changes else self.m._changes_trimmed
+
+    async def catalog_changes(self, after: str, count: int = 1000,
+                              ) -> tuple[list[CatalogChange], bool]:
+        complete = change_id_key(after) >= change_id_key(self.m._changes_trimmed)
+        newer = [c for c in self.m._changes if change_id_key(c[0]) > change_id_key(after)]
+        return newer[:count], complete
+
+    async def catalog_size(self) -> int:
+        return len(self.m._items)
+
+    async def all_item_ids(self) -> list[str]:
+        return list(self.m._items)
+
+
+class MemoryEmbeddings(_MemoryRole, EmbeddingCache):
+    async def get_embedding(self, key: str) -> bytes | None:
+        return self.m._emb.get(key, self.m.clock.time())
+
+    async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None:
+        self.m._purge()
+        self.m._emb.put(key, vector, self.m.clock.time() + ttl_s)
+
+
+class MemoryUsers(_MemoryRole, UserStore):
+    async def get_user(self, user_id: str) -> UserData:
+        self.m._purge()  # a user whose data expired reads as new
+        return UserData(list(self.m._history.get(user_id, [])),
+                        list(self.m._shown.get(user_id, [])))
+
+    async def add_event(self, user_id: str, entry: dict, max_len: int) -> None:
+        self.m._purge()
+        self.m._touch_user(user_id)
+        hist = self.m._history.setdefault(user_id, [])
+        hist.append(dict(entry))
+        del hist[:-max_len]
+
+    async def delete_user(self, user_id: str) -> None:
+        now = self.m.clock.time()
+        self.m._erased.put(user_id, now, now + ERASED_KEPT_S)
+        self.m._users.pop(user_id)
+        self.m._forget(user_id)
+        doomed = {e for e, f in self.m._entries.items() if f.get("user_id") == user_id}
+        for entry_id in doomed:
+            del self.m._entries[entry_id]
+            self.m._pending.pop(entry_id, None)
+            self.m._delivered_at.pop(entry_id, None)
+        self.m._undelivered = deque(e for e in self.m._undelivered if e not in doomed)
+        self.m._log = deque(r for r in self.m._log if r.get("user_id") != user_id)
+
+
+
+class MemoryImpressions(_MemoryRole, ImpressionLog):
     async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
-        self._purge()
-        self._touch_user(imp.user_id)
-        self._imps.put(imp.request_id, imp, self.clock.time() + ttl_s)
-        self._user_imps.setdefault(imp.user_id, set()).add(imp.request_id)
-        shown = self._shown.setdefault(imp.user_id, [])
+        self.m._purge()
+        self.m._touch_user(imp.user_id)
+        self.m._imps.put(imp.request_id, imp, self.m.clock.time() + ttl_s)
+        self.m._user_imps.setdefault(imp.user_id, set()).add(imp.request_id)
+        shown = self.m._shown.setdefault(imp.user_id, [])
         shown.extend((i, imp.ts) for i in imp.item_ids)
         del shown[:-shown_max]
-        self._append({"type": "impression", "request_id": imp.request_id,
+        self.m._append({"type": "impression", "request_id": imp.request_id,
                       "user_id": imp.user_id, "ts": repr(imp.ts)})
 
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
-        now = self.clock.time()
+        now = self.m.clock.time()
         out = {}
         for rid in request_ids:
-            hit = self._imps.get(rid, now)
+            hit = self.m._imps.get(rid, now)
             if hit is not None:
                 out[rid] = hit
         return out
 
     async def mark_seen(self, request_id: str, item_ids: list[str]) -> bool:
-        imp = self._imps.get(request_id, self.clock.time())
+        imp = self.m._imps.get(request_id, self.m.clock.time())
         if imp is None:
             return False
         imp.seen = list(dict.fromkeys([*imp.seen, *item_ids]))
@@ -208,79 +233,84 @@ class MemoryStore(Store):
                               value: float | None, reward: float, ts: float,
                               ttl_s: int, history_max: int) -> tuple[bool, float]:
         key = f"{request_id}\x00{item_id}\x00{event}"
-        seen = self._dedupe.get(key, self.clock.time())
+        seen = self.m._dedupe.get(key, self.m.clock.time())
         if seen is not None:
             return False, seen
-        self._dedupe.put(key, reward, self.clock.time() + ttl_s)
-        imp = self._imps.get(request_id, self.clock.time())
+        self.m._dedupe.put(key, reward, self.m.clock.time() + ttl_s)
+        imp = self.m._imps.get(request_id, self.m.clock.time())
         if imp is not None:
             imp.rewards[item_id] = imp.rewards.get(item_id, 0.0) + reward
             imp.events.setdefault(item_id, []).append(event)
-        await self.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
+        await self.m.users.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
                                        "value": value}, history_max)
-        self._append({"type": "feedback", "request_id": request_id, "user_id": user_id,
+        self.m._append({"type": "feedback", "request_id": request_id, "user_id": user_id,
                       "item_id": item_id, "event": event, "reward": repr(reward),
                       "ts": repr(ts)})
         return True, reward
 
     # evaluation log
     async def append_log(self, records: list[dict], max_len: int) -> None:
-        now = self.clock.time()
+        now = self.m.clock.time()
         for r in records:
-            erased = self._erased.get(r.get("user_id", ""), now)
+            erased = self.m._erased.get(r.get("user_id", ""), now)
             if erased is None or erased < r.get("ts", 0.0):
-                self._log.append(dict(r))
-        while len(self._log) > max_len:
-            self._log.popleft()
+                self.m._log.append(dict(r))
+        while len(self.m._log) > max_len:
+            self.m._log.popleft()
 
     async def read_log(self, limit: int) -> list[dict]:
-        return [dict(r) for r in list(self._log)[-limit:]] if limit > 0 else []
+        return [dict(r) for r in list(self.m._log)[-limit:]] if limit > 0 else []
 
-    # stream
+
+class MemoryStream(_MemoryRole, EventStream):
+    async def stream_length(self) -> int:
+        return len(self.m._entries)
+
     async def read_stream(self, consumer: str, count: int,
                           pending: bool = False) -> list[StreamEntry]:
         if pending:
-            ids = [e for e, c in self._pending.items() if c == consumer][:count]
-            return [(e, self._entries[e]) for e in ids]
+            ids = [e for e, c in self.m._pending.items() if c == consumer][:count]
+            return [(e, self.m._entries[e]) for e in ids]
         out: list[tuple[str, dict]] = []
-        while self._undelivered and len(out) < count:
-            entry_id = self._undelivered.popleft()
-            self._pending[entry_id] = consumer
-            self._delivered_at[entry_id] = self.clock.monotonic()
-            out.append((entry_id, self._entries[entry_id]))
+        while self.m._undelivered and len(out) < count:
+            entry_id = self.m._undelivered.popleft()
+            self.m._pending[entry_id] = consumer
+            self.m._delivered_at[entry_id] = self.m.clock.monotonic()
+            out.append((entry_id, self.m._entries[entry_id]))
         return out
 
     async def ack(self, entry_ids: list[str]) -> None:
         for e in entry_ids:
-            if self._pending.pop(e, None) is not None:
-                self._entries.pop(e, None)
-                self._delivered_at.pop(e, None)
+            if self.m._pending.pop(e, None) is not None:
+                self.m._entries.pop(e, None)
+                self.m._delivered_at.pop(e, None)
 
     async def claim_stream(self, consumer: str, min_idle_s: float, count: int,
                            ) -> list[StreamEntry]:
-        now = self.clock.monotonic()
-        ids = [e for e in self._pending if now - self._delivered_at[e] >= min_idle_s][:count]
+        now = self.m.clock.monotonic()
+        ids = [e for e in self.m._pending if now - self.m._delivered_at[e] >= min_idle_s][:count]
         for e in ids:
-            self._pending[e] = consumer
-            self._delivered_at[e] = now
-        return [(e, self._entries[e]) for e in ids]
+            self.m._pending[e] = consumer
+            self.m._delivered_at[e] = now
+        return [(e, self.m._entries[e]) for e in ids]
 
-    # learner lease
+
+class MemoryRegistry(_MemoryRole, ModelRegistry):
     async def hold_lease(self, owner: str, ttl_s: float) -> bool:
-        now = self.clock.monotonic()
-        if self._lease is None or self._lease[0] == owner or self._lease[1] <= now:
-            self._lease = (owner, now + ttl_s)
+        now = self.m.clock.monotonic()
+        if self.m._lease is None or self.m._lease[0] == owner or self.m._lease[1] <= now:
+            self.m._lease = (owner, now + ttl_s)
             return True
         return False
 
     async def release_lease(self, owner: str) -> None:
-        if self._lease is not None and self._lease[0] == owner:
-            self._lease = None
+        if self.m._lease is not None and self.m._lease[0] == owner:
+            self.m._lease = None
 
     async def lease_holder(self) -> str | None:
-        if self._lease is None or self._lease[1] <= self.clock.monotonic():
+        if self.m._lease is None or self.m._lease[1] <= self.m.clock.monotonic():
             return None
-        return self._lease[0]
+        return self.m._lease[0]
 
     async def commit_learning(self, owner: str, acks: list[str], stats: dict[str, float],
                               log_records: list[dict], log_max: int,
@@ -290,40 +320,41 @@ class MemoryStore(Store):
         if weights is not None:
             await self.publish_weights(weights.version, weights.blob, {}, weights.parent,
                                        weights.keep, weights.expected)
-        self._stats.update(stats)
-        await self.append_log(log_records, log_max)
-        await self.ack(acks)
+        self.m._stats.update(stats)
+        await self.m.impressions.append_log(log_records, log_max)
+        await self.m.stream.ack(acks)
         return True
 
     # model
     async def publish_weights(self, version: int, blob: bytes, stats: dict[str, float],
                               parent: int = 0, keep: int = 5, expected: int | None = None
                               ) -> None:
-        if expected is not None and self._version != expected:
+        if expected is not None and self.m._version != expected:
             raise VersionConflict(f"version {expected} is not the latest any more")
-        self._weights[version] = blob
-        self._parents[version] = parent
-        for old in [v for v in self._weights if v <= version - keep]:
-            del self._weights[old]
-            self._parents.pop(old, None)
-        self._version = max(self._version, version)
-        self._stats.update(stats)
+        self.m._weights[version] = blob
+        self.m._parents[version] = parent
+        for old in [v for v in self.m._weights if v <= version - keep]:
+            del self.m._weights[old]
+            self.m._parents.pop(old, None)
+        self.m._version = max(self.m._version, version)
+        self.m._stats.update(stats)
 
     async def weights_parent(self, version: int) -> int:
-        return self._parents.get(version, 0)
+        return self.m._parents.get(version, 0)
 
     async def latest_version(self) -> int:
-        return self._version
+        return self.m._version
 
     async def get_weights(self, version: int) -> bytes | None:
-        return self._weights.get(version)
+        return self.m._weights.get(version)
 
     async def get_stats(self) -> dict[str, float]:
-        return dict(self._stats)
+        return dict(self.m._stats)
 
-    # rate limiting
+
+class MemoryRateLimits(_MemoryRole, RateLimits):
     async def count_request(self, bucket: str, window_start: int, window_s: int) -> int:
-        if window_start != self._window_start:  # a new window: older counts are done with
-            self._window_start, self._counts = window_start, {}
-        self._counts[bucket] = self._counts.get(bucket, 0) + 1
-        return self._counts[bucket]
+        if window_start != self.m._window_start:  # a new window: older counts are done with
+            self.m._window_start, self.m._counts = window_start, {}
+        self.m._counts[bucket] = self.m._counts.get(bucket, 0) + 1
+        return self.m._counts[bucket]

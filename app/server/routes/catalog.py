@@ -48,7 +48,7 @@ async def list_items(engine: EngineDep, limit: int = Query(100, ge=1, le=1000),
 
 @router.get("/items/{item_id}", response_model=ItemOut)
 async def get_item(item_id: Id, engine: EngineDep):
-    found = (await engine.store.get_items([item_id])).get(item_id)
+    found = (await engine.store.catalog.get_items([item_id])).get(item_id)
     if found is None:
         raise APIError(404, "item_not_found", f"no item {item_id!r}")
     return {"item_id": found.item_id, "text": found.text, "tags": found.tags,

@@ -50,4 +50,4 @@ async def evaluation_log(engine: EngineDep,
                          limit: int = Query(10_000, ge=1, le=1_000_000)):
     """Closed impressions (slate, logged propensities, rewards) for off-policy
     evaluation; ``recsvc export-log`` and ``recsvc ope`` read this."""
-    return {"records": await engine.store.read_log(limit)}
+    return {"records": await engine.store.impressions.read_log(limit)}

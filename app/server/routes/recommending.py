@@ -109,7 +109,7 @@ async def feedback_batch(body: FeedbackBatchIn, engine: EngineDep):
 
 @router.post("/events", response_model=EventOut, status_code=202)
 async def events(body: EventIn, engine: EngineDep):
-    if not (await engine.store.get_items([body.item_id])):
+    if not (await engine.store.catalog.get_items([body.item_id])):
         raise APIError(404, "item_not_found", f"no item {body.item_id!r}")
     await engine.add_event(body.user_id, body.item_id, body.event, body.value)
     return {"accepted": True}

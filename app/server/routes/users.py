@@ -12,12 +12,12 @@ router = APIRouter(prefix=V1)
 
 @router.get("/users/{user_id}", response_model=UserOut)
 async def get_user(user_id: Id, engine: EngineDep):
-    data = await engine.store.get_user(user_id)
+    data = await engine.store.users.get_user(user_id)
     return UserOut(user_id=user_id, history=[HistoryEntry(**h) for h in data.history])
 
 
 @router.delete("/users/{user_id}", status_code=204, response_class=Response,
                dependencies=ADMIN, responses=ADMIN_ERRORS)
 async def delete_user(user_id: Id, engine: EngineDep):
-    await engine.store.delete_user(user_id)
+    await engine.store.users.delete_user(user_id)
     return Response(status_code=204)

@@ -34,7 +34,8 @@ from app.settings import Settings
 from app.store import Impression, ItemRecord
 from app.store.redis_store import RedisStore
 from app.tools.processes import private_redis, running_service_process
-from models.index import CandidateIndex, set_search_threads
+from models.ann import set_search_threads
+from models.index import CandidateIndex
 from models.state import N_ITEM_FEATURES, StateLayout
 
 DIM = 384

@@ -151,9 +151,9 @@ def build(vectors: np.ndarray, ids: list[str], args, kind: str, device: str,
 def index_mb(index: CandidateIndex) -> float:
     import faiss
     try:
-        return len(faiss.serialize_index(index._index)) / 2**20
+        return len(faiss.serialize_index(index.ann.index)) / 2**20
     except Exception:  # GPU / torch indexes do not serialise: count their vectors
-        return index._index.ntotal * index.dim * 2 / 2**20
+        return index.ann.index.ntotal * index.dim * 2 / 2**20
 
 
 def row(label: str, build_s: float | None, rss: float | None, idx_mb: float | None,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind, threshold in configs:
         index, build_s, rss = build(vectors, ids, args, kind if threshold == 0 else "ivf",
                                     args.device, threshold)
-        label = {"ivf": f"ivf nlist={getattr(index._index, 'nlist', 0)} nprobe={args.nprobe[0]}",
+        label = {"ivf": f"ivf nlist={getattr(index.ann.index, 'nlist', 0)} nprobe={args.nprobe[0]}",
                  "hnsw": f"hnsw M={args.hnsw_m}"}.get(index.kind, "exact")
         label += f" ({index.backend})"
         mb = index_mb(index)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(row(label, build_s, rss, mb, lat, batch, recall(found, truth, args.n)))
             build_s = rss = mb = None
         for nprobe in args.nprobe[1:] if index.kind == "ivf" else []:
-            index.ivf_nprobe = nprobe
+            index.ann.params.ivf_nprobe = nprobe
             lat, found = time_searches(index, queries, args.n, 1, args.device)
             lines.append(row(f"  nprobe={nprobe}", None, None, None, lat, 1,
                              recall(found, truth, args.n)))

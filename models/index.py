@@ -5,16 +5,10 @@ delete retires its row, and retired rows are filtered out of every search and
 compacted away once they make up a fifth of the index. This gives add, update
 and remove on every FAISS index type, HNSW included (which cannot remove).
 
-Below ``exact_threshold`` live items the index is exact (flat inner product). At
-or above it the index is approximate: IVF with 8-bit scalar-quantised lists (the
-default: minutes to build at 1M items on two cores, a quarter of the memory of
-float vectors, native deletes) or an HNSW graph. Every search re-ranks what the
-index returns with the exact float32 inner products, so quantisation only decides
-which rows reach the cut, never their order.
-
-On CUDA the index stays exact at every size: a batched matrix product over the
-whole catalog is fast on a GPU. It is a faiss GPU index when faiss has a GPU
-build, else a torch one (``models.torch_flat``). Neither faiss GPU resources nor
+The FAISS structure (exact below a catalog size, IVF or HNSW above it; exact on
+CUDA) is ``models.ann``'s; this class owns the rows and their data, and re-ranks
+every search's result by the exact float32 inner products, so quantisation only
+decides which rows reach the cut, never their order. Neither faiss GPU resources nor
 this class are thread-safe, so every search and mutation holds one lock; callers
 batch concurrent queries into one ``search`` call.
 """
@@ -25,25 +19,14 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
-from typing import Any
 
-import faiss
 import numpy as np
 
+from models.ann import AnnParams, AnnStructure
 from models.lru import LRUCache
 from models.state import PRIOR_CTR, PRIOR_WEIGHT, TAG_BUCKETS, smoothed_ctr, tag_vectors
 
 COMPACT_FRACTION = 0.2
-APPROXIMATE_KINDS = ("ivf", "hnsw")
-# IVF: retrain the coarse quantiser once the catalog has grown this much since training
-IVF_RETRAIN_GROWTH = 4.0
-# Exact search switches from FAISS's one-query-at-a-time SIMD scan to a BLAS matrix
-# product from this many queries on. FAISS 1.15's default (128,000) never switches,
-# though micro-batched requests and the learner's next-action searches (64 queries)
-# come in batches: measured over 10k items x 384-d, one thread, top-200,
-# 1 query: 1.9 ms scan vs 4.1 ms BLAS; 4: 7.7 vs 4.2; 64: 124 vs 28.
-BLAS_FROM_QUERIES = 4
-faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
 # rows moved per step when compacting in place: bounds the temporary copy (~30 MB at 384-d)
 COMPACT_CHUNK = 20_000
 # the engagement ranking (``CandidateIndex.engaging``) is recomputed once this many more
@@ -64,23 +47,6 @@ Hits = tuple[np.ndarray, np.ndarray]
 NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
-def ivf_lists(n: int) -> int:
-    """Inverted lists for ``n`` items: a power of two near 4 * sqrt(n) (4096 at 1M)."""
-    return int(2 ** round(np.log2(max(4 * np.sqrt(max(n, 1)), 64))))
-
-
-def set_search_threads(n: int) -> None:
-    """Threads FAISS's OpenMP pool may use per search. A serving process runs searches
-    from its own request threads; a second pool of spinning OpenMP threads on top of
-    them costs more than it gains (on 2 cores: 1.5 -> 0.9 ms per request at batch 16)."""
-    faiss.omp_set_num_threads(max(1, n))
-
-
-def faiss_has_gpu() -> bool:
-    """True when this faiss build can place indexes on a CUDA device."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 class CandidateIndex:
     """Maps item ids to embeddings and answers top-N inner-product queries.
 
@@ -92,26 +58,13 @@ class CandidateIndex:
     def __init__(self, dim: int, exact_threshold: int = 50_000, approximate_kind: str = "ivf",
                  hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 256,
                  ivf_nprobe: int = 16, device: str = "cpu", seed: int = 0) -> None:
-        if approximate_kind not in APPROXIMATE_KINDS:
-            raise ValueError(f"approximate_kind must be one of {APPROXIMATE_KINDS}")
         self.dim = dim
-        self.exact_threshold = exact_threshold
-        self.approximate_kind = approximate_kind
-        self.hnsw_m = hnsw_m
-        self.ef_construction = ef_construction
-        self.ef_search = ef_search
-        self.ivf_nprobe = ivf_nprobe
-        self.device = device
-        self.seed = seed
+        self.ann = AnnStructure(dim, AnnParams(
+            exact_threshold, approximate_kind, hnsw_m, ef_construction, ef_search,
+            ivf_nprobe, device, seed))
         self._lock = threading.RLock()
-        self._gpu_res = None
-        if device == "cuda" and faiss_has_gpu():
-            self._gpu_res = faiss.StandardGpuResources()
         self._reset_storage(0)
         self._n_unavailable = 0
-        self._kind = "flat"
-        self._trained_on = 0
-        self._index = self._new_index("flat", self._vectors[:0])
         self._deferred = False  # in a bulk load: FAISS is built once, at its end
         # rows ranked by smoothed CTR, with the index version and impression count they
         # were ranked at
@@ -131,9 +84,7 @@ class CandidateIndex:
     @property
     def backend(self) -> str:
         """Where searches run: ``faiss-cpu``, ``faiss-gpu`` or ``torch-cuda``."""
-        if self.device != "cuda":
-            return "faiss-cpu"
-        return "faiss-gpu" if self._gpu_res is not None else "torch-cuda"
+        return self.ann.backend
 
     # -- storage ---------------------------------------------------------------
     def _reset_storage(self, capacity: int) -> None:
@@ -201,47 +152,17 @@ class CandidateIndex:
             if not self._deferred:
                 return
             self._deferred = False
-            self._rebuild(self._wanted_kind())
+            self._rebuild(self.ann.wanted_kind(len(self._row_of)))
             self.version += 1
-
-    def _new_index(self, kind: str, vectors: np.ndarray) -> Any:
-        """A FAISS (or torch) index of ``kind``, trained on ``vectors`` if it needs it."""
-        self._kind = kind
-        index: Any
-        if kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = self.ef_construction
-            index.hnsw.efSearch = self.ef_search
-            return index
-        if kind == "ivf":
-            nlist = ivf_lists(len(vectors))
-            self._quantizer = faiss.IndexFlatIP(self.dim)  # the index does not own it
-            index = faiss.IndexIVFScalarQuantizer(self._quantizer, self.dim, nlist,
-                                                  faiss.ScalarQuantizer.QT_8bit,
-                                                  faiss.METRIC_INNER_PRODUCT)
-            index.cp.niter = 10
-            index.cp.seed = self.seed
-            sample = min(len(vectors), 32 * nlist)
-            rows = np.random.default_rng(self.seed).choice(len(vectors), sample, replace=False)
-            index.train(vectors[np.sort(rows)])
-            index.nprobe = self.ivf_nprobe
-            self._trained_on = len(vectors)
-            return index
-        if self._gpu_res is not None:
-            return faiss.index_cpu_to_gpu(self._gpu_res, 0, faiss.IndexFlatIP(self.dim))
-        if self.device == "cuda":
-            from models.torch_flat import TorchFlatIP
-            return TorchFlatIP(self.dim)
-        return faiss.IndexFlatIP(self.dim)
 
     @property
     def approximate(self) -> bool:
-        return self._kind in APPROXIMATE_KINDS
+        return self.ann.approximate
 
     @property
     def kind(self) -> str:
         """``flat`` (exact), ``ivf`` or ``hnsw``."""
-        return self._kind
+        return self.ann.kind
 
     def __len__(self) -> int:
         return len(self._row_of)
@@ -284,7 +205,7 @@ class CandidateIndex:
                 if ids[i] in carried:
                     self._stats[row] = carried[ids[i]]
             if not self._deferred:
-                self._index.add(self._vectors[rows])
+                self.ann.add(self._vectors[rows])
                 self._maybe_rebuild()
             self.version += 1
 
@@ -319,32 +240,21 @@ class CandidateIndex:
         self._n_dead += 1
         return True
 
-    def _wanted_kind(self) -> str:
-        """The index kind for the current number of live items."""
-        live = len(self._row_of)
-        return (self.approximate_kind if live >= self.exact_threshold and self.device != "cuda"
-                else "flat")
-
     def _maybe_rebuild(self) -> None:
         if self._deferred:
             return
-        want = self._wanted_kind()
+        live = len(self._row_of)
+        want = self.ann.wanted_kind(live)
         if self._n_rows and (self._n_dead > COMPACT_FRACTION * self._n_rows
-                             or want != self._kind or self._ivf_outgrown(len(self._row_of))):
+                             or want != self.ann.kind or self.ann.outgrown(live)):
             self._rebuild(want)
 
-    def _ivf_outgrown(self, live: int) -> bool:
-        """An IVF index whose catalog grew past IVF_RETRAIN_GROWTH x what trained it."""
-        return self._kind == "ivf" and live > IVF_RETRAIN_GROWTH * self._trained_on
-
     def _rebuild(self, kind: str) -> None:
-        """Compact retired rows away and rebuild the FAISS structure.
+        """Compact retired rows away and rebuild the FAISS structure over the rest.
 
         Compaction moves live rows down in place, a chunk at a time (row ``i`` of the
         result comes from a row at or after ``i``, so nothing unread is overwritten):
-        no second copy of the vectors exists at any moment. A trained IVF index that
-        has not outgrown its training keeps its coarse quantiser (only the lists are
-        refilled), so compaction costs no k-means."""
+        no second copy of the vectors exists at any moment."""
         rows = np.flatnonzero(self._live[: self._n_rows])
         n = len(rows)
         if n < self._n_rows:
@@ -368,14 +278,7 @@ class CandidateIndex:
         if len(self._live) > 2 * max(n, 1024):  # most of the catalog went: give memory back
             self._resize(max(n, 1024))
         self._row_of = {item_id: i for i, item_id in enumerate(self._ids[:n].tolist())}
-        vectors = self._vectors[:n]
-        if kind == "ivf" and self._kind == "ivf" and not self._ivf_outgrown(n):
-            self._index.reset()
-        else:
-            self._index = None  # free the old structure before building the new one
-            self._index = self._new_index(kind, vectors)
-        if n:
-            self._index.add(vectors)
+        self.ann.rebuild(kind, self._vectors[:n])
 
     # -- queries ---------------------------------------------------------------
     def ids(self) -> list[str]:
@@ -631,16 +534,6 @@ class CandidateIndex:
             pick = order[j, : counts[j]]
             results[slot] = (rows[j, pick], vectors[j, pick])
 
-    def _widen(self, fetch: int) -> None:
-        """Let the approximate structure return ``fetch`` results: HNSW's beam must be at
-        least that wide, and IVF must scan lists holding several times that many rows."""
-        if self._kind == "hnsw":
-            self._index.hnsw.efSearch = max(self.ef_search, 2 * fetch)
-        elif self._kind == "ivf":
-            per_list = max(self._n_rows / self._index.nlist, 1.0)
-            self._index.nprobe = int(min(self._index.nlist,
-                                         max(self.ivf_nprobe, np.ceil(4 * fetch / per_list))))
-
     def search(self, queries: np.ndarray, n: int,
                banned_rows: Sequence[np.ndarray] | None = None) -> list[Hits]:
         """Top-``n`` live, available items per query that its ``banned_rows`` (rows,
@@ -659,12 +552,11 @@ class CandidateIndex:
             extra = max((len(b) for b in banned_rows), default=0)
             kept = max(servable / self._n_rows, 0.05)
             fetch = min(self._n_rows, int((n + extra) / kept) + 8)
-            if self._kind == "ivf":  # 8-bit codes: fetch a margin for the exact re-rank
+            if self.ann.kind == "ivf":  # 8-bit codes: fetch a margin for the exact re-rank
                 fetch = min(self._n_rows, fetch + n // 4)
             todo = np.arange(len(queries))
             while len(todo) and fetch > 0:
-                self._widen(fetch)
-                _, found = self._index.search(queries[todo], fetch)
+                found = self.ann.search(queries[todo], fetch, self._n_rows)
                 rows = np.maximum(found, 0)
                 ok = (found >= 0) & self._servable[rows]
                 mask = self._scratch_mask()

@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from models.index import CandidateIndex, faiss_has_gpu
+from models.ann import faiss_has_gpu
+from models.index import CandidateIndex
 from tests.index_ids import engaging_ids, related_ids, search_ids, stats_of, tags_of
 
 

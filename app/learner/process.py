@@ -32,9 +32,10 @@ from app.loops import PeriodicLoop
 from app.metrics import ReadAtScrape, new_registry
 from app.settings import Settings
 from app.store import StoreUnavailable, make_store
+from models.ann import set_search_threads
 from models.device import resolve_device
 from models.encoder import embedding_dim
-from models.index import CandidateIndex, set_search_threads
+from models.index import CandidateIndex
 from models.state import StateLayout
 
 log = logging.getLogger("recsvc.learner.process")

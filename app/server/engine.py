@@ -37,6 +37,7 @@ from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
 from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
+from models.ann import set_search_threads
 from models.device import resolve_device
 from models.encoder import TextEncoder, text_key
 from models.ensemble import (
@@ -47,7 +48,7 @@ from models.ensemble import (
     report_from_tensors,
 )
 from models.exploration import SlateChoice, epsilon_greedy_slate
-from models.index import NO_ROWS, CandidateIndex, Hits, set_search_threads
+from models.index import NO_ROWS, CandidateIndex, Hits
 from models.lru import LRUCache
 from models.qnet import (
     QNetwork,

@@ -29,14 +29,11 @@ from __future__ import annotations
 import json
 import struct
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from models.adaptation import AdaptationRule
-from models.ensemble import EnsembleParams
 from models.state import N_ITEM_FEATURES, StateLayout
 
 SKIP_RANK = 32
@@ -244,38 +241,3 @@ def _metadata(blob: bytes) -> dict[str, str]:
 def all_finite(net: nn.Module) -> bool:
     """True when every parameter is finite; non-finite weights are never published."""
     return all(bool(torch.isfinite(p).all()) for p in net.parameters())
-
-
-class Scorer:
-    """Inference-side view of one weights version: query vector and scores, on numpy."""
-
-    def __init__(self, net: QNetwork, version: int, device: str = "cpu",
-                 ensemble: EnsembleParams | None = None,
-                 adaptation: AdaptationRule | None = None) -> None:
-        self.net = net.to(device).eval()
-        self.version = version
-        self.device = device
-        # the options' learned state, of the same version, when they are on
-        self.ensemble = ensemble
-        self.adaptation = adaptation
-
-    @torch.inference_mode()
-    def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(B, state_dim)`` -> queries ``(B, action_dim)`` and state values ``(B,)``.
-
-        ``query[:, :item_dim]`` is the retrieval query in item-embedding space.
-        """
-        s = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)).to(self.device)
-        q, v = self.net(s)
-        return q.float().cpu().numpy(), v.float().cpu().numpy()
-
-    @staticmethod
-    def score(query: np.ndarray, value: float, items: np.ndarray,
-              features: np.ndarray | None = None) -> np.ndarray:
-        """Q of every candidate: one matrix-vector product over item embeddings, plus
-        the per-candidate features' small product (zero features when none are given)."""
-        d = items.shape[1]
-        scores = items @ query[:d] + value
-        if features is not None and len(features):
-            scores += features @ query[d:]
-        return scores

@@ -134,7 +134,7 @@ def test_resting_is_learned_from_whether_re_shown_items_are_taken(passed_over_ag
     re-shown items are passed over again; where users take them as often as anything
     else, nothing rests. Before any evidence, nothing does."""
     from app.server.engine import Engine
-    from models.qnet import Scorer
+    from models.scorer import Scorer
     from models.state import FEATURE_GROUPS
 
     net = QNetwork(StateLayout(8).size, 8, hidden=16)

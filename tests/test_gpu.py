@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_encoder_and_scorer_match_cpu(encoder):
     from models.encoder import TextEncoder
-    from models.qnet import QNetwork, Scorer
+    from models.qnet import QNetwork
+    from models.scorer import Scorer
     from models.state import StateLayout
 
     texts = ["Toy Story (1995). Animation", "a 30 year old engineer"]

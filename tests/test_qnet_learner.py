@@ -10,7 +10,8 @@ import torch
 
 from models.exploration import epsilon_greedy_slate
 from models.learner import DQNConfig, DQNLearner
-from models.qnet import QNetwork, Scorer, split_weights, weights_to_bytes
+from models.qnet import QNetwork, split_weights, weights_to_bytes
+from models.scorer import Scorer
 from models.state import (
     N_ITEM_FEATURES,
     STEP_DECAY,

@@ -50,13 +50,8 @@ from models.ensemble import (
 from models.exploration import SlateChoice, epsilon_greedy_slate
 from models.index import NO_ROWS, CandidateIndex, Hits
 from models.lru import LRUCache
-from models.qnet import (
-    QNetwork,
-    Scorer,
-    all_finite,
-    split_weights,
-    weights_shape,
-)
+from models.qnet import QNetwork, all_finite, split_weights, weights_shape
+from models.scorer import Scorer
 from models.session import SessionGaps, session_start
 from models.state import (
     FEATURE_GROUPS,

@@ -27,7 +27,7 @@ from app.features import user_state_and_history
 from app.settings import Settings
 from app.store import Impression, UserData
 from models.index import CandidateIndex
-from models.qnet import Scorer
+from models.scorer import Scorer
 from models.state import FEATURE_GROUPS, StateLayout, candidate_features
 
 # history items explained per request: the latest distinct ones

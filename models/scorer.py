@@ -1,0 +1,47 @@
+"""One weights version as serving uses it: the Q-network's queries and scores, with
+the options' learned state of the same version (the ensemble's arms and agents, the
+new-user adaptation rule) beside it, so a request is served by one version whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.adaptation import AdaptationRule
+from models.ensemble import EnsembleParams
+from models.qnet import QNetwork
+
+
+class Scorer:
+    """Inference-side view of one weights version: query vector and scores, on numpy."""
+
+    def __init__(self, net: QNetwork, version: int, device: str = "cpu",
+                 ensemble: EnsembleParams | None = None,
+                 adaptation: AdaptationRule | None = None) -> None:
+        self.net = net.to(device).eval()
+        self.version = version
+        self.device = device
+        # the options' learned state, of the same version, when they are on
+        self.ensemble = ensemble
+        self.adaptation = adaptation
+
+    @torch.inference_mode()
+    def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(B, state_dim)`` -> queries ``(B, action_dim)`` and state values ``(B,)``.
+
+        ``query[:, :item_dim]`` is the retrieval query in item-embedding space.
+        """
+        s = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)).to(self.device)
+        q, v = self.net(s)
+        return q.float().cpu().numpy(), v.float().cpu().numpy()
+
+    @staticmethod
+    def score(query: np.ndarray, value: float, items: np.ndarray,
+              features: np.ndarray | None = None) -> np.ndarray:
+        """Q of every candidate: one matrix-vector product over item embeddings, plus
+        the per-candidate features' small product (zero features when none are given)."""
+        d = items.shape[1]
+        scores = items @ query[:d] + value
+        if features is not None and len(features):
+            scores += features @ query[d:]
+        return scores

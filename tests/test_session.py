@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from app.features import resting_items
 from app.store.base import UserData
+from app.user_state import resting_items
 from models.session import DEFAULT_GAP_S, SessionGaps, session_start
 
 

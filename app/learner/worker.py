@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.clock import SYSTEM_CLOCK, Clock
-from app.features import context_of, user_state
 from app.loops import PeriodicLoop
 from app.settings import Settings
 from app.store import Impression, Store, StoreUnavailable, UserData
 from app.store.base import VersionConflict, WeightsUpdate
+from app.user_state import context_of, user_state
 from models.adaptation import AdaptationLearner, rule_features
 from models.ensemble import EnsembleLearner, linear_features
 from models.index import CandidateIndex

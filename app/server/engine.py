@@ -27,7 +27,6 @@ from threadpoolctl import threadpool_limits
 from app.catalog import CatalogReplica, index_records
 from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import APIError
-from app.features import latest_first, resting_items, user_state_and_history
 from app.ids import new_ulid
 from app.loops import PeriodicLoop
 from app.metrics import Metrics
@@ -36,6 +35,7 @@ from app.server.explain import explain_slate, importance
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
 from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
+from app.user_state import latest_first, resting_items, user_state_and_history
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.ann import set_search_threads
 from models.device import resolve_device

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.features import user_state_and_history
 from app.settings import Settings
 from app.store import Impression, UserData
+from app.user_state import user_state_and_history
 from models.index import CandidateIndex
 from models.scorer import Scorer
 from models.state import FEATURE_GROUPS, StateLayout, candidate_features

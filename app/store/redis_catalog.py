@@ -30,14 +30,10 @@ class RedisCatalog(RedisRole, CatalogStore):
 
     @_guard
     async def get_items(self, item_ids: list[str]) -> dict[str, ItemRecord]:
-        out = {}
-        hashes = await self.core.hgetall_each([self._item(i) for i in item_ids])
-        for i, h in zip(item_ids, hashes, strict=True):
-            if h:
-                out[i] = ItemRecord(i, h[b"text"].decode(), orjson.loads(h[b"tags"]),
-                                    bool(int(h[b"available"])), h[b"emb"],
-                                    h[b"text_key"].decode())
-        return out
+        found = await self.core.hashes({i: self._item(i) for i in item_ids})
+        return {i: ItemRecord(i, h[b"text"].decode(), orjson.loads(h[b"tags"]),
+                              bool(int(h[b"available"])), h[b"emb"], h[b"text_key"].decode())
+                for i, h in found.items()}
 
     @_guard
     async def delete_item(self, item_id: str, origin: str = "") -> bool:

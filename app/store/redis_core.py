@@ -253,14 +253,15 @@ class RedisCore(RedisKeys):
             pipe.delete(key)
         await pipe.execute()
 
-    async def hgetall_each(self, keys: list[str]) -> list[dict[bytes, bytes]]:
-        """HGETALL of each key, pipelined (an empty dict for a missing key)."""
+    async def hashes(self, keys: dict[str, str]) -> dict[str, dict[bytes, bytes]]:
+        """``{name: key}`` -> ``{name: the hash at key}`` for the keys that exist, one
+        HGETALL each, pipelined."""
         if not keys:
-            return []
+            return {}
         pipe = self.r.pipeline(transaction=False)
-        for key in keys:
+        for key in keys.values():
             pipe.hgetall(key)
-        return await pipe.execute()
+        return {name: h for name, h in zip(keys, await pipe.execute(), strict=True) if h}
 
     async def set_each(self, pairs: list[tuple[str, bytes | str]], ttl_s: int) -> None:
         """One SET with a TTL per pair, pipelined."""

@@ -66,6 +66,21 @@ def _rewards_of(h: dict[bytes, bytes]) -> dict[str, float]:
 
 
 
+def _impression_of(request_id: str, h: dict[bytes, bytes]) -> Impression:
+    """An impression from its stored hash, written by this release or an earlier one."""
+    return Impression(request_id, h[b"user_id"].decode(), float(h[b"ts"]),
+                      int(h[b"version"]), h[b"state"], orjson.loads(h[b"items"]),
+                      orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]),
+                      orjson.loads(h.get(b"features", b"[]")), int(h.get(b"n_cand", 0)),
+                      _rewards_of(h), _events_of(h),
+                      # before arm_p, agents were top-k masks
+                      orjson.loads(h.get(b"agents", b"[]")) if b"arm_p" in h else [],
+                      orjson.loads(h.get(b"sources", b"[]")),
+                      orjson.loads(h.get(b"depths", b"[]")),
+                      float(h.get(b"arm_p", b"1")), h.get(b"deferred") == b"1",
+                      [k[2:].decode() for k in h if k.startswith(b"s:")])
+
+
 class RedisImpressions(RedisRole, ImpressionLog):
     def __init__(self, core: RedisCore, user_ttl_s: int, stream_max: int) -> None:
         """``user_ttl_s``: as the users' (feedback appends to a history);
@@ -115,25 +130,8 @@ class RedisImpressions(RedisRole, ImpressionLog):
 
     @_guard
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
-        out = {}
-        hashes = await self.core.hgetall_each([self._imp(rid) for rid in request_ids])
-        for rid, h in zip(request_ids, hashes, strict=True):
-            if h:
-                out[rid] = Impression(rid, h[b"user_id"].decode(), float(h[b"ts"]),
-                                      int(h[b"version"]), h[b"state"], orjson.loads(h[b"items"]),
-                                      orjson.loads(h[b"props"]), orjson.loads(h[b"explored"]),
-                                      orjson.loads(h.get(b"features", b"[]")),
-                                      int(h.get(b"n_cand", 0)),
-                                      _rewards_of(h), _events_of(h),
-                                      # before arm_p, agents were top-k masks
-                                      orjson.loads(h.get(b"agents", b"[]"))
-                                      if b"arm_p" in h else [],
-                                      orjson.loads(h.get(b"sources", b"[]")),
-                                      orjson.loads(h.get(b"depths", b"[]")),
-                                      float(h.get(b"arm_p", b"1")),
-                                      h.get(b"deferred") == b"1",
-                                      [k[2:].decode() for k in h if k.startswith(b"s:")])
-        return out
+        found = await self.core.hashes({rid: self._imp(rid) for rid in request_ids})
+        return {rid: _impression_of(rid, h) for rid, h in found.items()}
 
     @_guard
     async def mark_seen(self, request_id: str, item_ids: list[str]) -> bool:

@@ -95,5 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.write_docs:
         write_block("explain", section, "## Explanations (issue 7, part 4)")
 
+
 if __name__ == "__main__":
     main()

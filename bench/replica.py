@@ -4,7 +4,7 @@ A production replica (``RECSVC_ROLE=api``) keeps the whole catalog's embeddings 
 its FAISS index in memory; this measures what that costs at ``--items`` items.
 
 The catalog is written straight into a private Redis through the service's own
-store (``RedisStore.put_items``), with synthetic 384-d embeddings (``TopicSpace``, as
+store (``store.catalog.put_items``), with synthetic 384-d embeddings (``TopicSpace``, as
 in ``bench.retrieval``): embedding a million titles takes about 90 minutes on this
 machine's CPU, and that cost is ingestion's (``bench.load`` measures it), not the
 replica's. Then one ``recsvc serve`` starts against that Redis; the benchmark

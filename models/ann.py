@@ -59,7 +59,7 @@ class AnnParams:
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 256
-    ivf_nprobe: int = 16  # lists scanned at least (a search widens it: ``widen``)
+    ivf_nprobe: int = 16  # lists scanned at least (a search widens it: ``_widen``)
     device: str = "cpu"
     seed: int = 0
 

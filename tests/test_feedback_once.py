@@ -141,7 +141,6 @@ async def test_redone_writes_add_nothing_twice(paused_store):
     assert again.status == "duplicate"
 
 
-
 async def test_a_write_refused_by_redis_leaves_the_event_open_to_its_retry(paused_store):
     """One of the writes gets an error reply (here the stream key holds a string:
     WRONGTYPE). The marker must not stay moved to the reward: the retry is accepted and

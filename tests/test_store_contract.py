@@ -330,7 +330,7 @@ async def test_weight_versions_remember_their_parent_and_only_the_newest_are_kep
     for v in range(1, 6):
         await store.registry.publish_weights(v, f"w{v}".encode(), {}, parent=v - 1, keep=3)
     assert [await store.registry.get_weights(v) for v in range(1, 6)] == [None, None, b"w3", b"w4",
-                                                                           b"w5"]
+                                                                          b"w5"]
     assert [await store.registry.weights_parent(v) for v in (5, 3, 1, 99)] == [4, 2, 0, 0]
 
 

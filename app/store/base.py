@@ -143,6 +143,7 @@ class Lifecycle(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+
 class CatalogStore(abc.ABC):
     """The items and the changes to them that replicas follow (``app.catalog``)."""
 
@@ -175,6 +176,7 @@ class CatalogStore(abc.ABC):
     @abc.abstractmethod
     async def all_item_ids(self) -> list[str]: ...
 
+
 class EmbeddingCache(abc.ABC):
     """Context embeddings shared by the API replicas."""
 
@@ -183,6 +185,7 @@ class EmbeddingCache(abc.ABC):
 
     @abc.abstractmethod
     async def put_embedding(self, key: str, vector: bytes, ttl_s: int) -> None: ...
+
 
 class UserStore(abc.ABC):
     """Users' histories and the items recently shown to them."""
@@ -201,6 +204,7 @@ class UserStore(abc.ABC):
     @abc.abstractmethod
     async def delete_user(self, user_id: str) -> None:
         """Erase history, shown items, logged impressions and evaluation-log records."""
+
 
 class ImpressionLog(abc.ABC):
     """Logged slates, the feedback on them, and the evaluation log of closed ones."""
@@ -274,6 +278,7 @@ class ImpressionLog(abc.ABC):
     async def read_log(self, limit: int) -> list[dict]:
         """The newest ``limit`` records, oldest first."""
 
+
 class EventStream(abc.ABC):
     """Impressions and feedback on their way to the learner (consumer-group semantics)."""
 
@@ -295,6 +300,7 @@ class EventStream(abc.ABC):
         """Make ``consumer`` the owner of entries pending on any consumer for at least
         ``min_idle_s`` and return them (Redis XAUTOCLAIM): a new lease holder takes over
         what the dead one had read but not committed."""
+
 
 class ModelRegistry(abc.ABC):
     """The learner lease, the weights versions and the learner's commits."""
@@ -345,6 +351,7 @@ class ModelRegistry(abc.ABC):
     async def get_stats(self) -> dict[str, float]:
         """The learner's counters as its latest commit wrote them, so every API replica
         reports them."""
+
 
 class RateLimits(abc.ABC):
     """Request counts per key and window, shared by the API replicas (``app.server.gate``)."""

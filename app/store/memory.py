@@ -200,7 +200,6 @@ class MemoryUsers(_MemoryRole, UserStore):
         self.m._log = deque(r for r in self.m._log if r.get("user_id") != user_id)
 
 
-
 class MemoryImpressions(_MemoryRole, ImpressionLog):
     async def log_impression(self, imp: Impression, ttl_s: int, shown_max: int) -> None:
         self.m._purge()
@@ -211,7 +210,7 @@ class MemoryImpressions(_MemoryRole, ImpressionLog):
         shown.extend((i, imp.ts) for i in imp.item_ids)
         del shown[:-shown_max]
         self.m._append({"type": "impression", "request_id": imp.request_id,
-                      "user_id": imp.user_id, "ts": repr(imp.ts)})
+                        "user_id": imp.user_id, "ts": repr(imp.ts)})
 
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
         now = self.m.clock.time()
@@ -242,10 +241,10 @@ class MemoryImpressions(_MemoryRole, ImpressionLog):
             imp.rewards[item_id] = imp.rewards.get(item_id, 0.0) + reward
             imp.events.setdefault(item_id, []).append(event)
         await self.m.users.add_event(user_id, {"item_id": item_id, "event": event, "ts": ts,
-                                       "value": value}, history_max)
+                                               "value": value}, history_max)
         self.m._append({"type": "feedback", "request_id": request_id, "user_id": user_id,
-                      "item_id": item_id, "event": event, "reward": repr(reward),
-                      "ts": repr(ts)})
+                        "item_id": item_id, "event": event, "reward": repr(reward),
+                        "ts": repr(ts)})
         return True, reward
 
     # evaluation log

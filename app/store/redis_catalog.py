@@ -81,7 +81,6 @@ class RedisCatalog(RedisRole, CatalogStore):
         return [m.decode() async for m in self.r.sscan_iter(f"{self.p}:items", count=1000)]
 
 
-
 class RedisEmbeddings(RedisRole, EmbeddingCache):
     @_guard
     async def get_embedding(self, key: str) -> bytes | None:

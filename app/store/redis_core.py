@@ -51,7 +51,8 @@ GROUP = "learners"
 # erasure tombstones are kept this long: longer than any feedback write or learner
 # commit can take to land after the erasure it races
 ERASED_KEPT_S = 86_400
-# a feedback dedupe marker whose writes have not all landed yet (see feedback_on_slates)
+# a feedback dedupe marker whose writes have not all landed yet (see
+# ``RedisImpressions.feedback_on_slates``)
 PENDING = b"pending"
 
 # Replies that mean "unavailable", not "wrong": the connection or the server is down,
@@ -69,7 +70,6 @@ _REFUSED = re.compile(r"\b(NOREPLICAS|MISCONF)\b")
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
 
 
 def _guard(fn):
@@ -134,7 +134,6 @@ def _packing_with_hiredis(pool: aioredis.ConnectionPool) -> aioredis.ConnectionP
     base = pool.connection_class
     pool.connection_class = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
     return pool
-
 
 
 class RedisKeys:
@@ -215,7 +214,6 @@ class RedisCore(RedisKeys):
     async def ping(self) -> bool:
         return bool(await self.r.ping())
 
-
     @_guard
     async def check_writable(self) -> None:
         """A write that expires: PING answers on a server that refuses every write (out
@@ -234,9 +232,9 @@ class RedisCore(RedisKeys):
         except Exception:  # noqa: BLE001 - best effort: the next call reconnects anyway
             pass
 
-
     async def ensure_group(self) -> None:
-        """Create the learners' consumer group (and the stream) once per connection."""
+        """Create the learners' consumer group (and the stream) once per client, and again
+        after Redis lost it (``RedisStream.read_stream`` sees NOGROUP)."""
         if self.group_ready:
             return
         try:
@@ -294,3 +292,11 @@ class RedisRole(RedisKeys):
     @property
     def r(self) -> Any:
         return self.core.r
+
+    @property
+    def user_ttl_s(self) -> int:
+        return self.core.user_ttl_s
+
+    @property
+    def stream_max(self) -> int:
+        return self.core.stream_max

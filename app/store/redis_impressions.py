@@ -38,7 +38,6 @@ return 1
 """
 
 
-
 def _events_of(h: dict[bytes, bytes]) -> dict[str, list[str]]:
     """Item -> event types, from an impression hash's ``e:{item}:{event}`` fields (item
     ids may hold ':', event names never do)."""
@@ -65,7 +64,6 @@ def _rewards_of(h: dict[bytes, bytes]) -> dict[str, float]:
     return out
 
 
-
 def _impression_of(request_id: str, h: dict[bytes, bytes]) -> Impression:
     """An impression from its stored hash, written by this release or an earlier one."""
     return Impression(request_id, h[b"user_id"].decode(), float(h[b"ts"]),
@@ -82,12 +80,8 @@ def _impression_of(request_id: str, h: dict[bytes, bytes]) -> Impression:
 
 
 class RedisImpressions(RedisRole, ImpressionLog):
-    def __init__(self, core: RedisCore, user_ttl_s: int, stream_max: int) -> None:
-        """``user_ttl_s``: as the users' (feedback appends to a history);
-        ``stream_max``: the event stream is trimmed to about this many entries."""
+    def __init__(self, core: RedisCore) -> None:
         super().__init__(core)
-        self.user_ttl_s = user_ttl_s
-        self.stream_max = stream_max
         self._mark_seen = self.r.register_script(_MARK_SEEN)
 
     @_guard
@@ -194,7 +188,6 @@ class RedisImpressions(RedisRole, ImpressionLog):
             await self._write_feedback(accepted, history_max, ttl_s)
         return out
 
-
     def _marker(self, request_id: str, item_id: str, event: str) -> str:
         return f"{self.p}:fb:{request_id}:{item_id}:{event}"
 
@@ -258,7 +251,6 @@ class RedisImpressions(RedisRole, ImpressionLog):
             raise refused[0]
         if cluster:
             await self.core.set_each([(m, repr(e.reward)) for e, _, m, _ in accepted], ttl_s)
-
 
     # evaluation log
     @_guard

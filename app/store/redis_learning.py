@@ -68,11 +68,9 @@ return 1
 """
 
 
-
 def _counted(values: Iterable) -> list:
     values = list(values)
     return [len(values), *values]
-
 
 
 class RedisStream(RedisRole, EventStream):
@@ -130,7 +128,6 @@ class RedisStream(RedisRole, EventStream):
             if start == "0-0":
                 break
         return out
-
 
 
 class RedisRegistry(RedisRole, ModelRegistry):

@@ -7,15 +7,11 @@ import time
 import orjson
 
 from app.store.base import UserData, UserStore
-from app.store.redis_core import ERASED_KEPT_S, GROUP, RedisCore, RedisRole, _guard
+from app.store.redis_core import ERASED_KEPT_S, GROUP, RedisRole, _guard
 
 
 class RedisUsers(RedisRole, UserStore):
-    def __init__(self, core: RedisCore, user_ttl_s: int) -> None:
-        """``user_ttl_s``: a user's history and shown items expire this long after
-        their last write."""
-        super().__init__(core)
-        self.user_ttl_s = user_ttl_s
+    """A user's history and shown items expire ``user_ttl_s`` after their last write."""
 
     @_guard
     async def get_user(self, user_id: str) -> UserData:

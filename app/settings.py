@@ -20,6 +20,7 @@ from models.learner import DQNConfig
 from models.rewards import HEADS, RewardMap
 
 _LEARNER = DQNConfig()  # the learner's defaults, which the learning settings take
+_EXPLORATION = EpsilonSchedule()  # and the exploration schedule's
 
 
 def _keys(inline: SecretStr, path: str | None) -> list[str]:
@@ -110,9 +111,10 @@ class Settings(BaseSettings):
                             "are not shown again while ignored (0: off)")
     history_decay: float = Field(0.8, description="recency weight per step back in history")
     exposure_recent_s: float = Field(1800.0, description="scale of the shown-ignored penalty")
-    epsilon_start: float = 0.2
-    epsilon_end: float = 0.03
-    epsilon_decay: float = Field(2_000.0, description="learned feedback events per 1/e decay")
+    epsilon_start: float = _EXPLORATION.start
+    epsilon_end: float = _EXPLORATION.end
+    epsilon_decay: float = Field(_EXPLORATION.decay,
+                                 description="learned feedback events per 1/e decay")
     seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
 
     ensemble: bool = Field(True, description="rank by a fused ensemble of agents "

@@ -10,11 +10,8 @@ for line in io.lines(path) do
   if rid then table.insert(pairs_, {rid, item}) end
 end
 
-local threads = {}
-function setup(thread)
-  thread:set("tid", #threads + 1)
-  table.insert(threads, thread)
-end
+-- setup() and the global ``threads``, from threads.lua beside this script
+dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "threads.lua")
 
 function init(args)
   accepted, other = 0, 0

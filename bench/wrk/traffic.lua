@@ -22,11 +22,8 @@ if api_key and api_key ~= "" then headers["X-API-Key"] = api_key end
 -- fb_share of all requests
 local p_click = fb_share > 0 and fb_share / (1 - fb_share) or 0
 
-local threads = {}
-function setup(thread)
-  thread:set("tid", #threads + 1)
-  table.insert(threads, thread)
-end
+-- setup() and the global ``threads``, from threads.lua beside this script
+dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "threads.lua")
 
 function init(args)
   math.randomseed(tid * 7919 + os.time())

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from app.ids import new_ulid
 from app.schemas import RecommendIn, RecommendOut, SlateItem
+from app.server.api import NO_NATIVE_TELEMETRY
 from app.server.batching import StoreBatcher
 from app.store import Impression
 from app.store.redis_store import RedisStore
@@ -41,7 +42,7 @@ def create_floor_app(store: RedisStore | None = None, ttl_s: int = 86_400,
                      shown_max: int = 200) -> FastAPI:
     """``ttl_s`` and ``shown_max``: the service's defaults (RECSVC_IMPRESSION_TTL_S,
     RECSVC_SHOWN_LEN)."""
-    app = FastAPI(title="recsvc floor")
+    app = FastAPI(title="recsvc floor", telemetry=NO_NATIVE_TELEMETRY)  # as the service
 
     async def read_users(user_ids: list[str]) -> list:
         found = await store.users.get_users(list(dict.fromkeys(user_ids)))

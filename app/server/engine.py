@@ -343,9 +343,10 @@ class Engine:
         return await self.store.impressions.feedback_on_slates(
             events, self.settings.impression_ttl_s, self.settings.history_len)
 
-    async def record_feedback(self, event: FeedbackEvent) -> FeedbackOutcome:
-        """Validate and record one feedback event (``ImpressionLog.feedback_on_slate``), in one
-        store call with the concurrent requests' events."""
+    async def _check_and_record(self, event: FeedbackEvent) -> FeedbackOutcome:
+        """Validate one feedback event against its slate and record it
+        (``ImpressionLog.feedback_on_slates``), in one store call with the concurrent
+        requests' events. (``ImpressionLog.record_feedback`` records without checking.)"""
         return await self._feedback_writes.submit(event)
 
     async def feedback(self, request_id: str, item_id: str, event: str,
@@ -355,7 +356,7 @@ class Engine:
         popularity."""
         await self._log_if_held(request_id)
         reward = self.settings.rewards.reward(event, value)
-        out = await self.record_feedback(FeedbackEvent(
+        out = await self._check_and_record(FeedbackEvent(
             request_id, item_id, event, value, reward, self.clock.time()))
         if out.status == "accepted":
             self.metrics.feedback.labels(event).inc()

@@ -51,7 +51,7 @@ import redis
 from tqdm import tqdm
 
 from app.tools.client import wait_ready
-from app.tools.processes import free_port, private_redis, running_service_process
+from app.tools.processes import free_port, private_redis, running_service_process, stop
 from bench.latency import catalog
 from bench.soak import post_concurrently, run_wrk, wrk
 
@@ -170,8 +170,7 @@ def run_floor(seconds: int, connections: int, traffic: dict,
         wrk(url, 3, connections, 2, traffic)
         return wrk(url, seconds, connections, 2, traffic)
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc, grace_s=20)
 
 
 def line(name: str, res: dict) -> str:

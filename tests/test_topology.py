@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.tools.processes import stop
 from tests.conftest import RedisServer, free_port, wait_port
 from tests.test_api import MOVIES, wait_for
 
@@ -61,12 +62,7 @@ class Process:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            stop(self.proc, grace_s=30)
 
 
 @pytest.fixture

@@ -138,14 +138,14 @@ class RequestGate:
         the count. If the store is unavailable the request is let through: an outage
         must not turn into refusing every recommendation."""
         s = self.settings
-        store: RateLimits | None = self.limits()
-        if s.rate_limit <= 0 or store is None:
+        limits: RateLimits | None = self.limits()
+        if s.rate_limit <= 0 or limits is None:
             return None
         window = s.rate_limit_window_s
         now = time.time()
         start = math.floor(now / window) * window
         try:
-            count = await store.count_request(principal.key_id, int(start), window)
+            count = await limits.count_request(principal.key_id, int(start), window)
         except StoreUnavailable:
             return None
         if count <= s.rate_limit:

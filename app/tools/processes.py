@@ -103,5 +103,4 @@ def private_redis(workdir: str | None = None):
             wait_port(port, timeout=120, alive=lambda: proc.poll() is None)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop(proc, grace_s=30)

@@ -102,7 +102,7 @@ async def test_a_retry_after_writes_whose_reply_was_lost_is_a_duplicate(paused_s
         execute = pipe.execute
 
         async def landed_then_timed_out(*a, **k):
-            writes = any(c[0][0] == "XADD" for c in pipe.command_stack)
+            writes = any(c[0][0] in ("XADD", "EVALSHA") for c in pipe.command_stack)
             replies = await execute(*a, **k)
             if not lost and writes:
                 lost.append(True)  # the writes of the feedback: their reply is lost
@@ -159,3 +159,19 @@ async def test_a_write_refused_by_redis_leaves_the_event_open_to_its_retry(pause
                                                            60, 10)
     assert accepted and reward == 1.0
     assert await _stored(s) == (1, 1, 1.0)
+
+
+async def test_feedback_is_stored_after_redis_lost_its_scripts(paused_store):
+    """Feedback's writes run as a script by its SHA1; a server that lost its scripts
+    (restarted, or SCRIPT FLUSH) answers NOSCRIPT, and the script is loaded again:
+    the event is accepted and stored once."""
+    s, _ = paused_store
+    first = await s.impressions.feedback_on_slate("r", "a", "click", None, 1.0, 5.0, 60, 10)
+    assert first.status == "accepted"
+    await s.r.script_flush()
+    out = await s.impressions.feedback_on_slate("r", "b", "click", None, 1.0, 6.0, 60, 10)
+    assert out.status == "accepted" and out.reward == 1.0
+    history = (await s.users.get_user("u")).history
+    assert [h["item_id"] for h in history] == ["a", "b"]
+    entries = await s.r.xrange(s._stream)
+    assert [f[b"item_id"] for _, f in entries if f[b"type"] == b"feedback"] == [b"a", b"b"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import re
 from typing import Any
 
@@ -136,6 +137,15 @@ def _packing_with_hiredis(pool: aioredis.ConnectionPool) -> aioredis.ConnectionP
     return pool
 
 
+class LuaScript:
+    """A Lua script run by its SHA1 (EVALSHA): its text crosses the wire once per
+    Redis server (``RedisCore.load_script``), not with every call as EVAL sends it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
 class RedisKeys:
     """The key names of the layout above, under the prefix ``p``."""
 
@@ -198,6 +208,7 @@ class RedisCore(RedisKeys):
                 health_check_interval=10))
             self.r = aioredis.Redis(connection_pool=pool)
         self.group_ready = False
+        self.scripts_loaded: set[str] = set()  # SHA1s this client loaded
 
     @property
     def core(self) -> RedisCore:
@@ -243,6 +254,16 @@ class RedisCore(RedisKeys):
             if "BUSYGROUP" not in str(exc):
                 raise
         self.group_ready = True
+
+    async def load_script(self, script: LuaScript) -> None:
+        """Make sure the server holds ``script``: once per client, and again after
+        ``forget_scripts`` (a NOSCRIPT reply: the server restarted or was flushed)."""
+        if script.sha not in self.scripts_loaded:
+            await self.r.script_load(script.text)
+            self.scripts_loaded.add(script.sha)
+
+    def forget_scripts(self) -> None:
+        self.scripts_loaded.clear()
 
     async def delete_each(self, keys: list[str]) -> None:
         """One DEL per key, pipelined (keys of different Cluster slots)."""

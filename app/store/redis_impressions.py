@@ -7,9 +7,10 @@ import time
 
 import orjson
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 
 from app.store.base import FeedbackEvent, FeedbackOutcome, Impression, ImpressionLog
-from app.store.redis_core import PENDING, RedisCore, RedisRole, _guard
+from app.store.redis_core import PENDING, LuaScript, RedisCore, RedisRole, _guard
 
 # KEYS: a user's history, the user's erasure tombstone; ARGV: entry (JSON), its event
 # key, max length, the time of the slate it is feedback on, the history's TTL. Appends
@@ -28,6 +29,36 @@ redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+# Every write of one accepted feedback event on one Redis server, in the order of the
+# pipelined commands a Redis Cluster runs instead (``_write_feedback``): the history
+# append of _APPEND_ONCE, the stream entry, the impression's reward field (only while
+# the impression exists), and last the marker's move from pending to the reward. A
+# command refused on the way (WRONGTYPE, out of memory) stops the script before the
+# move, so the marker stays pending and the client's retry redoes the writes.
+# KEYS: history, erasure tombstone, impression, stream, dedupe marker.
+# ARGV: history entry (JSON), its event key, history max length, the slate's time,
+# history TTL, the impression's field, the reward, stream max length, marker TTL,
+# then the stream entry's field/value pairs.
+_RECORD_ONCE = LuaScript("""
+local erased = redis.call('GET', KEYS[2])
+if not (erased and tonumber(erased) >= tonumber(ARGV[4])) then
+  local key = '"key":' .. cjson.encode(ARGV[2])
+  local seen = false
+  for _, entry in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[3]), -1)) do
+    if string.find(entry, key, 1, true) then seen = true break end
+  end
+  if not seen then
+    redis.call('RPUSH', KEYS[1], ARGV[1])
+    redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+  end
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 10))
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
+redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[9])
+return 1
+""")
 
 # Mark items of a stored impression displayed (fields s:{item}); never re-creates one
 # that expired (it would have no TTL). KEYS: the impression; ARGV: field, 1, field, 1...
@@ -160,15 +191,16 @@ class RedisImpressions(RedisRole, ImpressionLog):
         for e, marker in zip(events, markers, strict=True):
             # two fields, not HGETALL: the stored state is ~4.6 KB that feedback never reads
             pipe.hmget(self._imp(e.request_id), ["user_id", "items", "ts"])
-            pipe.set(marker, PENDING, nx=True, ex=ttl_s)
-            pipe.get(marker)
+            # claims the marker and answers what it held before (Redis 7.0: NX with GET)
+            pipe.set(marker, PENDING, nx=True, ex=ttl_s, get=True)
         replies = await pipe.execute()
         out: list[FeedbackOutcome] = []
         release: list[str] = []
         accepted: list[tuple[FeedbackEvent, str, str, float]] = []
         claimed: dict[str, float] = {}  # marker -> reward, for repeats within this list
         for n, (e, marker) in enumerate(zip(events, markers, strict=True)):
-            (user_id, items, served), fresh, first = replies[3 * n: 3 * n + 3]
+            (user_id, items, served), before = replies[2 * n: 2 * n + 2]
+            fresh = before is None  # the marker was claimed now
             if user_id is None or items is None or e.item_id not in orjson.loads(items):
                 if fresh:
                     release.append(marker)
@@ -176,8 +208,8 @@ class RedisImpressions(RedisRole, ImpressionLog):
                                            else "not_in_slate"))
             elif marker in claimed:
                 out.append(FeedbackOutcome("duplicate", claimed[marker]))
-            elif not fresh and first is not None and first != PENDING:
-                out.append(FeedbackOutcome("duplicate", float(first)))
+            elif before is not None and before != PENDING:
+                out.append(FeedbackOutcome("duplicate", float(before)))
             else:  # claimed now, or left pending by a delivery whose writes may not have landed
                 claimed[marker] = e.reward
                 accepted.append((e, user_id.decode(), marker, float(served or 0.0)))
@@ -214,43 +246,69 @@ class RedisImpressions(RedisRole, ImpressionLog):
         If a write fails, the markers stay pending: the clients' retries (they got an
         error) redo the writes, which changes nothing that landed.
 
-        On one Redis server the moves end the writes' pipeline: one connection's
-        commands run in order, so a marker that moved follows writes that ran, and a
-        reply that is lost after they all ran leaves the retry a ``duplicate``. A
-        pipeline carries on past an error reply, though, so if a write was refused
-        the markers are set back to pending. A Cluster pipeline sends each node its
-        commands at once, so there the moves are a second round trip, sent only
-        once every write succeeded."""
-        cluster = isinstance(self.r, aioredis.RedisCluster)
+        On one Redis server each event's writes and its move are one script
+        (``_RECORD_ONCE``), all events' scripts in one pipeline: the move is the
+        script's last command, so it follows writes that ran, and a reply that is lost
+        after the script ran leaves the retry a ``duplicate``. A Redis Cluster keeps
+        these keys on different nodes, so there the writes are pipelined commands and
+        the moves a second round trip, sent only once every write succeeded."""
+        if isinstance(self.r, aioredis.RedisCluster):
+            await self._write_feedback_on_cluster(accepted, history_max, ttl_s)
+            return
+        for attempt in range(2):
+            await self.core.load_script(_RECORD_ONCE)
+            pipe = self.r.pipeline(transaction=False)
+            for e, user_id, marker, served in accepted:
+                key = f"{e.request_id}:{e.item_id}:{e.event}"
+                pipe.evalsha(
+                    _RECORD_ONCE.sha, 5, self._user(user_id, "hist"),
+                    self._user(user_id, "erased"), self._imp(e.request_id), self._stream,
+                    marker, self._history_entry(e, key), key, history_max, repr(served),
+                    self.user_ttl_s, f"e:{e.item_id}:{e.event}", repr(e.reward),
+                    self.stream_max, ttl_s, *self._stream_fields(e, user_id))
+            replies = await pipe.execute(raise_on_error=False)
+            refused = [r for r in replies if isinstance(r, Exception)]
+            if attempt == 0 and any(isinstance(r, rexc.NoScriptError) for r in refused):
+                self.core.forget_scripts()  # the server restarted or was flushed: load again
+                continue
+            if refused:
+                raise refused[0]
+            return
+
+    async def _write_feedback_on_cluster(
+            self, accepted: list[tuple[FeedbackEvent, str, str, float]], history_max: int,
+            ttl_s: int) -> None:
         pipe = self.r.pipeline(transaction=False)
         for e, user_id, _, served in accepted:
             key = f"{e.request_id}:{e.item_id}:{e.event}"
             pipe.eval(_APPEND_ONCE, 2, self._user(user_id, "hist"),
-                      self._user(user_id, "erased"),
-                      orjson.dumps({"item_id": e.item_id, "event": e.event, "ts": e.ts,
-                                    "value": e.value, "key": key}), key, history_max,
-                      repr(served), self.user_ttl_s)
-            pipe.xadd(self._stream, {"type": "feedback", "request_id": e.request_id,
-                                     "user_id": user_id, "item_id": e.item_id,
-                                     "event": e.event, "reward": repr(e.reward),
-                                     "ts": repr(e.ts)}, maxlen=self.stream_max,
-                      approximate=True)
+                      self._user(user_id, "erased"), self._history_entry(e, key), key,
+                      history_max, repr(served), self.user_ttl_s)
+            fields = self._stream_fields(e, user_id)
+            pipe.xadd(self._stream, dict(zip(fields[::2], fields[1::2], strict=True)),
+                      maxlen=self.stream_max, approximate=True)
             # one field per event, set (not added to): the same event twice is one reward;
             # only while the impression exists (HSET would create it, with no TTL)
             pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
                       "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
                       1, self._imp(e.request_id), f"e:{e.item_id}:{e.event}", repr(e.reward))
-        if not cluster:
-            for e, _, marker, _ in accepted:
-                pipe.set(marker, repr(e.reward), ex=ttl_s)
         replies = await pipe.execute(raise_on_error=False)
         refused = [r for r in replies if isinstance(r, Exception)]
         if refused:
-            if not cluster:  # the moves ran past the refused write: back to pending
-                await self.core.set_each([(m, PENDING) for _, _, m, _ in accepted], ttl_s)
             raise refused[0]
-        if cluster:
-            await self.core.set_each([(m, repr(e.reward)) for e, _, m, _ in accepted], ttl_s)
+        await self.core.set_each([(m, repr(e.reward)) for e, _, m, _ in accepted], ttl_s)
+
+    @staticmethod
+    def _history_entry(e: FeedbackEvent, key: str) -> bytes:
+        return orjson.dumps({"item_id": e.item_id, "event": e.event, "ts": e.ts,
+                             "value": e.value, "key": key})
+
+    @staticmethod
+    def _stream_fields(e: FeedbackEvent, user_id: str) -> list[str]:
+        """The feedback's stream entry, as field, value, field, value..."""
+        return ["type", "feedback", "request_id", e.request_id, "user_id", user_id,
+                "item_id", e.item_id, "event", e.event, "reward", repr(e.reward),
+                "ts", repr(e.ts)]
 
     # evaluation log
     @_guard

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     role: Literal["all", "api"] = Field("all", description="all: `recsvc serve` runs the "
                                         "learner in-process; api: a pure API replica (run "
                                         "`recsvc learner` beside it)")
+    workers: int = Field(1, ge=1, description="processes `recsvc serve` runs on one port "
+                         "(needs Redis: the embedded store's state is in one process)")
     key_prefix: str = Field("recsvc", description="prefix of every Redis key")
     redis_max_connections: int = Field(64, description="Redis connections per process")
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated API keys")

@@ -12,7 +12,7 @@ latencies and the cores used by the service, Redis and ``wrk`` meanwhile (from
 with ``bench/wrk/feedback.lua`` for ``--seconds`` (as ``bench.load`` does).
 
     python -m bench.service_load [--warmup 40] [--seconds 20] [--topology api]
-        [--feedback-slates 3000]
+        [--feedback-slates 3000] [--service-env RECSVC_WORKERS=2]
 
 Needs ``wrk``, ``redis-server`` and a cache made by ``python -m bench.load``.
 """
@@ -49,6 +49,12 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def pids_of(pattern: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def pids_of_children(pid: int) -> list[int]:
+    """The worker processes of ``recsvc serve --workers N`` (``RECSVC_WORKERS``)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             port = redis_url.rsplit(":", 1)[1].split("/")[0]
             cores: dict[str, float] = {}
             sampler = threading.Thread(target=cores_used, args=(
-                {"service": lambda: [proc.pid],
+                {"service": lambda: [proc.pid, *pids_of_children(proc.pid)],
                  "redis": lambda: pids_of(f"redis-server.*:{port}"),
                  "wrk": lambda: pids_of("^wrk ")}, 2.0, max(args.seconds - 4, 1), cores))
             sampler.start()

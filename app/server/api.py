@@ -39,6 +39,26 @@ _ERRORS: dict[int | str, dict] = {
 NO_NATIVE_TELEMETRY: Any = {"tracing": False, "metrics": False, "logs": False}
 
 
+def app_of_worker() -> FastAPI:
+    """The app of one worker process of ``recsvc serve --workers N``: uvicorn builds it
+    in each worker, from that worker's settings (the environment). Each worker with
+    ``RECSVC_ROLE=all`` runs a learner; they share the store's lease, so one learns
+    and the others stand by, as learners beside API replicas do."""
+    import threading
+
+    from tqdm import tqdm
+
+    from app.logs import configure
+
+    # progress bars (the encoder's weights loading) would otherwise each make a
+    # multiprocessing lock: a semaphore per worker that its exit leaves behind, which
+    # Python's resource tracker reports as leaked at every stop
+    tqdm.set_lock(threading.RLock())
+    settings = Settings()
+    configure(settings.log_level, settings.log_format)
+    return create_app(settings, run_learner=settings.role == "all")
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None,
                encoder=None, run_learner: bool = True) -> FastAPI:
     """Build the service. The embedded learner runs in-process when ``run_learner``."""

@@ -88,3 +88,16 @@ def limited_protocol(max_header_bytes: int, header_timeout_s: float) -> type:
                 self.transport.close()
 
     return LimitedHttpToolsProtocol
+
+
+def __getattr__(name: str) -> type:
+    """``app.server.http_limits:FROM_SETTINGS``: the limited protocol with this
+    process's settings (the environment). uvicorn imports the protocol of each worker
+    of ``recsvc serve --workers N`` by name in that worker, and a class made by
+    ``limited_protocol`` cannot be passed to it by pickling."""
+    if name == "FROM_SETTINGS":
+        from app.settings import Settings
+
+        settings = Settings()
+        return limited_protocol(settings.max_header_bytes, settings.header_timeout_s)
+    raise AttributeError(name)

@@ -41,7 +41,9 @@ def refuse_open_exposure(settings, host: str) -> None:
                  "purpose)")
 
 
-def _uvicorn(app, args: argparse.Namespace, settings) -> None:
+def _uvicorn(app, args: argparse.Namespace, settings, workers: int = 1) -> None:
+    """Serve ``app`` (with ``workers`` > 1: the import string of an app factory, which
+    each worker process calls)."""
     import uvicorn
 
     from app.server.http_limits import limited_protocol
@@ -50,21 +52,42 @@ def _uvicorn(app, args: argparse.Namespace, settings) -> None:
     # period), then the app's lifespan flushes held impressions and the learner's
     # uncommitted learning before the process exits. Headers are bounded in size and
     # time (app.server.http_limits), connections and tasks in number (503 beyond).
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
-                http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
+    # With workers, the supervisor passes the signal on to each of them.
+    http = ("app.server.http_limits:FROM_SETTINGS" if workers > 1 else
+            limited_protocol(settings.max_header_bytes, settings.header_timeout_s))
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http=http,
                 limit_concurrency=settings.max_concurrency, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
-                log_config=None)  # uvicorn's own lines through recsvc's handler (JSON too)
+                log_config=None,  # uvicorn's own lines through recsvc's handler (JSON too)
+                workers=workers, factory=workers > 1)
+
+
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from app.server.api import create_app
+    import logging
 
     settings = _settings()
     refuse_open_exposure(settings, args.host)
     if settings.role == "api" and not settings.redis_url:
         sys.exit("RECSVC_ROLE=api needs RECSVC_REDIS_URL: API replicas and `recsvc learner` "
                  "share the store")
+    workers = args.workers or settings.workers
+    if workers > 1 and not settings.redis_url:
+        logging.getLogger("recsvc").warning(
+            "serving with one process, not %d: the embedded store keeps its state in memory "
+            "in one process (set RECSVC_REDIS_URL for --workers)", workers)
+        workers = 1
+    if workers > 1:  # each worker builds its own app (app_of_worker); this one supervises
+        _uvicorn("app.server.api:app_of_worker", args, settings, workers)
+        return
+    from app.server.api import create_app
+
     _uvicorn(create_app(settings, run_learner=settings.role == "all"), args, settings)
 
 
@@ -225,6 +248,9 @@ def _process_commands(command: Command) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (another "
                    "host needs API keys, or RECSVC_ALLOW_OPEN=true)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--workers", type=_at_least_one, default=None,
+                   help="processes serving on the port (default RECSVC_WORKERS, 1); more "
+                   "than one needs RECSVC_REDIS_URL")
     p.set_defaults(fn=_serve)
 
     p = command("learner", "run the learner alone, beside RECSVC_ROLE=api replicas (needs "

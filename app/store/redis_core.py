@@ -139,7 +139,7 @@ def _packing_with_hiredis(pool: aioredis.ConnectionPool) -> aioredis.ConnectionP
 
 class LuaScript:
     """A Lua script run by its SHA1 (EVALSHA): its text crosses the wire once per
-    Redis server (``RedisCore.load_script``), not with every call as EVAL sends it."""
+    Redis server (``RedisCore.run_script_each``), not with every call as EVAL sends it."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -255,15 +255,26 @@ class RedisCore(RedisKeys):
                 raise
         self.group_ready = True
 
-    async def load_script(self, script: LuaScript) -> None:
-        """Make sure the server holds ``script``: once per client, and again after
-        ``forget_scripts`` (a NOSCRIPT reply: the server restarted or was flushed)."""
-        if script.sha not in self.scripts_loaded:
-            await self.r.script_load(script.text)
-            self.scripts_loaded.add(script.sha)
-
-    def forget_scripts(self) -> None:
-        self.scripts_loaded.clear()
+    async def run_script_each(self, script: LuaScript,
+                              calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per ``(keys, args)``, in one pipeline, by its SHA1: the replies,
+        an error as its exception (``execute(raise_on_error=False)``). A server that
+        lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT to every call of
+        the pipeline, none of which ran: the script is loaded again and the calls sent
+        once more."""
+        for attempt in range(2):
+            if script.sha not in self.scripts_loaded:
+                await self.r.script_load(script.text)
+                self.scripts_loaded.add(script.sha)
+            pipe = self.r.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, rexc.NoScriptError) for r in replies):
+                self.scripts_loaded.clear()
+                continue
+            return replies
+        raise AssertionError("unreachable")  # the second attempt returns
 
     async def delete_each(self, keys: list[str]) -> None:
         """One DEL per key, pipelined (keys of different Cluster slots)."""

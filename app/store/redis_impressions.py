@@ -7,7 +7,6 @@ import time
 
 import orjson
 import redis.asyncio as aioredis
-from redis import exceptions as rexc
 
 from app.store.base import FeedbackEvent, FeedbackOutcome, Impression, ImpressionLog
 from app.store.redis_core import PENDING, LuaScript, RedisCore, RedisRole, _guard
@@ -57,6 +56,31 @@ end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 10))
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], ARGV[6], ARGV[7]) end
 redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[9])
+return 1
+""")
+
+# Every write of one impression on one Redis server (a Redis Cluster keeps them on
+# different nodes, and pipelines the same commands instead: ``log_impressions``): its
+# hash and TTL, the items appended to the user's shown list, its id in the user's
+# impression index (scored by when it expires, pruned as they do), its stream entry.
+# KEYS: impression, the user's shown list, the user's impression index, stream.
+# ARGV: impression TTL, shown list max length, user TTL, now, when it expires, request
+# id, user id, served at, stream max length, the number H of hash arguments, then H
+# hash field/value arguments, then the shown list's entries.
+_LOG_ONCE = LuaScript("""
+local h = tonumber(ARGV[10])
+redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + h))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if #ARGV > 10 + h then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, 11 + h, #ARGV))
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'type', 'impression',
+           'request_id', ARGV[6], 'user_id', ARGV[7], 'ts', ARGV[8])
 return 1
 """)
 
@@ -122,24 +146,37 @@ class RedisImpressions(RedisRole, ImpressionLog):
     @_guard
     async def log_impressions(self, imps: list[Impression], ttl_s: int,
                               shown_max: int) -> None:
-        """All of them in one pipeline (in order: a user's shown list keeps it)."""
+        """All of them in one pipeline (in order: a user's shown list keeps it); on one
+        Redis server, one script call each (``_LOG_ONCE``)."""
         await self.core.ensure_group()
         now = time.time()
+        if isinstance(self.r, aioredis.RedisCluster):
+            await self._log_impressions_on_cluster(imps, ttl_s, shown_max, now)
+            return
+        calls = []
+        for imp in imps:
+            fields = [x for kv in self._impression_fields(imp).items() for x in kv]
+            calls.append((
+                [self._imp(imp.request_id), self._user(imp.user_id, "shown"),
+                 self._user(imp.user_id, "impz"), self._stream],
+                [ttl_s, shown_max, self.user_ttl_s, repr(now), repr(now + ttl_s),
+                 imp.request_id, imp.user_id, repr(imp.ts), self.stream_max, len(fields),
+                 *fields, *self._shown_entries(imp)]))
+        refused = [r for r in await self.core.run_script_each(_LOG_ONCE, calls)
+                   if isinstance(r, Exception)]
+        if refused:
+            raise refused[0]
+
+    async def _log_impressions_on_cluster(self, imps: list[Impression], ttl_s: int,
+                                          shown_max: int, now: float) -> None:
         pipe = self.r.pipeline(transaction=False)
         for imp in imps:
             shown_key = self._user(imp.user_id, "shown")
             imps_key = self._user(imp.user_id, "impz")
-            pipe.hset(self._imp(imp.request_id), mapping={
-                "user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
-                "state": imp.state, "items": orjson.dumps(imp.item_ids),
-                "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
-                "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
-                "agents": orjson.dumps(imp.agents), "sources": orjson.dumps(imp.sources),
-                "depths": orjson.dumps(imp.depths), "arm_p": repr(imp.arm_propensity),
-                **({"deferred": 1} if imp.deferred else {})})
+            pipe.hset(self._imp(imp.request_id), mapping=self._impression_fields(imp))
             pipe.expire(self._imp(imp.request_id), ttl_s)
             if imp.item_ids:
-                pipe.rpush(shown_key, *[f"{i}|{imp.ts!r}" for i in imp.item_ids])
+                pipe.rpush(shown_key, *self._shown_entries(imp))
                 pipe.ltrim(shown_key, -shown_max, -1)
                 pipe.expire(shown_key, self.user_ttl_s)
             # the user's impression ids, scored by when each expires (its TTL starts now,
@@ -152,6 +189,20 @@ class RedisImpressions(RedisRole, ImpressionLog):
                                      "user_id": imp.user_id, "ts": repr(imp.ts)},
                       maxlen=self.stream_max, approximate=True)
         await pipe.execute()
+
+    @staticmethod
+    def _impression_fields(imp: Impression) -> dict[str, bytes | str | int]:
+        return {"user_id": imp.user_id, "ts": repr(imp.ts), "version": imp.model_version,
+                "state": imp.state, "items": orjson.dumps(imp.item_ids),
+                "props": orjson.dumps(imp.propensities), "explored": orjson.dumps(imp.explored),
+                "features": orjson.dumps(imp.features), "n_cand": imp.n_candidates,
+                "agents": orjson.dumps(imp.agents), "sources": orjson.dumps(imp.sources),
+                "depths": orjson.dumps(imp.depths), "arm_p": repr(imp.arm_propensity),
+                **({"deferred": 1} if imp.deferred else {})}
+
+    @staticmethod
+    def _shown_entries(imp: Impression) -> list[str]:
+        return [f"{i}|{imp.ts!r}" for i in imp.item_ids]
 
     @_guard
     async def get_impressions(self, request_ids: list[str]) -> dict[str, Impression]:
@@ -255,25 +306,17 @@ class RedisImpressions(RedisRole, ImpressionLog):
         if isinstance(self.r, aioredis.RedisCluster):
             await self._write_feedback_on_cluster(accepted, history_max, ttl_s)
             return
-        for attempt in range(2):
-            await self.core.load_script(_RECORD_ONCE)
-            pipe = self.r.pipeline(transaction=False)
-            for e, user_id, marker, served in accepted:
-                key = f"{e.request_id}:{e.item_id}:{e.event}"
-                pipe.evalsha(
-                    _RECORD_ONCE.sha, 5, self._user(user_id, "hist"),
-                    self._user(user_id, "erased"), self._imp(e.request_id), self._stream,
-                    marker, self._history_entry(e, key), key, history_max, repr(served),
-                    self.user_ttl_s, f"e:{e.item_id}:{e.event}", repr(e.reward),
-                    self.stream_max, ttl_s, *self._stream_fields(e, user_id))
-            replies = await pipe.execute(raise_on_error=False)
-            refused = [r for r in replies if isinstance(r, Exception)]
-            if attempt == 0 and any(isinstance(r, rexc.NoScriptError) for r in refused):
-                self.core.forget_scripts()  # the server restarted or was flushed: load again
-                continue
-            if refused:
-                raise refused[0]
-            return
+        replies = await self.core.run_script_each(_RECORD_ONCE, [
+            ([self._user(user_id, "hist"), self._user(user_id, "erased"),
+              self._imp(e.request_id), self._stream, marker],
+             [self._history_entry(e, key), key, history_max, repr(served), self.user_ttl_s,
+              f"e:{e.item_id}:{e.event}", repr(e.reward), self.stream_max, ttl_s,
+              *self._stream_fields(e, user_id)])
+            for e, user_id, marker, served in accepted
+            for key in [f"{e.request_id}:{e.item_id}:{e.event}"]])
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if refused:
+            raise refused[0]
 
     async def _write_feedback_on_cluster(
             self, accepted: list[tuple[FeedbackEvent, str, str, float]], history_max: int,

@@ -18,6 +18,7 @@ import redis
 
 from app.store import Impression, StoreUnavailable
 from app.store.base import FeedbackEvent
+from app.store.redis_impressions import _RECORD_ONCE
 from app.store.redis_store import RedisStore
 from tests.conftest import free_port, wait_port
 
@@ -33,6 +34,10 @@ async def paused_store():
     await s.impressions.log_impression(Impression("r", "u", time.time(), 1,
                                                   np.ones(4, np.float32).tobytes(), ["a", "b"],
                                                   [0.9, 0.5], [False, False]), 60, 10)
+    # the feedback script loaded up front, so that a test pausing Redis before the
+    # writes pauses it before they run, not before the script's load
+    await s.r.script_load(_RECORD_ONCE.text)
+    s.scripts_loaded.add(_RECORD_ONCE.sha)
     yield s, proc
     os.kill(proc.pid, signal.SIGCONT)
     await s.close()

@@ -259,22 +259,28 @@ class RedisCore(RedisKeys):
                               calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """``script`` once per ``(keys, args)``, in one pipeline, by its SHA1: the replies,
         an error as its exception (``execute(raise_on_error=False)``). A server that
-        lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT to every call of
-        the pipeline, none of which ran: the script is loaded again and the calls sent
-        once more."""
+        lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT to the calls that
+        reached it after the loss, which did not run: the script is loaded again and
+        those calls, and only those, are sent once more."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in range(2):
+            if not todo:
+                break
             if script.sha not in self.scripts_loaded:
                 await self.r.script_load(script.text)
                 self.scripts_loaded.add(script.sha)
             pipe = self.r.pipeline(transaction=False)
-            for keys, args in calls:
+            for n in todo:
+                keys, args = calls[n]
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, rexc.NoScriptError) for r in replies):
-                self.scripts_loaded.clear()
-                continue
-            return replies
-        raise AssertionError("unreachable")  # the second attempt returns
+            for n, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+                replies[n] = reply
+            lost = [n for n in todo if isinstance(replies[n], rexc.NoScriptError)]
+            if lost and attempt == 0:
+                self.scripts_loaded.discard(script.sha)
+            todo = lost
+        return replies
 
     async def delete_each(self, keys: list[str]) -> None:
         """One DEL per key, pipelined (keys of different Cluster slots)."""

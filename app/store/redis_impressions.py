@@ -30,7 +30,7 @@ return 1
 """
 
 # Every write of one accepted feedback event on one Redis server, in the order of the
-# pipelined commands a Redis Cluster runs instead (``_write_feedback``): the history
+# pipelined commands a Redis Cluster runs instead (``_write_feedback_on_cluster``): the history
 # append of _APPEND_ONCE, the stream entry, the impression's reward field (only while
 # the impression exists), and last the marker's move from pending to the reward. A
 # command refused on the way (WRONGTYPE, out of memory) stops the script before the
@@ -60,15 +60,20 @@ return 1
 """)
 
 # Every write of one impression on one Redis server (a Redis Cluster keeps them on
-# different nodes, and pipelines the same commands instead: ``log_impressions``): its
-# hash and TTL, the items appended to the user's shown list, its id in the user's
-# impression index (scored by when it expires, pruned as they do), its stream entry.
+# different nodes, and pipelines the same commands instead:
+# ``_log_impressions_on_cluster``): its id in the user's impression index first (scored
+# by when it expires, pruned as they do), so that an erasure finds whatever of it a
+# refused later write left stored; its hash and TTL, the items appended to the user's
+# shown list, its stream entry.
 # KEYS: impression, the user's shown list, the user's impression index, stream.
 # ARGV: impression TTL, shown list max length, user TTL, now, when it expires, request
 # id, user id, served at, stream max length, the number H of hash arguments, then H
 # hash field/value arguments, then the shown list's entries.
 _LOG_ONCE = LuaScript("""
 local h = tonumber(ARGV[10])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + h))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if #ARGV > 10 + h then
@@ -76,9 +81,6 @@ if #ARGV > 10 + h then
   redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'type', 'impression',
            'request_id', ARGV[6], 'user_id', ARGV[7], 'ts', ARGV[8])
 return 1

@@ -41,9 +41,7 @@ def refuse_open_exposure(settings, host: str) -> None:
                  "purpose)")
 
 
-def _uvicorn(app, args: argparse.Namespace, settings, workers: int = 1) -> None:
-    """Serve ``app`` (with ``workers`` > 1: the import string of an app factory, which
-    each worker process calls)."""
+def _uvicorn(app, args: argparse.Namespace, settings) -> None:
     import uvicorn
 
     from app.server.http_limits import limited_protocol
@@ -52,14 +50,41 @@ def _uvicorn(app, args: argparse.Namespace, settings, workers: int = 1) -> None:
     # period), then the app's lifespan flushes held impressions and the learner's
     # uncommitted learning before the process exits. Headers are bounded in size and
     # time (app.server.http_limits), connections and tasks in number (503 beyond).
-    # With workers, the supervisor passes the signal on to each of them.
-    http = ("app.server.http_limits:FROM_SETTINGS" if workers > 1 else
-            limited_protocol(settings.max_header_bytes, settings.header_timeout_s))
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http=http,
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
+                http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
                 limit_concurrency=settings.max_concurrency, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
-                log_config=None,  # uvicorn's own lines through recsvc's handler (JSON too)
-                workers=workers, factory=workers > 1)
+                log_config=None)  # uvicorn's own lines through recsvc's handler (JSON too)
+
+
+def _uvicorn_workers(args: argparse.Namespace, settings, workers: int) -> None:
+    """``workers`` processes on one socket under this one, which supervises them: it
+    restarts a worker that dies, passes SIGTERM on to each (each drains as one process
+    does), and exits 3, as one process does, when a worker failed to start (the app or
+    the store is broken: every restart would fail alike)."""
+    import logging
+
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    # each worker builds its own app and protocol by name: uvicorn pickles this config
+    # for them, and neither an app nor a class made at run time can be pickled
+    config = uvicorn.Config(
+        "app.server.api:app_of_worker", factory=True, host=args.host, port=args.port,
+        loop="uvloop", http="app.server.http_limits:FROM_SETTINGS",
+        limit_concurrency=settings.max_concurrency, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
+        workers=workers,
+        # a worker answers the supervisor's health check from a thread; a long start
+        # (a large catalog read and indexed) must not look like a hung worker
+        timeout_worker_healthcheck=60)
+    # the supervisor's own lines (workers started, died, restarted) are worth keeping
+    logging.getLogger("uvicorn.error").setLevel(logging.INFO)
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        sys.exit(STARTUP_FAILURE)
 
 
 def _at_least_one(text: str) -> int:
@@ -84,7 +109,7 @@ def _serve(args: argparse.Namespace) -> None:
             "in one process (set RECSVC_REDIS_URL for --workers)", workers)
         workers = 1
     if workers > 1:  # each worker builds its own app (app_of_worker); this one supervises
-        _uvicorn("app.server.api:app_of_worker", args, settings, workers)
+        _uvicorn_workers(args, settings, workers)
         return
     from app.server.api import create_app
 

@@ -76,9 +76,10 @@ def _uvicorn_workers(args: argparse.Namespace, settings, workers: int) -> None:
         limit_concurrency=settings.max_concurrency, log_level="warning", access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
         workers=workers,
-        # a worker answers the supervisor's health check from a thread; a long start
-        # (a large catalog read and indexed) must not look like a hung worker
-        timeout_worker_healthcheck=60)
+        # a worker answers the supervisor's health check from a thread, which a long
+        # hold of the GIL at start (imports, a large catalog indexed) delays; this is
+        # also how long a worker's failed start takes to be noticed
+        timeout_worker_healthcheck=20)
     # the supervisor's own lines (workers started, died, restarted) are worth keeping
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])

@@ -18,6 +18,7 @@ from app.metrics import Metrics
 from app.schemas import ErrorOut
 from app.server.engine import Engine
 from app.server.gate import RequestGate
+from app.server.lean_routes import install_lean_routes
 from app.server.middleware import MetricsMiddleware
 from app.server.routes import catalog, model, operations, recommending, users
 from app.server.routes.operations import DASHBOARD_ASSETS, DASHBOARD_DIR, DOCS_ASSETS
@@ -111,4 +112,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None,
         app.include_router(area.router, dependencies=[Depends(authenticate)],
                            responses=_ERRORS)
     app.include_router(operations.router)
+    # the two routes of every event, in their common case without FastAPI's
+    # per-request work; everything else still goes through FastAPI's routes
+    install_lean_routes(app, recommending.lean_routes())
     return app

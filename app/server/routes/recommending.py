@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
 
 from app.errors import APIError, FastJSONResponse
 from app.schemas import (
@@ -22,6 +25,7 @@ from app.schemas import (
     SlateItem,
     first_error,
 )
+from app.server.engine import Engine
 from app.server.routes.deps import V1, EngineDep
 from app.store.base import FeedbackOutcome
 
@@ -113,3 +117,27 @@ async def events(body: EventIn, engine: EngineDep):
         raise APIError(404, "item_not_found", f"no item {body.item_id!r}")
     await engine.add_event(body.user_id, body.item_id, body.event, body.value)
     return {"accepted": True}
+
+
+async def lean_recommend(body: BaseModel, engine: Engine) -> Response | None:
+    """``recommend``'s answer where it is a ``Response`` (no explanations asked for);
+    ``None`` leaves the request to FastAPI (``app.server.lean_routes``)."""
+    assert isinstance(body, RecommendIn)
+    if body.explain:
+        return None
+    answer = await recommend(body, engine)
+    assert isinstance(answer, Response)
+    return answer
+
+
+async def lean_feedback(body: BaseModel, engine: Engine) -> Response | None:
+    """``feedback``'s answer (a ``Response``, or an ``APIError`` raised)."""
+    assert isinstance(body, FeedbackIn)
+    return await feedback(body, engine)
+
+
+def lean_routes() -> list[tuple[APIRoute, type[BaseModel], Any]]:
+    """The routes ``app.server.lean_routes`` answers in their common case."""
+    by_path = {r.path: r for r in router.routes if isinstance(r, APIRoute)}
+    return [(by_path[f"{V1}/recommend"], RecommendIn, lean_recommend),
+            (by_path[f"{V1}/feedback"], FeedbackIn, lean_feedback)]

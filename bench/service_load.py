@@ -23,13 +23,14 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from app.tools.processes import private_redis, running_service_process
-from bench.load import cache_workdir, measure_feedback, service_env, wait_redis
+from bench.load import cache_workdir, served_pairs, service_env, wait_redis, wrk_feedback
 from bench.soak import wrk
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -72,6 +73,18 @@ def cores_used(finders: dict[str, Callable[[], list[int]]], settle_s: float,
                  for name, pids in processes.items()})
 
 
+def measure_feedback_cpu(url: str, args: argparse.Namespace, service: list[int]) -> dict:
+    """``bench.load``'s feedback measurement, with the service's CPU per accepted
+    event (``cpu_ms``): steadier than the rate where the machine's speed drifts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_path = os.path.join(tmp, "pairs.txt")
+        served_pairs(url, args.feedback_slates, args.users, pairs_path)
+        start = cpu_seconds(service)
+        res = wrk_feedback(url, args.seconds, args.connections, pairs_path)
+        res["cpu_ms"] = 1000 * (cpu_seconds(service) - start) / max(res["accepted"], 1)
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,16 +121,18 @@ def main(argv: list[str] | None = None) -> None:
             sampler.start()
             res = wrk(url, args.seconds, args.connections, 2, traffic)
             sampler.join()
-            feedback = (measure_feedback(url, args.feedback_slates, args.users, args.seconds,
-                                         args.connections)[0]
-                        if args.feedback_slates else None)
+            feedback = None
+            if args.feedback_slates:
+                feedback = measure_feedback_cpu(url, args, [proc.pid,
+                                                            *pids_of_children(proc.pid)])
     print(f"POST /v1/recommend: {res['rate']:.0f} req/s, p50 {res['p50_us'] / 1000:.1f} ms, "
           f"p99 {res['p99_us'] / 1000:.1f} ms, {res['errors']} errors")
     print("cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
     if feedback is not None:
         print(f"POST /v1/feedback: {feedback['rate']:.0f} accepted/s, p50 "
               f"{feedback['p50_us'] / 1000:.1f} ms, p99 {feedback['p99_us'] / 1000:.1f} ms, "
-              f"{feedback['errors']} errors")
+              f"{feedback['errors']} errors, {feedback['cpu_ms']:.3f} ms of the service's "
+              f"CPU per accepted event")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from app.errors import APIError
 from app.server.api import create_app
 from app.server.lean_routes import LeanRoute
 from app.settings import Settings
+from app.store import StoreUnavailable
 from tests.test_api import FAST, MOVIES
 
 
@@ -45,18 +46,25 @@ def _counting(app) -> dict[str, int]:
     return counts
 
 
+def _answer(r) -> tuple[int, object, dict[str, str]]:
+    """Status, body (without what differs run to run) and the headers that matter."""
+    try:
+        body = r.json()
+    except ValueError:
+        body = r.text
+    if isinstance(body, dict):
+        for varies in ("request_id", "model_version", "items"):  # (items: their scores)
+            body.pop(varies, None)
+    headers = {k: r.headers.get(k) for k in ("content-type", "retry-after")}
+    if not isinstance(body, dict) or "items" not in r.text:
+        headers["content-length"] = r.headers.get("content-length")
+    return r.status_code, body, headers
+
+
 def _exchange(c: TestClient, slate_id: str, item: str) -> list[tuple[int, object]]:
     """The status and body of requests of every kind, request ids left out."""
-    def post(path, content, content_type="application/json", **headers):
-        r = c.post(path, content=content, headers={"content-type": content_type, **headers})
-        try:
-            body = r.json()
-        except ValueError:
-            body = r.text
-        if isinstance(body, dict):
-            body.pop("request_id", None)
-            body.pop("items", None)  # scores differ run to run; their shape is tested
-        return r.status_code, body
+    def post(path, content, content_type="application/json"):
+        return _answer(c.post(path, content=content, headers={"content-type": content_type}))
 
     fb = {"request_id": slate_id, "item_id": item, "event": "click"}
     return [
@@ -76,6 +84,12 @@ def _exchange(c: TestClient, slate_id: str, item: str) -> list[tuple[int, object
         post("/v1/recommend", json.dumps({"user_id": "u", "k": 2})),
         post("/v1/recommend", json.dumps({"user_id": "u", "k": 2, "explain": True})),
         post("/v1/recommend", "", content_type="application/json"),
+        post("/v1/recommend", json.dumps({"user_id": "u", "k": 2}),
+             content_type="application/json; charset=utf-8"),
+        post("/v1/recommend", json.dumps({"user_id": "u", "k": 2}),
+             content_type="application/problem+json"),
+        post("/v1/feedback", '{"request_id": "r", "item_id": "a", "event": "click", '
+                             '"value": 1e400}'),
     ]
 
 
@@ -100,20 +114,31 @@ def test_lean_routes_answer_as_fastapi_does(encoder, keys):
     reference, _ = _session(encoder, False, **overrides)
     assert lean == reference
     # the common cases were answered by the lean path: the first slate, two feedback
-    # events with a 2xx and two with an error of their own, one plain recommendation
-    assert counts == {"/v1/recommend": 2, "/v1/feedback": 4}
+    # events with a 2xx and two with an error of their own, two plain recommendations
+    # (one with a charset in its content type)
+    assert counts == {"/v1/recommend": 3, "/v1/feedback": 4}
 
 
-def test_requests_without_a_valid_key_get_fastapis_answer(encoder):
-    app = _app(encoder, True, api_keys="key")
-    counts = _counting(app)
-    with TestClient(app) as c:
-        r = c.post("/v1/recommend", json={"user_id": "u", "k": 2})
-        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-        r = c.post("/v1/feedback", json={"request_id": "r", "item_id": "a", "event": "click"},
-                   headers={"x-api-key": "wrong"})
-        assert r.status_code == 401
-    assert counts == {}
+def test_a_store_outage_answers_503_on_the_lean_path_as_on_fastapis(encoder):
+    answers, counts = [], []
+    for lean in (True, False):
+        app = _app(encoder, lean)
+        counts.append(_counting(app))
+        with TestClient(app) as c:
+            c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
+            slate = c.post("/v1/recommend", json={"user_id": "u-1", "k": 3}).json()
+
+            async def unavailable(*args, **kwargs):
+                raise StoreUnavailable("connection lost")
+
+            app.state.engine.store.impressions.feedback_on_slates = unavailable
+            answers.append(_answer(c.post("/v1/feedback", json={
+                "request_id": slate["request_id"], "item_id": slate["items"][0]["item_id"],
+                "event": "click"})))
+    assert answers[0] == answers[1]
+    status, body, headers = answers[0]
+    assert status == 503 and headers["retry-after"], answers[0]
+    assert counts[0] == {"/v1/recommend": 1}  # the failed feedback raised through it
 
 
 def test_the_latency_metric_is_labelled_by_the_route_on_both_paths(encoder):

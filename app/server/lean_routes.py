@@ -26,13 +26,15 @@ checks) runs around both paths alike: a ``LeanRoute`` is a route, inside them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import URLPath
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Message, Receive, Scope, Send
 
 from app.server.engine import Engine
@@ -52,27 +54,29 @@ def _json_content_type(scope: Scope) -> bool:
     return False
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request's body, and whether all of it arrived (not cut by a disconnect)."""
+async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
+    """The request's body, and the message that cut it short (a disconnect), if any."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b"".join(chunks), False
+            return b"".join(chunks), message
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            return b"".join(chunks), True
+            return b"".join(chunks), None
 
 
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``body`` again, then whatever ``receive`` gives."""
-    given = False
+def _replay(body: bytes, cut: Message | None, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` again (and the message that cut it short),
+    then whatever ``receive`` gives."""
+    pending: list[Message] = [{"type": "http.request", "body": body,
+                               "more_body": cut is not None}]
+    if cut is not None:
+        pending.append(cut)
 
     async def receive_again() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": not complete}
+        if pending:
+            return pending.pop(0)
         return await receive()
 
     return receive_again
@@ -87,35 +91,41 @@ class LeanRoute(BaseRoute):
         self.app = app
         self.route = route
         self.path = route.path
+        self.path_format = route.path_format  # FastAPI's telemetry names routes by it
         self.model = model
         self.answer = answer
-        # what FastAPI's own match puts in the scope that matters downstream: the route
-        # (the latency metric's label is its path template), its endpoint
-        self.child_scope = {"route": route, "endpoint": route.endpoint, "path_params": {}}
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # (behind a proxy's root path FastAPI's routes answer everything: correct, slower)
         if (scope["type"] == "http" and scope["method"] == "POST"
                 and scope["path"] == self.path and not scope.get("root_path")
                 and DECLINED not in scope):
-            return Match.FULL, self.child_scope
+            # what FastAPI's own match puts in the scope that matters downstream: the
+            # route (the latency metric's label is its path template), its endpoint
+            return Match.FULL, {"route": self.route, "endpoint": self.route.endpoint,
+                                "path_params": {}}
         return Match.NONE, {}
 
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        # FastAPI's route of the same path has the name: url_for finds it there
+        raise NoMatchFound(name, path_params)
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body, complete = b"", False
         if _json_content_type(scope):
-            body, complete = await _read_body(receive)
-            response = await self._answer(scope, body) if complete else None
+            body, cut = await _read_body(receive)
+            response = await self._answer(scope, body) if cut is None else None
             if response is not None:
                 await response(scope, receive, send)
                 return
-            receive = _replay(body, complete, receive)
+            receive = _replay(body, cut, receive)
         scope[DECLINED] = True
         await self.app.router.app(scope, receive, send)
 
     async def _answer(self, scope: Scope, body: bytes) -> Response | None:
         engine: Engine | None = getattr(self.app.state, "engine", None)
-        if (engine is None or not engine.ready
+        if (engine is None or not engine.ready or self.app.dependency_overrides
                 or scope.get("state", {}).get("principal") is None):
+            # (with overridden dependencies, tests' usually, FastAPI's routes answer)
             return None
         try:
             parsed = self.model.model_validate(orjson.loads(body))
@@ -131,3 +141,6 @@ def install_lean_routes(app: FastAPI, routes: list[tuple[APIRoute, type[BaseMode
     FastAPI's routing puts in the scope). Call after the routers were included."""
     for route, model, answer in routes:
         app.router.routes.insert(0, LeanRoute(app, route, model, answer))
+    mark_changed = getattr(app.router, "_mark_routes_changed", None)  # FastAPI >= 0.16x
+    if mark_changed is not None:
+        mark_changed()  # FastAPI's caches of the routes see them

@@ -62,6 +62,7 @@ def _uvicorn_workers(args: argparse.Namespace, settings, workers: int) -> None:
     restarts a worker that dies, passes SIGTERM on to each (each drains as one process
     does), and exits 3, as one process does, when a worker failed to start (the app or
     the store is broken: every restart would fail alike)."""
+    import inspect
     import logging
 
     import uvicorn
@@ -82,7 +83,10 @@ def _uvicorn_workers(args: argparse.Namespace, settings, workers: int) -> None:
         timeout_worker_healthcheck=20)
     # the supervisor's own lines (workers started, died, restarted) are worth keeping
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    # uvicorn before 0.51 takes the workers' target (a server's run) from the caller
+    target = ({"target": uvicorn.Server(config=config).run}
+              if "target" in inspect.signature(Multiprocess).parameters else {})
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()], **target)
     supervisor.run()
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         sys.exit(STARTUP_FAILURE)

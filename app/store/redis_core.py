@@ -256,12 +256,12 @@ class RedisCore(RedisKeys):
         self.group_ready = True
 
     async def run_script_each(self, script: LuaScript,
-                              calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """``script`` once per ``(keys, args)``, in one pipeline, by its SHA1: the replies,
-        an error as its exception (``execute(raise_on_error=False)``). A server that
-        lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT to the calls that
-        reached it after the loss, which did not run: the script is loaded again and
-        those calls, and only those, are sent once more."""
+                              calls: list[tuple[list[str], list[Any]]]) -> None:
+        """``script`` once per ``(keys, args)``, in one pipeline, by its SHA1; raises the
+        first error any call answered, once every call ran. A server that lost its
+        scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT to the calls that reached
+        it after the loss, which did not run: the script is loaded again and those
+        calls, and only those, are sent once more."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
@@ -280,7 +280,9 @@ class RedisCore(RedisKeys):
             if lost and attempt == 0:
                 self.scripts_loaded.discard(script.sha)
             todo = lost
-        return replies
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if refused:
+            raise refused[0]
 
     async def delete_each(self, keys: list[str]) -> None:
         """One DEL per key, pipelined (keys of different Cluster slots)."""

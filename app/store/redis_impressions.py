@@ -164,10 +164,7 @@ class RedisImpressions(RedisRole, ImpressionLog):
                 [ttl_s, shown_max, self.user_ttl_s, repr(now), repr(now + ttl_s),
                  imp.request_id, imp.user_id, repr(imp.ts), self.stream_max, len(fields),
                  *fields, *self._shown_entries(imp)]))
-        refused = [r for r in await self.core.run_script_each(_LOG_ONCE, calls)
-                   if isinstance(r, Exception)]
-        if refused:
-            raise refused[0]
+        await self.core.run_script_each(_LOG_ONCE, calls)
 
     async def _log_impressions_on_cluster(self, imps: list[Impression], ttl_s: int,
                                           shown_max: int, now: float) -> None:
@@ -308,7 +305,7 @@ class RedisImpressions(RedisRole, ImpressionLog):
         if isinstance(self.r, aioredis.RedisCluster):
             await self._write_feedback_on_cluster(accepted, history_max, ttl_s)
             return
-        replies = await self.core.run_script_each(_RECORD_ONCE, [
+        await self.core.run_script_each(_RECORD_ONCE, [
             ([self._user(user_id, "hist"), self._user(user_id, "erased"),
               self._imp(e.request_id), self._stream, marker],
              [self._history_entry(e, key), key, history_max, repr(served), self.user_ttl_s,
@@ -316,9 +313,6 @@ class RedisImpressions(RedisRole, ImpressionLog):
               *self._stream_fields(e, user_id)])
             for e, user_id, marker, served in accepted
             for key in [f"{e.request_id}:{e.item_id}:{e.event}"]])
-        refused = [r for r in replies if isinstance(r, Exception)]
-        if refused:
-            raise refused[0]
 
     async def _write_feedback_on_cluster(
             self, accepted: list[tuple[FeedbackEvent, str, str, float]], history_max: int,

@@ -61,7 +61,7 @@ def _answer(r) -> tuple[int, object, dict[str, str]]:
     return r.status_code, body, headers
 
 
-def _exchange(c: TestClient, slate_id: str, item: str) -> list[tuple[int, object]]:
+def _exchange(c: TestClient, slate_id: str, item: str) -> list[tuple[int, object, dict]]:
     """The status and body of requests of every kind, request ids left out."""
     def post(path, content, content_type="application/json"):
         return _answer(c.post(path, content=content, headers={"content-type": content_type}))

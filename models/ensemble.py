@@ -111,6 +111,7 @@ class EnsembleParams:
     # percentile of their ranks); NaN while too few picks came from it to tell
     reach: np.ndarray = field(default_factory=lambda: np.full(len(SOURCES), np.nan))
     alpha: float = 0.1   # width of the upper-confidence bonus, in log-odds
+    slot_weight: float = 0.0  # the log-odds per unit of ``slot_covariate``
 
     def agent_scores(self, layout: StateLayout, state: np.ndarray, items: np.ndarray,
                      features: np.ndarray, q_scores: np.ndarray) -> np.ndarray:
@@ -119,6 +120,17 @@ class EnsembleParams:
         width = np.sqrt(np.maximum(((x @ self.a_inv) * x).sum(1), 0.0))
         linear = x @ self.theta + self.alpha * width
         return np.stack([q_scores, features[:, POPULARITY_COLUMN], linear])
+
+    def expected_ctr(self, layout: StateLayout, state: np.ndarray, items: np.ndarray,
+                     features: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The click probability of each shown item (``items``, ``features``) in its
+        ``slots``, by the logistic model's mean without the item's popularity
+        features: what the user, the session and the slot alone make of it. An item's
+        popularity is its clicks over these (``models.state.popularity_features``)."""
+        x = linear_features(layout, state, items, features)
+        x[:, FEATURE_GROUPS["popularity"]] = 0.0
+        logits = x @ self.theta + self.slot_weight * slot_covariate(slots)[:, 0]
+        return 1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))
 
     def draw_arm(self, rng: np.random.Generator) -> int:
         """The arm (an index into ``ARMS``) that serves an exploring request."""
@@ -363,7 +375,8 @@ class EnsembleLearner:
     def params(self) -> EnsembleParams:
         cov = np.linalg.inv(self.model.precision)
         return EnsembleParams(cov[:N_LINEAR, :N_LINEAR], self.model.mean[:N_LINEAR].copy(),
-                              self.values.play_probabilities(), self.depths.reach())
+                              self.values.play_probabilities(), self.depths.reach(),
+                              slot_weight=float(self.model.mean[N_LINEAR]))
 
     def report(self) -> dict[str, dict[str, dict[str, float | None]]]:
         """What ``GET /v1/model`` shows: each arm's and each source's estimated value
@@ -421,6 +434,9 @@ def params_from_tensors(tensors: dict[str, torch.Tensor]) -> EnsembleParams | No
                                 tensors[PREFIX + "reach"].numpy())
     except KeyError:
         return None
+    mean = tensors.get(PREFIX + "mean")
+    if mean is not None and mean.shape == (N_LINEAR + 1,):
+        params.slot_weight = float(mean[N_LINEAR])
     if params.weights.shape != (len(ARMS),):  # saved with other arms: share alike
         params.weights = np.full(len(ARMS), 1.0 / len(ARMS))
     return params if params.theta.shape == (N_LINEAR,) else None

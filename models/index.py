@@ -24,7 +24,14 @@ import numpy as np
 
 from models.ann import AnnParams, AnnStructure
 from models.lru import LRUCache
-from models.state import PRIOR_CTR, PRIOR_WEIGHT, TAG_BUCKETS, smoothed_ctr, tag_vectors
+from models.state import (
+    N_STATS,
+    PRIOR_CTR,
+    PRIOR_WEIGHT,
+    TAG_BUCKETS,
+    smoothed_ctr,
+    tag_vectors,
+)
 
 COMPACT_FRACTION = 0.2
 # rows moved per step when compacting in place: bounds the temporary copy (~30 MB at 384-d)
@@ -72,8 +79,10 @@ class CandidateIndex:
         # item id -> (index version, its nearest servable rows, whether that is all of them)
         self._neighbours: LRUCache[str, tuple[int, np.ndarray, bool]] = LRUCache(NEIGHBOURS_KEPT)
         self._scratch: np.ndarray | None = None  # see _scratch_mask
-        self._uncounted: deque[tuple[Sequence[str], Sequence[str]]] = deque()  # see record
-        self._totals = np.zeros(2)  # shown, clicked over every item ever counted
+        # see record: (shown, clicked, expected clicks of the shown)
+        self._uncounted: deque[tuple[Sequence[str], Sequence[str],
+                                     Sequence[float] | None]] = deque()
+        self._totals = np.zeros(N_STATS)  # every item's counts, summed
         self.version = 0  # bumped on every change, so caches keyed on it stay valid
         # bumped only when an id joins or leaves: caches of the id set keyed on it
         # (a sorted listing) survive re-embeddings and availability changes
@@ -93,8 +102,9 @@ class CandidateIndex:
         self._live = np.zeros(max(capacity, 1024), dtype=bool)
         # live and available: what retrieval may return
         self._servable = np.zeros(max(capacity, 1024), dtype=bool)
-        # per-row engagement counts [shown, clicked], for the popularity features
-        self._stats = np.zeros((max(capacity, 1024), 2), dtype=np.float32)
+        # per-row engagement counts [shown, clicked, expected clicks], for the
+        # popularity features (``models.state.popularity_features``)
+        self._stats = np.zeros((max(capacity, 1024), N_STATS), dtype=np.float32)
         # per-row hashed multi-hot of the item's tags (``models.state.tag_vectors``)
         self._tags = np.zeros((max(capacity, 1024), TAG_BUCKETS), dtype=np.uint8)
         self._n_rows = 0
@@ -124,7 +134,7 @@ class CandidateIndex:
         live[:n] = self._live[:n]
         servable = np.zeros(new_cap, dtype=bool)
         servable[:n] = self._servable[:n]
-        stats = np.zeros((new_cap, 2), dtype=np.float32)
+        stats = np.zeros((new_cap, N_STATS), dtype=np.float32)
         stats[:n] = self._stats[:n]
         tags = np.zeros((new_cap, TAG_BUCKETS), dtype=np.uint8)
         tags[:n] = self._tags[:n]
@@ -292,14 +302,17 @@ class CandidateIndex:
             rows = np.fromiter((self._row_of[i] for i in known), dtype=np.int64, count=len(known))
             return known, self._vectors[rows].copy()
 
-    def record(self, shown: Sequence[str], clicked: Sequence[str] = ()) -> None:
-        """Count impressions and positive feedback of items (unknown ids are ignored).
+    def record(self, shown: Sequence[str], clicked: Sequence[str] = (),
+               expected: Sequence[float] | None = None) -> None:
+        """Count impressions and positive feedback of items (unknown ids are ignored),
+        and, per shown item, the click probability the policy expected of it without
+        its own popularity (``expected``; the catalog's CTR so far when not given).
 
         Never waits for the index's lock: the serving event loop calls this for every
         slate and every click, while a compute thread may hold the lock for a whole
         batched search. The counts are queued and applied now if the lock is free,
         else by the next holder before it reads or moves any counts."""
-        self._uncounted.append((shown, clicked))
+        self._uncounted.append((shown, clicked, expected))
         if self._lock.acquire(blocking=False):
             try:
                 self._count_queued()
@@ -309,20 +322,35 @@ class CandidateIndex:
     def _count_queued(self) -> None:
         """Apply the counts ``record`` queued (call with the lock held)."""
         while self._uncounted:
-            shown, clicked = self._uncounted.popleft()
-            for col, ids in ((0, shown), (1, clicked)):
-                for item_id in ids:
-                    row = self._row_of.get(item_id)
-                    if row is not None:
-                        self._stats[row, col] += 1.0
-                        self._totals[col] += 1.0
+            shown, clicked, expected = self._uncounted.popleft()
+            per_item = repeat(self.base_ctr(), len(shown)) if expected is None else expected
+            for item_id, p in zip(shown, per_item, strict=True):
+                row = self._row_of.get(item_id)
+                if row is not None:
+                    self._stats[row, 0] += 1.0
+                    self._stats[row, 2] += p
+                    self._totals[0] += 1.0
+                    self._totals[2] += p
+            for item_id in clicked:
+                row = self._row_of.get(item_id)
+                if row is not None:
+                    self._stats[row, 1] += 1.0
+                    self._totals[1] += 1.0
 
     def base_ctr(self) -> float:
         """The CTR of every item shown so far: what an item nobody has seen yet is
         assumed to earn (``models.state.smoothed_ctr``'s prior), so the popularity
         features read as a lift over this catalog's own rate, whatever it is."""
-        shown, clicked = self._totals
+        shown, clicked, _ = self._totals
         return float((clicked + PRIOR_CTR * PRIOR_WEIGHT) / (shown + PRIOR_WEIGHT))
+
+    def expected_scale(self) -> float:
+        """Clicks over expected clicks across the catalog: what makes the popularity
+        lift (``models.state.popularity_features``) 0 for the catalog as a whole,
+        however the policy that recorded the expectations was calibrated."""
+        _, clicked, expected = self._totals
+        prior = PRIOR_CTR * PRIOR_WEIGHT
+        return float((clicked + prior) / (expected + prior))
 
     def _per_id(self, tables: Sequence[np.ndarray], ids: Sequence[str]) -> list[np.ndarray]:
         """Rows of each per-row table for ``ids``, as float32 (copies); zeros for

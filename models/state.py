@@ -204,6 +204,7 @@ def repeat_features(candidate_ids: Sequence[str], positive_ids: Sequence[str]) -
 
 PRIOR_CTR = 0.03  # an item with no impressions is assumed to engage this often
 PRIOR_WEIGHT = 20.0  # impressions' worth of that assumption
+N_STATS = 3  # an item's counts: shown, clicked, expected clicks
 
 
 def smoothed_ctr(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
@@ -216,17 +217,31 @@ def smoothed_ctr(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
 
 
 def popularity_features(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
-                        prior_weight: float = PRIOR_WEIGHT) -> np.ndarray:
-    """Per candidate, from its ``[shown, clicked]`` counts: smoothed log-CTR lift and
-    log impressions.
+                        prior_weight: float = PRIOR_WEIGHT,
+                        expected_scale: float = 1.0) -> np.ndarray:
+    """Per candidate, from its ``[shown, clicked, expected]`` counts: its log lift
+    (clicks over expected clicks, both shrunk by a prior worth ``prior_weight``
+    impressions at ``prior_ctr``) and log impressions.
+
+    Expected clicks are what the policy predicted for each impression from everything
+    but the item itself: the user, the session and the slot
+    (``EnsembleParams.expected_ctr``), scaled by ``expected_scale`` so that the
+    catalog as a whole has lift 0. A plain CTR would credit an item with the contexts
+    it was shown in: an item shown mostly right after a related click (where anything
+    similar gets clicked) or in the top slot looks better than it is, and a good item
+    shown only at session starts looks worse. Over ``[shown, clicked]`` counts (no
+    expectation recorded), every impression expects ``prior_ctr``: the lift is the
+    smoothed CTR over ``prior_ctr``.
 
     The Q-network has no item-id parameters (so new items work at once); these two
     features let it learn that some items simply engage more than their text says.
     A new item starts at the prior: lift 0, no impressions.
     """
-    ctr = smoothed_ctr(stats, prior_ctr, prior_weight)
-    return np.stack([np.log(ctr / prior_ctr), np.log1p(stats[:, 0]) / 10.0],
-                    1).astype(np.float32)
+    shown, clicked = stats[:, 0], stats[:, 1]
+    expected = (stats[:, 2] * expected_scale if stats.shape[1] > 2 else shown * prior_ctr)
+    prior = prior_ctr * prior_weight
+    lift = np.log((clicked + prior) / (expected + prior))
+    return np.stack([lift, np.log1p(shown) / 10.0], 1).astype(np.float32)
 
 
 def affinity_features(items: np.ndarray, positive: np.ndarray,
@@ -303,14 +318,15 @@ class RecentItems:
 def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
                        touched: set[str], now: float, stats: np.ndarray, items: np.ndarray,
                        item_tags: np.ndarray, recent: RecentItems,
-                       recent_s: float = 1800.0, base_ctr: float = PRIOR_CTR) -> np.ndarray:
+                       recent_s: float = 1800.0, base_ctr: float = PRIOR_CTR,
+                       expected_scale: float = 1.0) -> np.ndarray:
     """All per-candidate features: exposure to this user, item popularity (a lift over
-    ``base_ctr``, the catalog's own rate), similarity (of embeddings, of tags) to the
+    what was expected of it, ``popularity_features``), similarity (of embeddings, of tags) to the
     user's latest positive and negative interactions, and the user's own positive
     events on the item."""
     return np.concatenate([
         exposure_features(candidate_ids, shown, touched, now, recent_s),
-        popularity_features(stats, base_ctr),
+        popularity_features(stats, base_ctr, expected_scale=expected_scale),
         affinity_features(items, recent.positive, recent.negative),
         tag_affinity_features(item_tags, recent.positive_tags, recent.negative_tags),
         repeat_features(candidate_ids, recent.positive_events)], 1)

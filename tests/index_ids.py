@@ -32,7 +32,8 @@ def engaging_ids(index: CandidateIndex, n: int, exclude: Sequence[Iterable[str]]
 
 
 def stats_of(index: CandidateIndex, ids: Sequence[str]) -> np.ndarray:
-    return index.stats_and_tags_of(ids)[0]
+    """Per id, its ``[shown, clicked]`` counts (without the expected clicks)."""
+    return index.stats_and_tags_of(ids)[0][:, :2]
 
 
 def tags_of(index: CandidateIndex, ids: Sequence[str]) -> np.ndarray:

@@ -59,6 +59,35 @@ def test_the_slot_is_not_mistaken_for_appeal():
     assert abs(learner.params().theta[0]) < 0.3
 
 
+def test_expected_clicks_leave_out_the_items_own_popularity_and_count_the_slot():
+    """What a shown item was expected to earn: the logistic model's click probability
+    from the user, the session and the slot, not from the item's own popularity
+    (its popularity is measured against this)."""
+    from models.state import FEATURE_GROUPS
+
+    rng = np.random.default_rng(8)
+    layout = StateLayout(8)
+    learner = EnsembleLearner()
+    for _ in range(100):
+        slots = rng.integers(0, 10, 200).astype(float)
+        x = np.zeros((200, N_LINEAR))
+        x[:, 0] = rng.standard_normal(200)
+        x[:, -1] = 1.0
+        learner.update(x, (rng.random(200) < 0.2 / (1 + slots)).astype(float), slots=slots)
+    params = learner.params()
+    assert params.slot_weight < -0.5  # lower slots are clicked less
+    state = rng.standard_normal(layout.size).astype(np.float32)
+    items = rng.standard_normal((2, 8)).astype(np.float32)
+    feats = np.zeros((2, N_ITEM_FEATURES), np.float32)
+    feats[1, FEATURE_GROUPS["popularity"]] = [3.0, 1.0]  # only item 1 is popular
+    top = params.expected_ctr(layout, state, items[[0, 0]], feats, np.array([0, 0]))
+    assert np.isclose(top[0], top[1])  # its popularity left out
+    x = linear_features(layout, state, items[[0]], feats[[0]])
+    assert np.isclose(top[0], 1 / (1 + np.exp(-(x @ params.theta)[0])))
+    low = params.expected_ctr(layout, state, items[[0]], feats[[0]], np.array([5]))
+    assert low[0] < 0.7 * top[0]
+
+
 def serve(learner: EnsembleLearner, rng: np.random.Generator, ctr: dict[str, float],
           slates: int = 300, k: int = 10) -> None:
     """``slates`` requests, each served by an arm drawn with the learner's current play
@@ -243,6 +272,7 @@ def test_ensemble_state_travels_in_the_weights_blob():
     assert np.allclose(served.theta, learner.params().theta)
     assert np.allclose(served.weights, learner.params().weights)
     assert np.allclose(served.reach, learner.params().reach, equal_nan=True)
+    assert served.slot_weight == learner.params().slot_weight == learner.model.mean[-1]
     assert report_from_tensors(split_weights(blob)[1]) == learner.report()
     resumed = EnsembleLearner()
     assert resumed.load(split_weights(blob)[1])

@@ -151,6 +151,24 @@ def test_engagement_counts_follow_items_through_updates_and_compaction():
     assert stats_of(idx, ["a", "b"]).tolist() == [[2, 1], [1, 0]]
 
 
+def test_expected_clicks_are_counted_per_impression_and_scale_to_the_clicks():
+    """Each impression adds the click probability the policy expected of it (or the
+    catalog's CTR so far when none is given), and ``expected_scale`` is what makes
+    the catalog's clicks over expected clicks 1."""
+    from models.state import PRIOR_CTR, PRIOR_WEIGHT
+
+    idx = CandidateIndex(4)
+    idx.upsert(["a", "b"], np.eye(4, dtype=np.float32)[:2])
+    idx.record(["a", "b", "zz"], expected=[0.5, 0.25, 0.9])  # unknown ids: ignored
+    idx.record(["a"], ["a", "b"], expected=[0.25])
+    assert idx.stats_and_tags_of(["a", "b"])[0][:, 2].tolist() == [0.75, 0.25]
+    prior = PRIOR_CTR * PRIOR_WEIGHT
+    assert np.isclose(idx.expected_scale(), (2 + prior) / (1.0 + prior))
+    base = idx.base_ctr()
+    idx.record(["b"])  # no expectation: the catalog's CTR
+    assert np.isclose(idx.stats_and_tags_of(["b"])[0][0, 2], 0.25 + base)
+
+
 def test_counting_never_waits_for_a_search_and_loses_nothing():
     """The event loop counts every slate and click; a compute thread may hold the
     index for a whole batched search meanwhile. Counting must return at once, and the
@@ -239,9 +257,9 @@ def test_tags_follow_items_through_updates_and_compaction():
                           tag_vectors([["horror"], ["drama", "war"]]).astype(np.float32))
     idx.record(["b", "b", "a"], ["b"])
     stats, tags = idx.stats_and_tags_of(["b", "zz", "a"])  # one lookup for both tables
-    assert np.array_equal(stats, stats_of(idx, ["b", "zz", "a"]))
+    assert np.array_equal(stats[:, :2], stats_of(idx, ["b", "zz", "a"]))
     assert np.array_equal(tags, tags_of(idx, ["b", "zz", "a"]))
-    assert stats.tolist() == [[2, 1], [0, 0], [1, 0]]
+    assert stats[:, :2].tolist() == [[2, 1], [0, 0], [1, 0]]
 
 
 def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(monkeypatch):

@@ -207,6 +207,22 @@ def test_popularity_features_start_at_the_prior_and_follow_counts():
     assert f[1, 0] > 1.0 and f[2, 0] < -1.0 and f[1, 1] == f[2, 1] > 0
 
 
+def test_popularity_is_clicks_over_what_the_context_made_likely():
+    """Two items with the same CTR: one shown where anything gets clicked (right after
+    a related click, in the top slot), one shown where clicks are rare. The second
+    engages more than its contexts explain, so its lift is higher; the first earned
+    what was expected of it, so its lift is about 0."""
+    from models.state import popularity_features
+
+    stats = np.array([[1000, 100, 1000 * 0.10], [1000, 100, 1000 * 0.02]], np.float32)
+    f = popularity_features(stats, 0.05)
+    assert abs(f[0, 0]) < 0.05 and f[1, 0] > 1.0
+    assert f[0, 1] == f[1, 1]  # as often shown
+    # scaled: a policy that expects half the clicks it gets lifts nothing for that
+    assert np.allclose(popularity_features(stats * [1, 1, 0.5], 0.05, expected_scale=2.0),
+                       f, atol=1e-5)
+
+
 def test_affinity_features_compare_candidates_with_recent_history():
     from models.state import affinity_features
 

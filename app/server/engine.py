@@ -124,6 +124,9 @@ class Chosen:
     sources: list[int]      # per slot, the sources that retrieved it
     depths: list[int]       # per slot, its rank in that source's list
     arm_propensity: float = 1.0  # the probability the serving arm was drawn with
+    # per slot, the click probability expected of it without its own popularity
+    # (``EnsembleParams.expected_ctr``); None without the ensemble
+    expected: list[float] | None = None
 
 
 @dataclass
@@ -635,7 +638,7 @@ class Engine:
             await self._impression_writes.submit(imp)
         except StoreUnavailable as exc:
             self._keep_unlogged(imp, exc)
-        self.index.record(slate.item_ids)
+        self.index.record(slate.item_ids, expected=chosen.expected)
         self.metrics.recommendations.inc()
         self.metrics.items_served.inc(len(slate.item_ids))
         self.metrics.items_explored.inc(int(choice.explored.sum()))
@@ -807,14 +810,14 @@ class Engine:
         candidates = self._candidates(picks, queries, [b[1] for b in built],
                                       self._budgets(scorer))
         out: list[Chosen] = []
-        base_ctr = self.index.base_ctr()
+        base_ctr, expected_scale = self.index.base_ctr(), self.index.expected_scale()
         for i, p in enumerate(picks):
             state, recent = built[i]
             ids, found, stats, tags = candidates[i]
             items = found.vectors
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
                                        stats, items, tags, recent, s.exposure_recent_s,
-                                       base_ctr)
+                                       base_ctr, expected_scale)
             scores = Scorer.score(queries[i], float(values[i]), items, feats)
             if scorer.adaptation is not None:  # a new user: the learned correction
                 adjustment = scorer.adaptation.adjust(self.layout, state, feats)
@@ -841,7 +844,13 @@ class Engine:
                 scores = np.where(held_back, scores[~held_back].min() - 1.0, scores)
             with self._rng_lock:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
+            shown = choice.indices
+            expected = None
+            if scorer.ensemble is not None and len(shown):
+                expected = scorer.ensemble.expected_ctr(
+                    self.layout, state, items[shown], feats[shown],
+                    np.arange(len(shown))).tolist()
             out.append(Chosen(scorer, state, ids, scores, feats, choice, agents,
-                              found.sources[choice.indices].tolist(),
-                              found.depths[choice.indices].tolist(), arm_propensity))
+                              found.sources[shown].tolist(), found.depths[shown].tolist(),
+                              arm_propensity, expected))
         return out

@@ -89,7 +89,7 @@ def explain_slate(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
         Scorer.score(queries[j], float(values[j]), items,
                      candidate_features(known, v.user.shown, v.user.touched, now, stats,
                                         items, tags, built[j][1], s.exposure_recent_s,
-                                        index.base_ctr()))
+                                        index.base_ctr(), index.expected_scale()))
         for j, v in enumerate(variants)])  # (variants, known items)
     contributions = scores[0] - scores[1:]
     out = []

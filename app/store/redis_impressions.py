@@ -86,8 +86,9 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'type', 'impression',
 return 1
 """)
 
-# Mark items of a stored impression displayed (fields s:{item}); never re-creates one
-# that expired (it would have no TTL). KEYS: the impression; ARGV: field, 1, field, 1...
+# Set fields of a stored impression (displayed items, s:{item} 1; on a Redis Cluster
+# also rewards, e:{item}:{event} reward); never re-creates one that expired (it would
+# have no TTL). KEYS: the impression; ARGV: field, value, field, value...
 _MARK_SEEN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
@@ -328,9 +329,8 @@ class RedisImpressions(RedisRole, ImpressionLog):
                       maxlen=self.stream_max, approximate=True)
             # one field per event, set (not added to): the same event twice is one reward;
             # only while the impression exists (HSET would create it, with no TTL)
-            pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
-                      "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
-                      1, self._imp(e.request_id), f"e:{e.item_id}:{e.event}", repr(e.reward))
+            pipe.eval(_MARK_SEEN, 1, self._imp(e.request_id), f"e:{e.item_id}:{e.event}",
+                      repr(e.reward))
         replies = await pipe.execute(raise_on_error=False)
         refused = [r for r in replies if isinstance(r, Exception)]
         if refused:

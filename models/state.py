@@ -320,10 +320,10 @@ def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, 
                        item_tags: np.ndarray, recent: RecentItems,
                        recent_s: float = 1800.0, base_ctr: float = PRIOR_CTR,
                        expected_scale: float = 1.0) -> np.ndarray:
-    """All per-candidate features: exposure to this user, item popularity (a lift over
-    what was expected of it, ``popularity_features``), similarity (of embeddings, of tags) to the
-    user's latest positive and negative interactions, and the user's own positive
-    events on the item."""
+    """All per-candidate features: exposure to this user, item popularity (its clicks
+    over the clicks expected of it, ``popularity_features``), similarity (of
+    embeddings, of tags) to the user's latest positive and negative interactions, and
+    the user's own positive events on the item."""
     return np.concatenate([
         exposure_features(candidate_ids, shown, touched, now, recent_s),
         popularity_features(stats, base_ctr, expected_scale=expected_scale),

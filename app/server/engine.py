@@ -553,9 +553,9 @@ class Engine:
     def _read_by_id(self, read: Callable[[], list[Hits]]
                     ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The first result of ``read()`` (an index read by row) as item ids, with its
-        embeddings and ``[shown, clicked]`` counts: what an answer by id needs. Read
-        again if rows moved meanwhile (a compaction); an item deleted since the read
-        keeps its row until compacted, so it is left out."""
+        embeddings and ``[shown, clicked, expected]`` counts: what an answer by id
+        needs. Read again if rows moved meanwhile (a compaction); an item deleted since
+        the read keeps its row until compacted, so it is left out."""
         while True:
             generation = self.index.row_generation
             rows, vectors = read()[0]

@@ -119,6 +119,10 @@ class Settings(BaseSettings):
                                  description="learned feedback events per 1/e decay")
     seed: int | None = Field(None, description="seed for exploration (tests, benchmarks)")
 
+    popularity_lift: Literal["ctr", "expected"] = Field(
+        "ctr", description="what an item's popularity is measured against: the catalog's "
+        "CTR (ctr), or the clicks the logistic agent expected of it where it was shown "
+        "(expected: clicks over expected clicks; needs the ensemble)")
     ensemble: bool = Field(True, description="rank by a fused ensemble of agents "
                            "(Q-network, popularity, LinUCB), with weights learned from "
                            "the rewards of each agent's picks; off when RECSVC_HEAD_WEIGHTS "

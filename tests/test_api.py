@@ -622,24 +622,30 @@ def test_similar_and_popular_leave_out_an_item_deleted_while_they_read(backend, 
             assert gone[0] not in [it["item_id"] for it in r.json()["items"]]
 
 
-@pytest.mark.parametrize("ensemble", [True, False])
+@pytest.mark.parametrize("lift,ensemble", [("expected", True), ("ctr", True),
+                                           ("expected", False)])
 def test_a_served_slate_counts_what_each_item_was_expected_to_earn(backend, encoder,
-                                                                   ensemble):
-    """Popularity is clicks over expected clicks: each shown item adds the click
-    probability the logistic model expected of it in its slot (without the ensemble,
-    the catalog's CTR), and the items that were not shown add nothing."""
-    with make_client(backend, encoder, ensemble=ensemble) as c:
+                                                                   lift, ensemble):
+    """With ``RECSVC_POPULARITY_LIFT=expected`` popularity is clicks over expected
+    clicks: each shown item adds the click probability the logistic model expected of
+    it in its slot. Otherwise (or without the ensemble) each adds the catalog's CTR;
+    the items that were not shown add nothing."""
+    import math
+
+    with make_client(backend, encoder, ensemble=ensemble, popularity_lift=lift) as c:
         c.post("/v1/items", json={"items": [{"item_id": i, "text": t} for i, t in MOVIES]})
-        index = c.app.state.engine.index
-        base = index.base_ctr()
+        engine = c.app.state.engine
+        base = engine.index.base_ctr()
+        if ensemble:  # a model that expects a click on one item in five, anywhere
+            engine.scorer.ensemble.theta[-1] = math.log(0.2 / 0.8)
         r = c.post("/v1/recommend", json={"user_id": "u-1", "k": 3, "explore": False})
         shown = [it["item_id"] for it in r.json()["items"]]
-        stats, _ = index.stats_and_tags_of([i for i, _ in MOVIES])
+        stats, _ = engine.index.stats_and_tags_of([i for i, _ in MOVIES])
         counted = {i: row for (i, _), row in zip(MOVIES, stats, strict=True)}
-        assert all(counted[i][0] == 1 and 0 < counted[i][2] < 1 for i in shown)
+        want = 0.2 if lift == "expected" and ensemble else base
+        assert all(counted[i][0] == 1 and np.isclose(counted[i][2], want, rtol=1e-4)
+                   for i in shown)
         assert not any(row[2] for i, row in counted.items() if i not in shown)
-        if not ensemble:
-            assert all(np.isclose(counted[i][2], base) for i in shown)
 
 
 def test_a_compaction_during_slate_choice_is_looked_up_again(backend, encoder):

@@ -811,9 +811,12 @@ class Engine:
                                       self._budgets(scorer))
         out: list[Chosen] = []
         base_ctr, expected_scale = self.index.base_ctr(), self.index.expected_scale()
+        against_expected = s.popularity_lift == "expected"
         for i, p in enumerate(picks):
             state, recent = built[i]
             ids, found, stats, tags = candidates[i]
+            if not against_expected:  # [shown, clicked]: the lift over the catalog's CTR
+                stats = stats[:, :2]
             items = found.vectors
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
                                        stats, items, tags, recent, s.exposure_recent_s,
@@ -846,7 +849,7 @@ class Engine:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
             shown = choice.indices
             expected = None
-            if scorer.ensemble is not None and len(shown):
+            if against_expected and scorer.ensemble is not None and len(shown):
                 expected = scorer.ensemble.expected_ctr(
                     self.layout, state, items[shown], feats[shown],
                     np.arange(len(shown))).tolist()

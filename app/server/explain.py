@@ -85,6 +85,8 @@ def explain_slate(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
                                     s.history_decay, now) for v in variants]
     queries, values = scorer.query(np.stack([b[0] for b in built]))
     stats, tags = index.stats_and_tags_of(known)
+    if s.popularity_lift != "expected":  # [shown, clicked]: the lift over the catalog's CTR
+        stats = stats[:, :2]
     scores = np.stack([
         Scorer.score(queries[j], float(values[j]), items,
                      candidate_features(known, v.user.shown, v.user.touched, now, stats,

@@ -41,20 +41,27 @@ def refuse_open_exposure(settings, host: str) -> None:
                  "purpose)")
 
 
+def _server_options(args: argparse.Namespace, settings) -> dict:
+    """What one process and each worker serve with alike.
+
+    SIGTERM: uvicorn stops accepting, drains in-flight requests (up to the grace
+    period), then the app's lifespan flushes held impressions and the learner's
+    uncommitted learning before the process exits. Connections and tasks are bounded
+    in number (503 beyond); headers in size and time by the protocol each caller
+    passes (``app.server.http_limits``)."""
+    return dict(host=args.host, port=args.port, loop="uvloop",
+                limit_concurrency=settings.max_concurrency, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
+                log_config=None)  # uvicorn's own lines through recsvc's handler (JSON too)
+
+
 def _uvicorn(app, args: argparse.Namespace, settings) -> None:
     import uvicorn
 
     from app.server.http_limits import limited_protocol
 
-    # SIGTERM: uvicorn stops accepting, drains in-flight requests (up to the grace
-    # period), then the app's lifespan flushes held impressions and the learner's
-    # uncommitted learning before the process exits. Headers are bounded in size and
-    # time (app.server.http_limits), connections and tasks in number (503 beyond).
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
-                http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
-                limit_concurrency=settings.max_concurrency, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s,
-                log_config=None)  # uvicorn's own lines through recsvc's handler (JSON too)
+    uvicorn.run(app, http=limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
+                **_server_options(args, settings))
 
 
 def _uvicorn_workers(args: argparse.Namespace, settings, workers: int) -> None:
@@ -72,10 +79,8 @@ def _uvicorn_workers(args: argparse.Namespace, settings, workers: int) -> None:
     # each worker builds its own app and protocol by name: uvicorn pickles this config
     # for them, and neither an app nor a class made at run time can be pickled
     config = uvicorn.Config(
-        "app.server.api:app_of_worker", factory=True, host=args.host, port=args.port,
-        loop="uvloop", http="app.server.http_limits:FROM_SETTINGS",
-        limit_concurrency=settings.max_concurrency, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
+        "app.server.api:app_of_worker", factory=True,
+        http="app.server.http_limits:FROM_SETTINGS", **_server_options(args, settings),
         workers=workers,
         # a worker answers the supervisor's health check from a thread, which a long
         # hold of the GIL at start (imports, a large catalog indexed) delays; this is

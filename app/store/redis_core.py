@@ -137,6 +137,14 @@ def _packing_with_hiredis(pool: aioredis.ConnectionPool) -> aioredis.ConnectionP
     return pool
 
 
+def raise_first_refused(replies: list[Any]) -> None:
+    """Raise the first error among a pipeline's replies (``execute(raise_on_error=
+    False)``), once every command in it ran."""
+    refused = [r for r in replies if isinstance(r, Exception)]
+    if refused:
+        raise refused[0]
+
+
 class LuaScript:
     """A Lua script run by its SHA1 (EVALSHA): its text crosses the wire once per
     Redis server (``RedisCore.run_script_each``), not with every call as EVAL sends it."""
@@ -280,9 +288,7 @@ class RedisCore(RedisKeys):
             if lost and attempt == 0:
                 self.scripts_loaded.discard(script.sha)
             todo = lost
-        refused = [r for r in replies if isinstance(r, Exception)]
-        if refused:
-            raise refused[0]
+        raise_first_refused(replies)
 
     async def delete_each(self, keys: list[str]) -> None:
         """One DEL per key, pipelined (keys of different Cluster slots)."""

@@ -9,7 +9,14 @@ import orjson
 import redis.asyncio as aioredis
 
 from app.store.base import FeedbackEvent, FeedbackOutcome, Impression, ImpressionLog
-from app.store.redis_core import PENDING, LuaScript, RedisCore, RedisRole, _guard
+from app.store.redis_core import (
+    PENDING,
+    LuaScript,
+    RedisCore,
+    RedisRole,
+    _guard,
+    raise_first_refused,
+)
 
 # KEYS: a user's history, the user's erasure tombstone; ARGV: entry (JSON), its event
 # key, max length, the time of the slate it is feedback on, the history's TTL. Appends
@@ -331,10 +338,7 @@ class RedisImpressions(RedisRole, ImpressionLog):
             # only while the impression exists (HSET would create it, with no TTL)
             pipe.eval(_MARK_SEEN, 1, self._imp(e.request_id), f"e:{e.item_id}:{e.event}",
                       repr(e.reward))
-        replies = await pipe.execute(raise_on_error=False)
-        refused = [r for r in replies if isinstance(r, Exception)]
-        if refused:
-            raise refused[0]
+        raise_first_refused(await pipe.execute(raise_on_error=False))
         await self.core.set_each([(m, repr(e.reward)) for e, _, m, _ in accepted], ttl_s)
 
     @staticmethod

@@ -157,7 +157,7 @@ def wrk_feedback(url: str, seconds: int, connections: int, pairs_path: str) -> d
 
 
 def run_floor(seconds: int, connections: int, traffic: dict,
-              redis_url: str | None = None) -> dict:
+              redis_url: str | None = None, wrk_threads: int = 2) -> dict:
     """``wrk`` against the floor; with ``redis_url``, the floor that also does a
     recommendation's store I/O (on the service's keys: the same users' histories)."""
     port = free_port()
@@ -167,8 +167,8 @@ def run_floor(seconds: int, connections: int, traffic: dict,
     try:
         if not wait_ready(url, lambda: proc.poll() is None, 60):
             raise RuntimeError("the floor did not start")
-        wrk(url, 3, connections, 2, traffic)
-        return wrk(url, seconds, connections, 2, traffic)
+        wrk(url, 3, connections, wrk_threads, traffic)
+        return wrk(url, seconds, connections, wrk_threads, traffic)
     finally:
         stop(proc, grace_s=20)
 

@@ -144,3 +144,24 @@ def test_workers_on_the_embedded_store_serve_from_one_process_and_say_so(tmp_pat
         assert served.get("/readyz").json()["status"] == "ready"
     finally:
         served.kill_all()
+
+
+def test_workers_share_the_cores_among_their_torch_threads():
+    """Each of N workers takes its share of torch's threads, so N processes do not each
+    run a thread per core; one process keeps torch's default; a setting wins."""
+    import torch
+
+    from models.device import share_torch_threads
+
+    default = torch.get_num_threads()
+    try:
+        assert share_torch_threads(0, 1) == default
+        assert torch.get_num_threads() == default
+        assert share_torch_threads(0, 2) == max(1, default // 2)
+        assert torch.get_num_threads() == max(1, default // 2)
+        torch.set_num_threads(default)
+        assert share_torch_threads(0, 64) == 1  # never none
+        assert share_torch_threads(3, 8) == 3
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(default)

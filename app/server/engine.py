@@ -38,7 +38,7 @@ from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
 from app.user_state import latest_first, resting_items, user_state_and_history
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.ann import set_search_threads
-from models.device import resolve_device
+from models.device import resolve_device, share_torch_threads
 from models.encoder import TextEncoder, text_key
 from models.ensemble import (
     SOURCES,
@@ -207,6 +207,7 @@ class Engine:
         # numpy's BLAS too: per-request products are small, and a BLAS thread pool per
         # compute thread only fights the others for the cores
         threadpool_limits(s.search_threads, user_api="blas")
+        share_torch_threads(s.torch_threads, s.workers)
         self.index = CandidateIndex(self.encoder.dim, exact_threshold=s.exact_index_max,
                                     approximate_kind=s.approximate_index, hnsw_m=s.hnsw_m,
                                     ef_search=s.hnsw_ef_search, ivf_nprobe=s.ivf_nprobe,

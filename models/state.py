@@ -218,7 +218,7 @@ def smoothed_ctr(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
 
 def popularity_features(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
                         prior_weight: float = PRIOR_WEIGHT,
-                        expected_scale: float = 1.0) -> np.ndarray:
+                        expected_scale: float | None = 1.0) -> np.ndarray:
     """Per candidate, from its ``[shown, clicked, expected]`` counts: its log lift
     (clicks over expected clicks, both shrunk by a prior worth ``prior_weight``
     impressions at ``prior_ctr``) and log impressions.
@@ -231,14 +231,16 @@ def popularity_features(stats: np.ndarray, prior_ctr: float = PRIOR_CTR,
     similar gets clicked) or in the top slot looks better than it is, and a good item
     shown only at session starts looks worse. Over ``[shown, clicked]`` counts (no
     expectation recorded), every impression expects ``prior_ctr``: the lift is the
-    smoothed CTR over ``prior_ctr``.
+    smoothed CTR over ``prior_ctr``; so it is with ``expected_scale=None``, whatever
+    the counts hold (``RECSVC_POPULARITY_LIFT=ctr``).
 
     The Q-network has no item-id parameters (so new items work at once); these two
     features let it learn that some items simply engage more than their text says.
     A new item starts at the prior: lift 0, no impressions.
     """
     shown, clicked = stats[:, 0], stats[:, 1]
-    expected = (stats[:, 2] * expected_scale if stats.shape[1] > 2 else shown * prior_ctr)
+    expected = (stats[:, 2] * expected_scale
+                if expected_scale is not None and stats.shape[1] > 2 else shown * prior_ctr)
     prior = prior_ctr * prior_weight
     lift = np.log((clicked + prior) / (expected + prior))
     return np.stack([lift, np.log1p(shown) / 10.0], 1).astype(np.float32)
@@ -319,7 +321,7 @@ def candidate_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, 
                        touched: set[str], now: float, stats: np.ndarray, items: np.ndarray,
                        item_tags: np.ndarray, recent: RecentItems,
                        recent_s: float = 1800.0, base_ctr: float = PRIOR_CTR,
-                       expected_scale: float = 1.0) -> np.ndarray:
+                       expected_scale: float | None = 1.0) -> np.ndarray:
     """All per-candidate features: exposure to this user, item popularity (its clicks
     over the clicks expected of it, ``popularity_features``), similarity (of
     embeddings, of tags) to the user's latest positive and negative interactions, and

@@ -221,6 +221,11 @@ def test_popularity_is_clicks_over_what_the_context_made_likely():
     # scaled: a policy that expects half the clicks it gets lifts nothing for that
     assert np.allclose(popularity_features(stats * [1, 1, 0.5], 0.05, expected_scale=2.0),
                        f, atol=1e-5)
+    # RECSVC_POPULARITY_LIFT=ctr: the expectations are there but not read; both items
+    # have the same smoothed CTR, so the same lift
+    ctr = popularity_features(stats, 0.05, expected_scale=None)
+    assert np.allclose(ctr, popularity_features(stats[:, :2], 0.05))
+    assert ctr[0, 0] == ctr[1, 0] > 0.5
 
 
 def test_affinity_features_compare_candidates_with_recent_history():

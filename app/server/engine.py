@@ -31,7 +31,7 @@ from app.ids import new_ulid
 from app.loops import PeriodicLoop
 from app.metrics import Metrics
 from app.server.batching import MicroBatcher, StoreBatcher
-from app.server.explain import explain_slate, importance
+from app.server.explain import explain_slate, importance, lift_scale
 from app.settings import Settings
 from app.store import Impression, ItemRecord, Store, StoreUnavailable, UserData
 from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
@@ -811,13 +811,10 @@ class Engine:
         candidates = self._candidates(picks, queries, [b[1] for b in built],
                                       self._budgets(scorer))
         out: list[Chosen] = []
-        base_ctr, expected_scale = self.index.base_ctr(), self.index.expected_scale()
-        against_expected = s.popularity_lift == "expected"
+        base_ctr, expected_scale = self.index.base_ctr(), lift_scale(s, self.index)
         for i, p in enumerate(picks):
             state, recent = built[i]
             ids, found, stats, tags = candidates[i]
-            if not against_expected:  # [shown, clicked]: the lift over the catalog's CTR
-                stats = stats[:, :2]
             items = found.vectors
             feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
                                        stats, items, tags, recent, s.exposure_recent_s,
@@ -850,7 +847,7 @@ class Engine:
                 choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
             shown = choice.indices
             expected = None
-            if against_expected and scorer.ensemble is not None and len(shown):
+            if expected_scale is not None and scorer.ensemble is not None and len(shown):
                 expected = scorer.ensemble.expected_ctr(
                     self.layout, state, items[shown], feats[shown],
                     np.arange(len(shown))).tolist()

@@ -47,6 +47,14 @@ class Variant:
     ctx: np.ndarray | None
 
 
+def lift_scale(settings: Settings, index: CandidateIndex) -> float | None:
+    """How the popularity lift reads (``models.state.popularity_features``): clicks over
+    the clicks expected of each impression, scaled by the catalog's ratio, under
+    ``RECSVC_POPULARITY_LIFT=expected``; None (the smoothed CTR over the catalog's)
+    under ``ctr``. Serving and explanations read it here, so they always agree."""
+    return index.expected_scale() if settings.popularity_lift == "expected" else None
+
+
 def _without_item(user: UserData, item_id: str) -> UserData:
     return UserData([h for h in user.history if h["item_id"] != item_id],
                     [s for s in user.shown if s[0] != item_id])
@@ -85,13 +93,12 @@ def explain_slate(layout: StateLayout, scorer: Scorer, index: CandidateIndex,
                                     s.history_decay, now) for v in variants]
     queries, values = scorer.query(np.stack([b[0] for b in built]))
     stats, tags = index.stats_and_tags_of(known)
-    if s.popularity_lift != "expected":  # [shown, clicked]: the lift over the catalog's CTR
-        stats = stats[:, :2]
+    scale = lift_scale(s, index)
     scores = np.stack([
         Scorer.score(queries[j], float(values[j]), items,
                      candidate_features(known, v.user.shown, v.user.touched, now, stats,
                                         items, tags, built[j][1], s.exposure_recent_s,
-                                        index.base_ctr(), index.expected_scale()))
+                                        index.base_ctr(), scale))
         for j, v in enumerate(variants)])  # (variants, known items)
     contributions = scores[0] - scores[1:]
     out = []

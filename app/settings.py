@@ -102,8 +102,9 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = 256
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP and numpy BLAS threads "
                                 "per call (requests already compute in parallel)")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per process; "
-                               "0: torch's default (a thread per core) over the workers")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads of each "
+                               "`recsvc serve` process's compute threads; 0: torch's default "
+                               "(a thread per core) divided among RECSVC_WORKERS")
     compute_threads: int = Field(2, ge=1, description="threads that score recommend "
                                  "batches (transformer, index search, Q-network) off the "
                                  "event loop; each works on one batch at a time")

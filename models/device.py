@@ -25,8 +25,12 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def share_torch_threads(requested: int, processes: int) -> int:
-    """Set and return torch's intra-op threads for one of ``processes`` processes.
+# torch's own default (a thread per physical core), read before anything changes it
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def torch_threads_for(requested: int, processes: int) -> int:
+    """torch's intra-op threads for one of ``processes`` processes on one machine.
 
     ``requested`` > 0 is taken as it is. With 0, one process keeps torch's default (a
     thread per physical core), and each of N processes on one port gets its share,
@@ -35,10 +39,5 @@ def share_torch_threads(requested: int, processes: int) -> int:
     served 71 requests/s under ``wrk -c16``, against 234 for one process.
     """
     if requested > 0:
-        threads = requested
-    elif processes > 1:
-        threads = max(1, torch.get_num_threads() // processes)
-    else:
-        return torch.get_num_threads()
-    torch.set_num_threads(threads)
-    return threads
+        return requested
+    return max(1, TORCH_DEFAULT_THREADS // max(1, processes))

@@ -146,22 +146,38 @@ def test_workers_on_the_embedded_store_serve_from_one_process_and_say_so(tmp_pat
         served.kill_all()
 
 
+
 def test_workers_share_the_cores_among_their_torch_threads():
-    """Each of N workers takes its share of torch's threads, so N processes do not each
+    """Each of N workers gives torch its share of the cores, so N processes do not each
     run a thread per core; one process keeps torch's default; a setting wins."""
+    from models.device import TORCH_DEFAULT_THREADS, torch_threads_for
+
+    assert torch_threads_for(0, 1) == TORCH_DEFAULT_THREADS
+    assert torch_threads_for(0, 2) == max(1, TORCH_DEFAULT_THREADS // 2)
+    assert torch_threads_for(0, 64) == 1  # never none
+    assert torch_threads_for(3, 8) == 3
+
+
+def test_every_compute_thread_runs_with_its_share_of_threads():
+    """torch's and FAISS's thread counts hold per thread (OpenMP), so set once on the
+    event loop's thread they would not reach the threads that run the model and the
+    searches: each of the engine's pool threads sets them as it starts."""
+    import faiss
     import torch
 
-    from models.device import share_torch_threads
+    from app.metrics import Metrics
+    from app.server.engine import Engine
+    from app.settings import Settings
+    from app.store.memory import MemoryStore
+    from models.device import TORCH_DEFAULT_THREADS
 
-    default = torch.get_num_threads()
+    engine = Engine(Settings(workers=2, search_threads=1, compute_threads=2), MemoryStore(),
+                    Metrics())
     try:
-        assert share_torch_threads(0, 1) == default
-        assert torch.get_num_threads() == default
-        assert share_torch_threads(0, 2) == max(1, default // 2)
-        assert torch.get_num_threads() == max(1, default // 2)
-        torch.set_num_threads(default)
-        assert share_torch_threads(0, 64) == 1  # never none
-        assert share_torch_threads(3, 8) == 3
-        assert torch.get_num_threads() == 3
+        for pool in (engine.executor, engine.catalog_executor):
+            got = {pool.submit(lambda: (torch.get_num_threads(), faiss.omp_get_max_threads()))
+                   .result() for _ in range(8)}
+            assert got == {(max(1, TORCH_DEFAULT_THREADS // 2), 1)}
     finally:
-        torch.set_num_threads(default)
+        engine.executor.shutdown()
+        engine.catalog_executor.shutdown()

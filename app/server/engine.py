@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from threadpoolctl import threadpool_limits
 
 from app.catalog import CatalogReplica, index_records
@@ -38,7 +39,7 @@ from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
 from app.user_state import latest_first, resting_items, user_state_and_history
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.ann import set_search_threads
-from models.device import resolve_device, share_torch_threads
+from models.device import resolve_device, torch_threads_for
 from models.encoder import TextEncoder, text_key
 from models.ensemble import (
     SOURCES,
@@ -139,6 +140,13 @@ class Slate:
     explanations: list[dict] | None = None  # per item, when asked for (app.server.explain)
 
 
+def set_compute_threads(torch_threads: int, search_threads: int) -> None:
+    """A compute thread's first act: torch's intra-op threads and FAISS's OpenMP
+    threads for the work it runs (both are per-thread settings)."""
+    torch.set_num_threads(torch_threads)
+    set_search_threads(search_threads)
+
+
 class Engine:
     def __init__(self, settings: Settings, store: Store, metrics: Metrics,
                  encoder: TextEncoder | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -148,11 +156,18 @@ class Engine:
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.compute_threads = settings.compute_threads
+        # torch's and FAISS's thread counts (OpenMP) hold per thread: each thread that
+        # runs the model or a search sets them when it starts
+        threads = (torch_threads_for(settings.torch_threads, settings.workers),
+                   settings.search_threads)
         self.executor = ThreadPoolExecutor(max_workers=self.compute_threads,
-                                           thread_name_prefix="recsvc-compute")
+                                           thread_name_prefix="recsvc-compute",
+                                           initializer=set_compute_threads, initargs=threads)
         # catalog embedding has a thread of its own: a 1,000-item upsert (tens of
         # seconds of transformer on a CPU) never holds a thread that serves requests
-        self.catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
+        self.catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog",
+                                                   initializer=set_compute_threads,
+                                                   initargs=threads)
         self._given_encoder = encoder
         # set by start(): no request reaches the engine before it is ready
         self.encoder: TextEncoder
@@ -203,11 +218,9 @@ class Engine:
                 lambda: TextEncoder(s.encoder_path, self.device, batch_size=s.encoder_batch_size))
         self.layout = StateLayout(self.encoder.dim)
         s = self.settings
-        set_search_threads(s.search_threads)
         # numpy's BLAS too: per-request products are small, and a BLAS thread pool per
         # compute thread only fights the others for the cores
         threadpool_limits(s.search_threads, user_api="blas")
-        share_torch_threads(s.torch_threads, s.workers)
         self.index = CandidateIndex(self.encoder.dim, exact_threshold=s.exact_index_max,
                                     approximate_kind=s.approximate_index, hnsw_m=s.hnsw_m,
                                     ef_search=s.hnsw_ef_search, ivf_nprobe=s.ivf_nprobe,

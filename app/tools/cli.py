@@ -118,10 +118,11 @@ def _serve(args: argparse.Namespace) -> None:
             "serving with one process, not %d: the embedded store keeps its state in memory "
             "in one process (set RECSVC_REDIS_URL for --workers)", workers)
         workers = 1
-        settings = settings.model_copy(update={"workers": 1})  # the cores are all its own
+    # what each process is told it shares the machine with (--workers overrides the
+    # setting): the engine gives torch its share of the cores (torch_threads_for)
+    settings = settings.model_copy(update={"workers": workers})
     if workers > 1:  # each worker builds its own app (app_of_worker); this one supervises
-        # and tells them how many they are (their settings come from the environment;
-        # each takes its share of the cores: share_torch_threads)
+        # and tells them how many they are (their settings come from the environment)
         os.environ["RECSVC_WORKERS"] = str(workers)
         _uvicorn_workers(args, settings, workers)
         return

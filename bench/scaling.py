@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import httpx
 
 from app.tools.processes import private_redis, running_service_process
 from bench.load import cache_workdir, histories, load_catalog, run_floor, wait_redis
@@ -62,12 +65,23 @@ def measure(url: str, pid: int, redis_port: str, seconds: int, connections: int,
     cores: dict[str, float] = {}
     sampler = threading.Thread(target=cores_used, args=(
         {"service": lambda: [pid, *pids_of_children(pid)],
-         "redis": lambda: pids_of(f"redis-server.*:{redis_port}"),
+         "redis": lambda: pids_of(f"redis-server.*:{redis_port}( |$)"),
          "wrk": lambda: pids_of("(^|/)wrk -t")}, 1.0, max(seconds - 2, 1), cores))
     sampler.start()
     res = wrk(url, seconds, connections, threads, traffic)
     sampler.join()
     return {**res, "cores": cores}
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"16,64"`` → ``[16, 64]``."""
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts")
+    return counts
 
 
 def row(device: str, workers: int | str, connections: int, res: dict, floor_rate: float) -> str:
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", type=int, default=50, help="distinct context texts")
     ap.add_argument("--configs", type=parse_configs, default=parse_configs("cpu:1,cpu:2"),
                     help="DEVICE:WORKERS entries, comma-separated, measured in this order")
-    ap.add_argument("--connections", default="16",
+    ap.add_argument("--connections", type=parse_counts, default=parse_counts("16"),
                     help="wrk connection counts, comma-separated (each config at each)")
     ap.add_argument("--wrk-threads", type=int, default=2)
     ap.add_argument("--seconds", type=int, default=10)
@@ -104,12 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
-    conns = [int(c) for c in args.connections.split(",")]
+    conns = args.connections
     traffic = {"SOAK_USERS": str(args.users), "SOAK_CONTEXTS": str(args.contexts)}
     workdir = cache_workdir(args.cache_dir, args.items) if args.cache_dir else None
     extra = dict(kv.split("=", 1) for kv in args.service_env)
     print(f"scaling: {args.items:,} items, {args.users:,} users, wrk -t{args.wrk_threads} "
-          f"-c{args.connections} for {args.seconds}s after {args.warmup}s of warm-up",
+          f"-c{','.join(map(str, conns))} for {args.seconds}s after {args.warmup}s of warm-up",
           flush=True)
     with private_redis(workdir) as redis_url:
         wait_redis(redis_url)
@@ -142,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
                                       traffic)
                         print(row(device, workers, c, res, floors[c]["rate"])
                               + f"   (ready in {ready_s:.0f} s)", flush=True)
-            except RuntimeError as exc:  # one configuration failing leaves the others
+            # one configuration failing (its start, wrk, a request) leaves the others
+            except (RuntimeError, subprocess.CalledProcessError, StopIteration,
+                    httpx.HTTPError) as exc:
                 print(f"{device}:{workers} failed: {str(exc)[-2000:]}", flush=True)
     print("\nx floor: requests/s over the floor's (the same stack doing no work, one "
           "process) at the same connections; service/redis/wrk: cores used")

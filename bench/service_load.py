@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             cores: dict[str, float] = {}
             sampler = threading.Thread(target=cores_used, args=(
                 {"service": lambda: [proc.pid, *pids_of_children(proc.pid)],
-                 "redis": lambda: pids_of(f"redis-server.*:{port}"),
+                 "redis": lambda: pids_of(f"redis-server.*:{port}( |$)"),
                  "wrk": lambda: pids_of("^wrk ")}, 2.0, max(args.seconds - 4, 1), cores))
             sampler.start()
             res = wrk(url, args.seconds, args.connections, 2, traffic)

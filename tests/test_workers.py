@@ -146,7 +146,6 @@ def test_workers_on_the_embedded_store_serve_from_one_process_and_say_so(tmp_pat
         served.kill_all()
 
 
-
 def test_workers_share_the_cores_among_their_torch_threads():
     """Each of N workers gives torch its share of the cores, so N processes do not each
     run a thread per core; one process keeps torch's default; a setting wins."""

@@ -15,6 +15,8 @@ ids, availability), adds them here and filters and re-ranks what comes back.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,25 @@ def set_search_threads(n: int) -> None:
     from its own request threads; a second pool of spinning OpenMP threads on top of
     them costs more than it gains (on 2 cores: 1.5 -> 0.9 ms per request at batch 16)."""
     faiss.omp_set_num_threads(max(1, n))
+
+
+# FAISS's OpenMP threads where nothing set them (OMP_NUM_THREADS, else a thread per
+# core), read at import, before a serving thread lowers its own to RECSVC_SEARCH_THREADS
+BUILD_THREADS = faiss.omp_get_max_threads()
+
+
+@contextlib.contextmanager
+def build_threads() -> Iterator[None]:
+    """Within: this thread's FAISS work uses ``BUILD_THREADS``. A build (k-means,
+    graph construction, assigning rows to lists) is rare and large, unlike a search,
+    so it keeps the machine's threads even on a thread set for searches
+    (``set_search_threads``; the setting is per thread)."""
+    searching = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(BUILD_THREADS)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(searching)
 
 
 def faiss_has_gpu() -> bool:
@@ -105,17 +126,19 @@ class AnnStructure:
         """Index exactly ``vectors`` (the rows, compacted) as ``kind``. A trained IVF
         structure that has not outgrown its training keeps its coarse quantiser (only
         the lists are refilled), so compaction costs no k-means."""
-        if kind == "ivf" and self.kind == "ivf" and not self.outgrown(len(vectors)):
-            self.index.reset()
-        else:
-            self.index = None  # free the old structure before building the new one
-            self.index = self._new(kind, vectors)
-        if len(vectors):
-            self.index.add(vectors)
+        with build_threads():
+            if kind == "ivf" and self.kind == "ivf" and not self.outgrown(len(vectors)):
+                self.index.reset()
+            else:
+                self.index = None  # free the old structure before building the new one
+                self.index = self._new(kind, vectors)
+            if len(vectors):
+                self.index.add(vectors)
 
     def add(self, vectors: np.ndarray) -> None:
         """Append rows (numbered on from the last)."""
-        self.index.add(vectors)
+        with build_threads():
+            self.index.add(vectors)
 
     def search(self, queries: np.ndarray, fetch: int, n_rows: int) -> np.ndarray:
         """Up to ``fetch`` rows per query (-1 where fewer), best first by the structure's

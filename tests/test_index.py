@@ -391,3 +391,32 @@ def test_the_id_set_version_moves_only_when_ids_join_or_leave():
     assert index.ids_version == before + 1
     index.remove(["a"])
     assert index.ids_version == before + 2
+
+
+def test_a_build_keeps_the_machines_threads_on_a_thread_set_for_searches():
+    """A serving thread runs FAISS searches with RECSVC_SEARCH_THREADS (1), but a build
+    on it (k-means, list assignment) is rare and large: it runs with FAISS's default
+    threads, and the thread's search setting holds again after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    from models.ann import BUILD_THREADS, AnnParams, AnnStructure, set_search_threads
+
+    seen: list[int] = []
+
+    class Recording:
+        def add(self, vectors):
+            seen.append(faiss.omp_get_max_threads())
+
+    def build() -> int:
+        set_search_threads(1)
+        structure = AnnStructure(8, AnnParams())
+        structure._new = lambda kind, vectors: Recording()
+        structure.rebuild("flat", np.ones((4, 8), np.float32))
+        structure.add(np.ones((2, 8), np.float32))
+        return faiss.omp_get_max_threads()
+
+    with ThreadPoolExecutor(1) as pool:
+        after = pool.submit(build).result()
+    assert seen == [BUILD_THREADS, BUILD_THREADS] and after == 1

@@ -12,7 +12,11 @@ The figure of merit is the last-20% CTR per shown item. Per world the report giv
 mean ± se over the seeds, the service's share of the headroom,
 ``(service - best peer) / (oracle - best peer)``, and whether it meets the target:
 at least ``TARGET_SHARE`` of the headroom, and on no seed below the best peer by
-more than two standard errors. Peer results are cached on disk, keyed by the world,
+more than two standard errors. Beside the oracle runs ``oracle-no-taste``, which
+knows everything of the world but each user's personal taste
+(``bench.peers.TastelessOraclePolicy``): where the target lies above it, meeting the
+target takes learning each user's taste from their own few clicks, and the report says
+on which worlds that is. Peer results are cached on disk, keyed by the world,
 the seed, the setting and the simulator's code, so a run after a change to the
 service recomputes only the service.
 
@@ -47,6 +51,14 @@ TARGET_SHARE = 0.3
 TASKS_PER_WORKER = 4  # see Runner
 TUNE_REQUESTS = 3_000  # a peer's grid is searched on this many requests of the first seed
 PEERS = ["random", "popularity", "linucb", "vw"]
+# run on every world beside the peers, never counted as one: the ceiling, the ceiling
+# without the users' personal taste, and without the session intent drawn from it
+CEILINGS = ["oracle", "oracle-no-taste", "oracle-appeal"]
+# the ceilings the target is compared with (``TastelessOraclePolicy``)
+WITHOUT_TASTE = {"oracle-no-taste": "knows everything but the users' personal taste",
+                 "oracle-appeal": "knows the items' appeal to everyone and the world's "
+                                  "dynamics, but neither the users' taste nor the "
+                                  "session intent drawn from it"}
 HERE = Path(__file__).resolve().parent
 
 
@@ -190,7 +202,7 @@ def run_family(worlds: list[WorldConfig], seeds: list[int], runner: Runner,
     for w in worlds:
         for seed in seeds:
             ws = replace(w, seed=seed)
-            for peer in [*peers, "oracle"]:
+            for peer in [*peers, *CEILINGS]:
                 tasks.append(Task(ws, peer, tuned.get((w.name, peer), ())))
             for env in services.values():
                 tasks.append(Task(ws, "service", env=env))
@@ -230,6 +242,9 @@ def summarise(worlds: list[WorldConfig], seeds: list[int], run: dict, peers: lis
             noise = 2 * max(se, 1e-9) if not math.isnan(se) else 0.0
             row[s] = {"share": float(share), "diff": float(diff.mean()), "diff_se": se,
                       "met": bool(share >= TARGET_SHARE and worst_gap <= noise)}
+        oracle, best = np.mean(l20["oracle"]), np.mean(l20[best_peer])
+        row["target"] = float(best + TARGET_SHARE * (oracle - best))
+        row["above"] = [c for c in WITHOUT_TASTE if row["target"] > np.mean(l20[c])]
         # below random by more than noise: 2 standard errors of the difference of two
         # binomial CTRs over the shown items of the last fifth, on every seed
         shown = len(seeds) * (w.requests - int(0.8 * w.requests)) * k
@@ -247,7 +262,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def report(worlds, seeds, rows, run, peers, services) -> str:
-    policies = [*services, *peers, "oracle"]
+    policies = [*services, *peers, *CEILINGS]
     lines = ["Last-20% CTR per shown item, % (mean ± se over seeds "
              f"{', '.join(map(str, seeds))}); the best peer of each world in bold.", "",
              "| world | requests | " + " | ".join(policies) + " | "
@@ -270,6 +285,12 @@ def report(worlds, seeds, rows, run, peers, services) -> str:
         lines += ["", f"{s}: target met on {met} of {len(rows)} worlds (at least "
                   f"{TARGET_SHARE} of the headroom, and no seed below the best peer by more "
                   "than 2 se)."]
+    for ceiling, what in WITHOUT_TASTE.items():
+        above = [f"{r['world']} ({100 * r['target']:.2f} against "
+                 f"{100 * np.mean(r['l20'][ceiling]):.2f})" for r in rows if ceiling in r["above"]]
+        lines += ["", f"The target (the best peer plus {TARGET_SHARE} of the headroom) lies "
+                  f"above {ceiling}, which {what}, on {len(above)} of {len(rows)} worlds"
+                  + (": " + ", ".join(above) if above else "") + "."]
     flagged = [(r["world"], r["below_random"]) for r in rows if r["below_random"]]
     lines += ["", "Peers below random by more than 2 standard errors: " + (
         "none" if not flagged else
@@ -297,7 +318,7 @@ def plot(rows: list[dict], services: list[str], path: str) -> None:
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((n + cols - 1)
                                                                               // cols)))
     for ax, row in zip(np.ravel(axes), rows, strict=False):
-        for p in [*services, row["best_peer"], "random", "oracle"]:
+        for p in [*services, row["best_peer"], "random", *CEILINGS]:
             c = row["curves"][p]
             ax.plot((np.arange(len(c)) + 0.5) * 10, np.array(c) * 100, marker=".", label=p)
         ax.set_title(row["world"], fontsize=9)

@@ -267,18 +267,23 @@ class World:
         return world
 
     # -- the click model -------------------------------------------------------------
-    def logits(self, user: int, items: np.ndarray, progress: float) -> np.ndarray:
+    def logits(self, user: int, items: np.ndarray, progress: float,
+               taste: bool = True) -> np.ndarray:
         """Log-attraction (before ``beta``) of ``items`` for ``user`` at ``progress``
-        (0..1) through the run."""
+        (0..1) through the run; with ``taste=False`` the user's personal taste is left
+        out (its mean, 0): what is known of the user without their own history."""
         t, cfg = self.truth, self.config
         g = cfg.global_share
         angle = cfg.taste_drift * 0.5 * np.pi * progress
         a = np.cos(angle) * t.appeal[0, items] + np.sin(angle) * t.appeal[1, items]
+        if not taste:
+            return np.sqrt(g) * a
         p = np.cos(angle) * t.taste[0, user, items] + np.sin(angle) * t.taste[1, user, items]
         return np.sqrt(g) * a + np.sqrt(1.0 - g) * p
 
-    def base(self, user: int, items: np.ndarray, progress: float) -> np.ndarray:
-        return self.scale * np.exp(self.beta * self.logits(user, items, progress))
+    def base(self, user: int, items: np.ndarray, progress: float,
+             taste: bool = True) -> np.ndarray:
+        return self.scale * np.exp(self.beta * self.logits(user, items, progress, taste))
 
     def mood_factor(self, mood: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Mean genre multiplier of each movie under a session's mood vector."""
@@ -397,10 +402,18 @@ class Session:
         self.clicked: list[int] = []
         self.progress = 0.0
 
-    def attraction(self, items: np.ndarray) -> np.ndarray:
-        """Click probability of each item at the top slot, right now."""
+    def attraction(self, items: np.ndarray, taste: bool = True,
+                   intent: bool = True) -> np.ndarray:
+        """Click probability of each item at the top slot, right now. ``taste=False``
+        leaves the user's personal taste out (``World.logits``), ``intent=False`` the
+        session's intent (drawn from that taste, and never shown); what the session's
+        clicks did to the mood stays."""
         w = self.world
-        p = w.base(self.user, items, self.progress) * w.mood_factor(self.mood, items)
+        mood = self.mood
+        if not intent:
+            mood = mood.copy()
+            mood[self.intent] /= w.config.intent_boost
+        p = w.base(self.user, items, self.progress, taste) * w.mood_factor(mood, items)
         p = p * self.rest[items]
         if self.repeat:
             p = p * np.array([self.repeat.get(int(i), 1.0) for i in items])

@@ -180,3 +180,26 @@ def test_every_compute_thread_runs_with_its_share_of_threads():
     finally:
         engine.executor.shutdown()
         engine.catalog_executor.shutdown()
+
+
+def test_the_learners_searches_run_with_the_search_threads_setting():
+    """The learner searches next actions on a thread of its own: that thread sets
+    FAISS's thread count from RECSVC_SEARCH_THREADS as it starts (set on the event
+    loop's thread, it would not reach it)."""
+    import faiss
+
+    from app.learner.worker import LearnerWorker
+    from app.settings import Settings
+    from app.store.memory import MemoryStore
+    from models.ann import BUILD_THREADS
+    from models.index import CandidateIndex
+    from models.state import StateLayout
+
+    wanted = BUILD_THREADS + 1  # not what a thread gets unless it sets it
+    worker = LearnerWorker(Settings(search_threads=wanted), MemoryStore(), CandidateIndex(8),
+                           StateLayout(8), "cpu")
+    try:
+        assert worker._pool is not None
+        assert worker._pool.submit(faiss.omp_get_max_threads).result() == wanted
+    finally:
+        worker._pool.shutdown()

@@ -74,13 +74,16 @@ async def _learner_running(app: FastAPI, settings: Settings):
     next actions are searched in it), and the learner worker."""
     store = make_store(settings)
     device = resolve_device(settings.device)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
+    # FAISS's thread count holds per thread: the pool's thread, which runs the catalog's
+    # searches and loads, sets its own
+    pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog",
+                              initializer=set_search_threads,
+                              initargs=(settings.search_threads,))
 
     async def run(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     dim = await run(embedding_dim, settings.encoder_path)
-    set_search_threads(settings.search_threads)
     index = CandidateIndex(dim, exact_threshold=settings.exact_index_max,
                            approximate_kind=settings.approximate_index,
                            hnsw_m=settings.hnsw_m, ef_search=settings.hnsw_ef_search,

@@ -246,8 +246,9 @@ class OraclePolicy(Policy):
 
 class TastelessOraclePolicy(Policy):
     """Greedy on the true click probability with the user's personal taste left out:
-    it knows every item's appeal to everyone and every dynamic of the world (what a
-    click, a pass and a repeat do), but not what this user likes beyond that. With
+    it knows every item's attraction averaged over the users (``World.population_base``)
+    and every dynamic of the world (what a click, a pass and a repeat do), but not what
+    this user likes beyond that. With
     ``intent`` (``oracle-no-taste``) it also knows the session's hidden intent, which
     is drawn from that taste; without (``oracle-appeal``) it knows only what is not
     personal. What a policy can reach without learning each user's taste from their own

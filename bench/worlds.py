@@ -240,6 +240,7 @@ class World:
     pos: np.ndarray          # (slate,) position bias
     genre_taste: np.ndarray  # (users, genres) probability of each session intent
     item_ids: list[str] = field(default_factory=list)
+    _population: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def data(self) -> MovieLens:
@@ -267,23 +268,41 @@ class World:
         return world
 
     # -- the click model -------------------------------------------------------------
-    def logits(self, user: int, items: np.ndarray, progress: float,
-               taste: bool = True) -> np.ndarray:
+    def logits(self, user: int, items: np.ndarray, progress: float) -> np.ndarray:
         """Log-attraction (before ``beta``) of ``items`` for ``user`` at ``progress``
-        (0..1) through the run; with ``taste=False`` the user's personal taste is left
-        out (its mean, 0): what is known of the user without their own history."""
+        (0..1) through the run."""
         t, cfg = self.truth, self.config
         g = cfg.global_share
         angle = cfg.taste_drift * 0.5 * np.pi * progress
         a = np.cos(angle) * t.appeal[0, items] + np.sin(angle) * t.appeal[1, items]
-        if not taste:
-            return np.sqrt(g) * a
         p = np.cos(angle) * t.taste[0, user, items] + np.sin(angle) * t.taste[1, user, items]
         return np.sqrt(g) * a + np.sqrt(1.0 - g) * p
 
     def base(self, user: int, items: np.ndarray, progress: float,
              taste: bool = True) -> np.ndarray:
-        return self.scale * np.exp(self.beta * self.logits(user, items, progress, taste))
+        """The attraction of ``items`` to ``user`` before the session's effects; with
+        ``taste=False`` the users' mean (``population_base``): what is known of an
+        item without knowing who asks."""
+        if not taste:
+            return self.population_base(progress)[items]
+        return self.scale * np.exp(self.beta * self.logits(user, items, progress))
+
+    def population_base(self, progress: float) -> np.ndarray:
+        """``(items,)`` each item's attraction before the session's effects, averaged
+        over the users, each weighed by their share of the requests (``activity **
+        activity_power``), each capped as a click probability is: the best a ranking
+        can know without the user's taste (an item's mean attraction is not its appeal
+        alone: items differ in how widely tastes about them spread). Cached per
+        fiftieth of the run."""
+        step = round(progress * 50) if self.config.taste_drift > 0 else 0
+        cached = self._population.get(step)
+        if cached is None:
+            weights = self.truth.activity ** self.config.activity_power
+            raw = np.minimum(self.scale * np.exp(self.beta * _mix(self.truth, self.config,
+                                                                   step / 50)), CLICK_CAP)
+            cached = (weights @ raw) / weights.sum()
+            self._population[step] = cached
+        return cached
 
     def mood_factor(self, mood: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Mean genre multiplier of each movie under a session's mood vector."""
@@ -405,7 +424,8 @@ class Session:
     def attraction(self, items: np.ndarray, taste: bool = True,
                    intent: bool = True) -> np.ndarray:
         """Click probability of each item at the top slot, right now. ``taste=False``
-        leaves the user's personal taste out (``World.logits``), ``intent=False`` the
+        takes the users' mean for the user's own (``World.population_base``),
+        ``intent=False`` leaves out the
         session's intent (drawn from that taste, and never shown); what the session's
         clicks did to the mood stays."""
         w = self.world

@@ -40,30 +40,56 @@ def ivf_lists(n: int) -> int:
     return int(2 ** round(np.log2(max(4 * np.sqrt(max(n, 1)), 64))))
 
 
-def set_search_threads(n: int) -> None:
-    """Threads FAISS's OpenMP pool may use per search. A serving process runs searches
-    from its own request threads; a second pool of spinning OpenMP threads on top of
-    them costs more than it gains (on 2 cores: 1.5 -> 0.9 ms per request at batch 16)."""
-    faiss.omp_set_num_threads(max(1, n))
+# FAISS's OpenMP threads per search, for the whole process (``set_search_threads``);
+# None: searches keep whatever their thread has
+_search_threads: int | None = None
 
 
-# FAISS's OpenMP threads where nothing set them (OMP_NUM_THREADS, else a thread per
-# core), read at import, before a serving thread lowers its own to RECSVC_SEARCH_THREADS
-BUILD_THREADS = faiss.omp_get_max_threads()
+def set_search_threads(n: int | None) -> None:
+    """Threads FAISS's OpenMP pool may use per search, in this process (None: leave
+    each thread's own). A serving process runs searches from its own request threads;
+    a second pool of spinning OpenMP threads on top of them costs more than it gains
+    (on 2 cores: 1.5 -> 0.9 ms per request at batch 16).
+
+    Applied around each search (``search_threads``), not once per thread: OpenMP's
+    thread count is per thread and torch shares it (with torch imported first, both
+    use its libgomp), and torch sets it to its own count at a thread's first torch
+    operation, so a count set when a thread starts does not last."""
+    global _search_threads
+    _search_threads = None if n is None else max(1, n)
+
+
+def _scoped_threads(n: int | None) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if n is None else _omp_threads(n)
 
 
 @contextlib.contextmanager
-def build_threads() -> Iterator[None]:
-    """Within: this thread's FAISS work uses ``BUILD_THREADS``. A build (k-means,
-    graph construction, assigning rows to lists) is rare and large, unlike a search,
-    so it keeps the machine's threads even on a thread set for searches
-    (``set_search_threads``; the setting is per thread)."""
-    searching = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(BUILD_THREADS)
+def _omp_threads(n: int) -> Iterator[None]:
+    """Within: this thread's OpenMP work (FAISS's and torch's) uses ``n`` threads;
+    after, the thread's count is what it was."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(searching)
+        faiss.omp_set_num_threads(before)
+
+
+def search_threads() -> contextlib.AbstractContextManager[None]:
+    """Within: this thread's FAISS searches use the process's ``set_search_threads``."""
+    return _scoped_threads(_search_threads)
+
+
+# FAISS's OpenMP threads where nothing set them (OMP_NUM_THREADS, else a thread per
+# core), read at import
+BUILD_THREADS = faiss.omp_get_max_threads()
+
+
+def build_threads() -> contextlib.AbstractContextManager[None]:
+    """Within: this thread's FAISS work uses ``BUILD_THREADS``. A build (k-means,
+    graph construction, assigning rows to lists) is rare and large, unlike a search,
+    so it keeps the machine's threads whatever the searches use."""
+    return _omp_threads(BUILD_THREADS)
 
 
 def faiss_has_gpu() -> bool:
@@ -144,7 +170,8 @@ class AnnStructure:
         """Up to ``fetch`` rows per query (-1 where fewer), best first by the structure's
         (possibly quantised) inner product; ``n_rows`` rows are indexed."""
         self._widen(fetch, n_rows)
-        return self.index.search(queries, fetch)[1]
+        with search_threads():
+            return self.index.search(queries, fetch)[1]
 
     def _widen(self, fetch: int, n_rows: int) -> None:
         """Let the approximate structure return ``fetch`` results: HNSW's beam must be at

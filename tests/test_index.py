@@ -393,30 +393,48 @@ def test_the_id_set_version_moves_only_when_ids_join_or_leave():
     assert index.ids_version == before + 2
 
 
-def test_a_build_keeps_the_machines_threads_on_a_thread_set_for_searches():
-    """A serving thread runs FAISS searches with RECSVC_SEARCH_THREADS (1), but a build
-    on it (k-means, list assignment) is rare and large: it runs with FAISS's default
-    threads, and the thread's search setting holds again after."""
+def test_searches_use_the_search_threads_and_builds_the_machines_on_a_model_thread():
+    """OpenMP's thread count is per thread and torch shares it: at a thread's first
+    torch operation torch sets it to its own count. On a serving thread that runs the
+    model, a FAISS search still uses RECSVC_SEARCH_THREADS, a build (k-means, list
+    assignment: rare and large) FAISS's default threads, and torch's count holds after
+    both."""
     from concurrent.futures import ThreadPoolExecutor
 
     import faiss
+    import torch
 
     from models.ann import BUILD_THREADS, AnnParams, AnnStructure, set_search_threads
 
-    seen: list[int] = []
+    searching, modelling = BUILD_THREADS + 1, BUILD_THREADS + 2  # neither a default
+    seen: list[tuple[str, int]] = []
 
     class Recording:
         def add(self, vectors):
-            seen.append(faiss.omp_get_max_threads())
+            seen.append(("build", faiss.omp_get_max_threads()))
 
-    def build() -> int:
-        set_search_threads(1)
+        def search(self, queries, k):
+            seen.append(("search", faiss.omp_get_max_threads()))
+            return np.zeros((len(queries), k)), -np.ones((len(queries), k), np.int64)
+
+    def serve() -> int:
+        torch.ones(64, 64) @ torch.ones(64, 64)  # torch sets the thread's count here
         structure = AnnStructure(8, AnnParams())
         structure._new = lambda kind, vectors: Recording()
         structure.rebuild("flat", np.ones((4, 8), np.float32))
+        structure.search(np.ones((1, 8), np.float32), 2, 4)
         structure.add(np.ones((2, 8), np.float32))
-        return faiss.omp_get_max_threads()
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        return torch.get_num_threads()
 
-    with ThreadPoolExecutor(1) as pool:
-        after = pool.submit(build).result()
-    assert seen == [BUILD_THREADS, BUILD_THREADS] and after == 1
+    torch_before = torch.get_num_threads()
+    set_search_threads(searching)
+    try:
+        with ThreadPoolExecutor(1, initializer=torch.set_num_threads,
+                                initargs=(modelling,)) as pool:
+            after = pool.submit(serve).result()
+    finally:
+        set_search_threads(None)
+        torch.set_num_threads(torch_before)
+    assert seen == [("build", BUILD_THREADS), ("search", searching), ("build", BUILD_THREADS)]
+    assert after == modelling

@@ -158,10 +158,10 @@ def test_workers_share_the_cores_among_their_torch_threads():
 
 
 def test_every_compute_thread_runs_with_its_share_of_threads():
-    """torch's and FAISS's thread counts hold per thread (OpenMP), so set once on the
-    event loop's thread they would not reach the threads that run the model and the
-    searches: each of the engine's pool threads sets them as it starts."""
-    import faiss
+    """torch's thread count holds per thread (OpenMP's), so set once on the event
+    loop's thread it would not reach the threads that run the model: each of the
+    engine's pool threads sets it as it starts, and it holds through the model's work.
+    (FAISS's searches set theirs around each search: tests/test_index.py.)"""
     import torch
 
     from app.metrics import Metrics
@@ -170,36 +170,19 @@ def test_every_compute_thread_runs_with_its_share_of_threads():
     from app.store.memory import MemoryStore
     from models.device import TORCH_DEFAULT_THREADS
 
+    def after_model_work() -> int:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
     engine = Engine(Settings(workers=2, search_threads=1, compute_threads=2), MemoryStore(),
                     Metrics())
     try:
         for pool in (engine.executor, engine.catalog_executor):
-            got = {pool.submit(lambda: (torch.get_num_threads(), faiss.omp_get_max_threads()))
-                   .result() for _ in range(8)}
-            assert got == {(max(1, TORCH_DEFAULT_THREADS // 2), 1)}
+            got = {pool.submit(after_model_work).result() for _ in range(8)}
+            assert got == {max(1, TORCH_DEFAULT_THREADS // 2)}
     finally:
         engine.executor.shutdown()
         engine.catalog_executor.shutdown()
+        torch.set_num_threads(before)
 
-
-def test_the_learners_searches_run_with_the_search_threads_setting():
-    """The learner searches next actions on a thread of its own: that thread sets
-    FAISS's thread count from RECSVC_SEARCH_THREADS as it starts (set on the event
-    loop's thread, it would not reach it)."""
-    import faiss
-
-    from app.learner.worker import LearnerWorker
-    from app.settings import Settings
-    from app.store.memory import MemoryStore
-    from models.ann import BUILD_THREADS
-    from models.index import CandidateIndex
-    from models.state import StateLayout
-
-    wanted = BUILD_THREADS + 1  # not what a thread gets unless it sets it
-    worker = LearnerWorker(Settings(search_threads=wanted), MemoryStore(), CandidateIndex(8),
-                           StateLayout(8), "cpu")
-    try:
-        assert worker._pool is not None
-        assert worker._pool.submit(faiss.omp_get_max_threads).result() == wanted
-    finally:
-        worker._pool.shutdown()

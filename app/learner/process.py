@@ -74,11 +74,8 @@ async def _learner_running(app: FastAPI, settings: Settings):
     next actions are searched in it), and the learner worker."""
     store = make_store(settings)
     device = resolve_device(settings.device)
-    # FAISS's thread count holds per thread: the pool's thread, which runs the catalog's
-    # searches and loads, sets its own
-    pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog",
-                              initializer=set_search_threads,
-                              initargs=(settings.search_threads,))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog")
+    set_search_threads(settings.search_threads)  # the next-action searches'
 
     async def run(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

@@ -38,7 +38,6 @@ from app.store import Impression, Store, StoreUnavailable, UserData
 from app.store.base import VersionConflict, WeightsUpdate
 from app.user_state import context_of, user_state
 from models.adaptation import AdaptationLearner, rule_features
-from models.ann import set_search_threads
 from models.ensemble import EnsembleLearner, linear_features
 from models.index import CandidateIndex
 from models.learner import DQNLearner
@@ -200,10 +199,7 @@ class LearnerWorker:
         self.layout = layout
         # Blocking work runs on the learner's own thread by default, so a long training
         # round never holds a slot of the pool that serves recommendations.
-        # (its next-action searches use RECSVC_SEARCH_THREADS, a per-thread setting)
-        self._pool = None if run else ThreadPoolExecutor(
-            1, thread_name_prefix="recsvc-learner", initializer=set_search_threads,
-            initargs=(settings.search_threads,))
+        self._pool = None if run else ThreadPoolExecutor(1, thread_name_prefix="recsvc-learner")
         self.run = run or self._run_on_own_thread
         # unique per process lifetime: the lease names its holder with it
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

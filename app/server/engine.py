@@ -140,11 +140,11 @@ class Slate:
     explanations: list[dict] | None = None  # per item, when asked for (app.server.explain)
 
 
-def set_compute_threads(torch_threads: int, search_threads: int) -> None:
-    """A compute thread's first act: torch's intra-op threads and FAISS's OpenMP
-    threads for the work it runs (both are per-thread settings)."""
-    torch.set_num_threads(torch_threads)
-    set_search_threads(search_threads)
+def set_torch_threads(threads: int) -> None:
+    """A compute thread's first act: torch's intra-op threads for the work it runs
+    (OpenMP's count is per thread; FAISS's searches set theirs around each search,
+    ``models.ann.search_threads``)."""
+    torch.set_num_threads(threads)
 
 
 class Engine:
@@ -156,17 +156,16 @@ class Engine:
         self.metrics = metrics
         self.device = resolve_device(settings.device)
         self.compute_threads = settings.compute_threads
-        # torch's and FAISS's thread counts (OpenMP) hold per thread: each thread that
-        # runs the model or a search sets them when it starts
-        threads = (torch_threads_for(settings.torch_threads, settings.workers),
-                   settings.search_threads)
+        # torch's thread count (OpenMP's) holds per thread: each thread that runs the
+        # model sets it when it starts
+        threads = (torch_threads_for(settings.torch_threads, settings.workers),)
         self.executor = ThreadPoolExecutor(max_workers=self.compute_threads,
                                            thread_name_prefix="recsvc-compute",
-                                           initializer=set_compute_threads, initargs=threads)
+                                           initializer=set_torch_threads, initargs=threads)
         # catalog embedding has a thread of its own: a 1,000-item upsert (tens of
         # seconds of transformer on a CPU) never holds a thread that serves requests
         self.catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="recsvc-catalog",
-                                                   initializer=set_compute_threads,
+                                                   initializer=set_torch_threads,
                                                    initargs=threads)
         self._given_encoder = encoder
         # set by start(): no request reaches the engine before it is ready
@@ -221,6 +220,7 @@ class Engine:
         # numpy's BLAS too: per-request products are small, and a BLAS thread pool per
         # compute thread only fights the others for the cores
         threadpool_limits(s.search_threads, user_api="blas")
+        set_search_threads(s.search_threads)
         self.index = CandidateIndex(self.encoder.dim, exact_threshold=s.exact_index_max,
                                     approximate_kind=s.approximate_index, hnsw_m=s.hnsw_m,
                                     ef_search=s.hnsw_ef_search, ivf_nprobe=s.ivf_nprobe,

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
     conns = args.connections
+    if min(conns) < args.wrk_threads:  # wrk refuses it, and the floor runs before any config
+        sys.exit(f"every connection count must be at least --wrk-threads ({args.wrk_threads})")
     traffic = {"SOAK_USERS": str(args.users), "SOAK_CONTEXTS": str(args.contexts)}
     workdir = cache_workdir(args.cache_dir, args.items) if args.cache_dir else None
     extra = dict(kv.split("=", 1) for kv in args.service_env)
@@ -156,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
                                       traffic)
                         print(row(device, workers, c, res, floors[c]["rate"])
                               + f"   (ready in {ready_s:.0f} s)", flush=True)
-            # one configuration failing (its start, wrk, a request) leaves the others
-            except (RuntimeError, subprocess.CalledProcessError, StopIteration,
-                    httpx.HTTPError) as exc:
+            # one configuration failing (its start, wrk or reading its output, a request)
+            # leaves the others
+            except (RuntimeError, subprocess.CalledProcessError, StopIteration, ValueError,
+                    KeyError, httpx.HTTPError) as exc:
                 print(f"{device}:{workers} failed: {str(exc)[-2000:]}", flush=True)
     print("\nx floor: requests/s over the floor's (the same stack doing no work, one "
           "process) at the same connections; service/redis/wrk: cores used")

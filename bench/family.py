@@ -23,7 +23,7 @@ service recomputes only the service.
     python -m bench.family [--worlds named drawn | NAME ...] [--seeds 0 1 2]
                            [--requests 10000] [--drawn 5] [--drawn-requests 5000]
                            [--jobs 2] [--service-env NAME=VALUE ...] [--http WORLD]
-                           [--write-docs]
+                           [--skip-service] [--write-docs]
 """
 
 from __future__ import annotations
@@ -365,15 +365,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alt-env", nargs="+", action="append", default=[],
                     help="also run the service with these settings (NAME=VALUE), as "
                          "policy service+NAME=VALUE; repeatable")
+    ap.add_argument("--skip-service", action="store_true",
+                    help="run only the peers and the ceilings: what the worlds allow")
     ap.add_argument("--http", default=None, metavar="WORLD",
                     help="also drive the service over HTTP on this world's first seed")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
+    if args.skip_service and args.http:
+        ap.error("--http drives the service: it cannot go with --skip-service")
     command = "python -m bench.family " + " ".join(sys.argv[1:] if argv is None else argv)
     worlds = select_worlds(args.worlds, args.requests, args.drawn, args.drawn_requests)
     base = tuple(sorted(kv.split("=", 1) for kv in args.service_env))
-    services = {"service": tuple(tuple(x) for x in base)}
-    for group in args.alt_env:
+    services = {} if args.skip_service else {"service": tuple(tuple(x) for x in base)}
+    for group in [] if args.skip_service else args.alt_env:
         extra = dict(base) | dict(kv.split("=", 1) for kv in group)
         services["service+" + "+".join(kv.removeprefix("RECSVC_") for kv in group)] = tuple(
             sorted(extra.items()))

@@ -404,6 +404,7 @@ def test_searches_use_the_search_threads_and_builds_the_machines_on_a_model_thre
     import faiss
     import torch
 
+    import models.ann
     from models.ann import BUILD_THREADS, AnnParams, AnnStructure, set_search_threads
 
     searching, modelling = BUILD_THREADS + 1, BUILD_THREADS + 2  # neither a default
@@ -427,14 +428,14 @@ def test_searches_use_the_search_threads_and_builds_the_machines_on_a_model_thre
         torch.ones(64, 64) @ torch.ones(64, 64)
         return torch.get_num_threads()
 
-    torch_before = torch.get_num_threads()
+    torch_before, search_before = torch.get_num_threads(), models.ann._search_threads
     set_search_threads(searching)
     try:
         with ThreadPoolExecutor(1, initializer=torch.set_num_threads,
                                 initargs=(modelling,)) as pool:
             after = pool.submit(serve).result()
     finally:
-        set_search_threads(None)
+        set_search_threads(search_before)
         torch.set_num_threads(torch_before)
     assert seen == [("build", BUILD_THREADS), ("search", searching), ("build", BUILD_THREADS)]
     assert after == modelling

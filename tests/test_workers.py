@@ -157,10 +157,11 @@ def test_workers_share_the_cores_among_their_torch_threads():
     assert torch_threads_for(3, 8) == 3
 
 
-def test_every_compute_thread_runs_with_its_share_of_threads():
+def test_every_compute_thread_runs_with_the_torch_threads_setting():
     """torch's thread count holds per thread (OpenMP's), so set once on the event
     loop's thread it would not reach the threads that run the model: each of the
-    engine's pool threads sets it as it starts, and it holds through the model's work.
+    engine's pool threads sets RECSVC_TORCH_THREADS as it starts, and it holds through
+    the model's work.
     (FAISS's searches set theirs around each search: tests/test_index.py.)"""
     import torch
 
@@ -175,12 +176,12 @@ def test_every_compute_thread_runs_with_its_share_of_threads():
         return torch.get_num_threads()
 
     before = torch.get_num_threads()
-    engine = Engine(Settings(workers=2, search_threads=1, compute_threads=2), MemoryStore(),
-                    Metrics())
+    wanted = TORCH_DEFAULT_THREADS + 1  # not what a thread gets unless it sets it
+    engine = Engine(Settings(torch_threads=wanted, compute_threads=2), MemoryStore(), Metrics())
     try:
         for pool in (engine.executor, engine.catalog_executor):
             got = {pool.submit(after_model_work).result() for _ in range(8)}
-            assert got == {max(1, TORCH_DEFAULT_THREADS // 2)}
+            assert got == {wanted}
     finally:
         engine.executor.shutdown()
         engine.catalog_executor.shutdown()

@@ -232,19 +232,18 @@ def summarise(worlds: list[WorldConfig], seeds: list[int], run: dict, peers: lis
         row = {"world": w.name, "requests": w.requests, "l20": l20, "best_peer": best_peer,
                "curves": {p: np.mean([curve(c, k) for c in res[p]], 0).tolist()
                           for p in res}}
+        oracle, best = np.mean(l20["oracle"]), np.mean(l20[best_peer])
+        row["target"] = float(best + TARGET_SHARE * (oracle - best))
+        row["above"] = [c for c in WITHOUT_TASTE if row["target"] > np.mean(l20[c])]
         for s in services:
             per_seed_best = [max(l20[p][i] for p in peers) for i in range(len(seeds))]
             diff = np.array(l20[s]) - np.array(l20[best_peer])
             se = mean_se(diff.tolist())[1]
-            oracle, best = np.mean(l20["oracle"]), np.mean(l20[best_peer])
             share = (np.mean(l20[s]) - best) / max(oracle - best, 1e-9)
             worst_gap = max(per_seed_best[i] - l20[s][i] for i in range(len(seeds)))
             noise = 2 * max(se, 1e-9) if not math.isnan(se) else 0.0
             row[s] = {"share": float(share), "diff": float(diff.mean()), "diff_se": se,
                       "met": bool(share >= TARGET_SHARE and worst_gap <= noise)}
-        oracle, best = np.mean(l20["oracle"]), np.mean(l20[best_peer])
-        row["target"] = float(best + TARGET_SHARE * (oracle - best))
-        row["above"] = [c for c in WITHOUT_TASTE if row["target"] > np.mean(l20[c])]
         # below random by more than noise: 2 standard errors of the difference of two
         # binomial CTRs over the shown items of the last fifth, on every seed
         shown = len(seeds) * (w.requests - int(0.8 * w.requests)) * k

@@ -238,33 +238,35 @@ class OraclePolicy(Policy):
     def __init__(self, world: World, seed: int) -> None:
         self.n = world.n_items
 
+    def attraction(self, view: View) -> np.ndarray:
+        """What the policy ranks by: every item's true click probability."""
+        return view.session.attraction(np.arange(self.n))
+
     def slate(self, view, k):
-        p = view.session.attraction(np.arange(self.n))
+        p = self.attraction(view)
         p[view.blocked] = -1.0
         return np.argsort(-p)[: min(k, int((~view.blocked).sum()))]
 
 
-class TastelessOraclePolicy(Policy):
+class TastelessOraclePolicy(OraclePolicy):
     """Greedy on the true click probability with the user's personal taste left out:
     it knows every item's attraction averaged over the users (``World.population_base``)
     and every dynamic of the world (what a click, a pass and a repeat do), but not what
-    this user likes beyond that. With
-    ``intent`` (``oracle-no-taste``) it also knows the session's hidden intent, which
-    is drawn from that taste; without (``oracle-appeal``) it knows only what is not
-    personal. What a policy can reach without learning each user's taste from their own
-    clicks, which in a run of 10,000 requests over 943 users are a handful each: where
-    the target of ``bench.family`` lies above it, meeting the target takes learning
-    personal taste, not the world's dynamics."""
+    this user likes beyond that. With ``intent`` (``oracle-no-taste``) it also knows
+    the session's hidden intent, which is drawn from that taste; without
+    (``oracle-appeal``) it knows only what is not personal. What a policy can reach
+    without learning each user's taste from their own clicks, which in a run of 10,000
+    requests over 943 users are a handful each: where the target of ``bench.family``
+    lies above it, meeting the target takes learning personal taste, not the world's
+    dynamics."""
 
     def __init__(self, world: World, seed: int, intent: bool = True) -> None:
-        self.n = world.n_items
+        super().__init__(world, seed)
         self.intent = intent
         self.name = "oracle-no-taste" if intent else "oracle-appeal"
 
-    def slate(self, view, k):
-        p = view.session.attraction(np.arange(self.n), taste=False, intent=self.intent)
-        p[view.blocked] = -1.0
-        return np.argsort(-p)[: min(k, int((~view.blocked).sum()))]
+    def attraction(self, view: View) -> np.ndarray:
+        return view.session.attraction(np.arange(self.n), taste=False, intent=self.intent)
 
 
 class VowpalPolicy(Policy):

@@ -424,10 +424,9 @@ class Session:
     def attraction(self, items: np.ndarray, taste: bool = True,
                    intent: bool = True) -> np.ndarray:
         """Click probability of each item at the top slot, right now. ``taste=False``
-        takes the users' mean for the user's own (``World.population_base``),
-        ``intent=False`` leaves out the
-        session's intent (drawn from that taste, and never shown); what the session's
-        clicks did to the mood stays."""
+        takes the users' mean for the user's own (``World.population_base``);
+        ``intent=False`` leaves out the session's intent (drawn from that taste, and
+        never shown), while what the session's clicks did to the mood stays."""
         w = self.world
         mood = self.mood
         if not intent:

@@ -59,10 +59,6 @@ def set_search_threads(n: int | None) -> None:
     _search_threads = None if n is None else max(1, n)
 
 
-def _scoped_threads(n: int | None) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if n is None else _omp_threads(n)
-
-
 @contextlib.contextmanager
 def _omp_threads(n: int) -> Iterator[None]:
     """Within: this thread's OpenMP work (FAISS's and torch's) uses ``n`` threads;
@@ -77,7 +73,8 @@ def _omp_threads(n: int) -> Iterator[None]:
 
 def search_threads() -> contextlib.AbstractContextManager[None]:
     """Within: this thread's FAISS searches use the process's ``set_search_threads``."""
-    return _scoped_threads(_search_threads)
+    n = _search_threads
+    return contextlib.nullcontext() if n is None else _omp_threads(n)
 
 
 # FAISS's OpenMP threads where nothing set them (OMP_NUM_THREADS, else a thread per

@@ -186,4 +186,3 @@ def test_every_compute_thread_runs_with_the_torch_threads_setting():
         engine.executor.shutdown()
         engine.catalog_executor.shutdown()
         torch.set_num_threads(before)
-

@@ -28,6 +28,19 @@ class SlateChoice:
 def epsilon_greedy_slate(scores: np.ndarray, k: int, epsilon: float,
                          rng: np.random.Generator) -> SlateChoice:
     """Choose ``min(k, len(scores))`` distinct candidates by epsilon-greedy per slot."""
+    k = min(k, len(scores))
+    coins, picks = rng.random((2, k))
+    return slate_from_draws(scores, k, epsilon, coins, picks)
+
+
+def slate_from_draws(scores: np.ndarray, k: int, epsilon: float, coins: np.ndarray,
+                     picks: np.ndarray) -> SlateChoice:
+    """Epsilon-greedy over ``scores`` with the uniform draws given: per slot, the
+    random branch is taken when ``coins[slot] < epsilon``, and then places the
+    ``floor(picks[slot] * remaining)``-th remaining candidate (in index order).
+
+    One request at a time: the reference that ``epsilon_greedy_slates`` (a whole
+    batch as array operations) must agree with, draw for draw."""
     n = len(scores)
     k = min(k, n)
     order = np.argsort(-scores, kind="stable")  # greedy order, computed once
@@ -36,7 +49,6 @@ def epsilon_greedy_slate(scores: np.ndarray, k: int, epsilon: float,
     props = np.empty(k, dtype=np.float64)
     explored = np.zeros(k, dtype=bool)
     best_ptr = 0
-    coins = rng.random(k)
     for slot in range(k):
         while taken[order[best_ptr]]:
             best_ptr += 1
@@ -44,7 +56,7 @@ def epsilon_greedy_slate(scores: np.ndarray, k: int, epsilon: float,
         remaining = n - slot
         if epsilon > 0 and coins[slot] < epsilon:
             # uniform over the remaining candidates
-            pick = int(rng.integers(remaining))
+            pick = min(int(picks[slot] * remaining), remaining - 1)
             choice = int(np.flatnonzero(~taken)[pick])
             explored[slot] = choice != best
         else:
@@ -53,6 +65,44 @@ def epsilon_greedy_slate(scores: np.ndarray, k: int, epsilon: float,
         indices[slot] = choice
         props[slot] = epsilon / remaining + (1.0 - epsilon) * (choice == best)
     return SlateChoice(indices, props, explored)
+
+
+def epsilon_greedy_slates(scores: np.ndarray, valid: np.ndarray, ks: np.ndarray,
+                          epsilons: np.ndarray, coins: np.ndarray,
+                          picks: np.ndarray) -> list[SlateChoice]:
+    """``slate_from_draws`` for a whole batch at once, slot by slot over all requests.
+
+    ``scores`` and ``valid`` are ``(B, C)``: request b's candidates are its first
+    ``valid[b].sum()`` columns (the rest is padding). ``ks`` and ``epsilons`` are per
+    request; ``coins`` and ``picks`` ``(B, K)`` with K at least the longest slate. The
+    loop runs over slots (at most K), never over requests: each step is a handful of
+    ``(B, C)`` array operations, so a batch of 32 costs about what one request did.
+    """
+    batch, width = scores.shape
+    rows = np.arange(batch)
+    n = valid.sum(1)
+    ks = np.minimum(ks, n)
+    longest = int(ks.max()) if batch else 0
+    indices = np.zeros((batch, longest), dtype=np.int64)
+    props = np.ones((batch, longest), dtype=np.float64)
+    explored = np.zeros((batch, longest), dtype=bool)
+    # padding sorts last (stable: equal scores keep index order, as one request's do)
+    order = np.argsort(np.where(valid, -scores, np.inf), axis=1, kind="stable")
+    taken = ~valid  # padding is never placed
+    for slot in range(longest):
+        active = slot < ks
+        remaining = np.maximum(n - slot, 1)
+        best = order[rows, np.argmax(~np.take_along_axis(taken, order, 1), 1)]
+        explore = active & (epsilons > 0) & (coins[:, slot] < epsilons)
+        pick = np.minimum((picks[:, slot] * remaining).astype(np.int64), remaining - 1)
+        nth_free = np.argmax(np.cumsum(~taken, 1) > pick[:, None], 1)
+        choice = np.where(explore, nth_free, best)
+        taken[rows[active], choice[active]] = True
+        indices[:, slot] = choice
+        props[:, slot] = epsilons / remaining + (1.0 - epsilons) * (choice == best)
+        explored[:, slot] = explore & (choice != best)
+    return [SlateChoice(indices[b, :k], props[b, :k], explored[b, :k])
+            for b, k in enumerate(ks.tolist())]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,12 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from models.exploration import EpsilonSchedule, epsilon_greedy_slate
+from models.exploration import (
+    EpsilonSchedule,
+    epsilon_greedy_slate,
+    epsilon_greedy_slates,
+    slate_from_draws,
+)
 
 
 def test_greedy_when_epsilon_zero():
@@ -57,6 +62,30 @@ def test_logged_propensities_match_empirical_frequencies():
     first = counts[()]
     assert abs(first[1] / draws - (0.7 + 0.3 / 6)) < 0.01
     assert abs(first[5] / draws - 0.3 / 6) < 0.005
+
+
+def test_a_batch_draws_the_slates_and_propensities_of_one_request_at_a_time():
+    """The batched chooser places, draw for draw, what the per-request reference does:
+    requests of different lengths, slate sizes and epsilons (0 and 1 included), ties."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        batch = int(rng.integers(1, 9))
+        lengths = rng.integers(0, 14, batch)
+        width = int(lengths.max()) + int(rng.integers(0, 3))
+        scores = rng.standard_normal((batch, width))
+        scores[:, ::3] = np.round(scores[:, ::3])  # some exact ties
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        scores[~valid] = rng.standard_normal(int((~valid).sum())) * 100  # padding ignored
+        ks = rng.integers(1, 12, batch)
+        eps = rng.choice([0.0, 0.1, 0.5, 1.0], batch)
+        coins, picks = rng.random((2, batch, 12))
+        got = epsilon_greedy_slates(scores, valid, ks, eps, coins, picks)
+        for b in range(batch):
+            want = slate_from_draws(scores[b, : lengths[b]], int(ks[b]), float(eps[b]),
+                                    coins[b], picks[b])
+            assert got[b].indices.tolist() == want.indices.tolist()
+            assert np.allclose(got[b].propensities, want.propensities)
+            assert got[b].explored.tolist() == want.explored.tolist()
 
 
 def test_schedule_decays_towards_end():

@@ -7,6 +7,9 @@ the negative pool: what the user just ignored is information.
 
 from __future__ import annotations
 
+from itertools import compress
+from operator import not_
+
 import numpy as np
 
 from app.store import UserData
@@ -30,10 +33,12 @@ def split_history(user: UserData, rewards: RewardMap, limit: int
         (pos if good else neg).append((h["ts"], h["item_id"]))
         touched.add(h["item_id"])
         last_ts = max(last_ts or h["ts"], h["ts"])
-    for item_id, ts in user.shown:
-        if item_id not in touched:
-            neg.append((ts, item_id))
-        last_ts = max(last_ts or ts, ts)
+    if user.shown:  # up to shown_len entries: C-level iteration, no Python per entry
+        shown_ids, shown_ts = zip(*user.shown, strict=True)
+        passed_over = map(not_, map(touched.__contains__, shown_ids))
+        neg.extend(compress(zip(shown_ts, shown_ids, strict=True), passed_over))
+        latest = max(shown_ts)
+        last_ts = latest if last_ts is None else max(last_ts, latest)
     pos.sort()
     neg.sort()
     return [i for _, i in pos[-limit:]], [i for _, i in neg[-limit:]], last_ts

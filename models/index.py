@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import repeat
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -297,10 +297,11 @@ class CandidateIndex:
 
     def vectors_of(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Embeddings of the known ids among ``ids`` (order kept, unknown ids dropped)."""
-        with self._lock:
-            known = [i for i in ids if i in self._row_of]
-            rows = np.fromiter((self._row_of[i] for i in known), dtype=np.int64, count=len(known))
-            return known, self._vectors[rows].copy()
+        with self._lock:  # one dict probe per id, by ``map`` in C
+            rows = np.fromiter(map(self._row_of.get, ids, repeat(-1)), dtype=np.int64,
+                               count=len(ids))
+            found = rows >= 0
+            return list(compress(ids, found.tolist())), self._vectors[rows[found]]
 
     def record(self, shown: Sequence[str], clicked: Sequence[str] = (),
                expected: Sequence[float] | None = None) -> None:
@@ -520,9 +521,12 @@ class CandidateIndex:
             if n <= 0 or not self._n_rows:
                 return [self._no_hits() for _ in banned]
             ranked = self._engagement_ranking(n + max((len(b) for b in banned), default=0))
+            mask = self._scratch_mask()  # membership by lookup, not np.isin's sort
             out = []
             for rows in banned:
-                pick = ranked[~np.isin(ranked, rows)][:n] if len(rows) else ranked[:n]
+                mask[rows] = 1
+                pick = ranked[mask[ranked] == 0][:n]
+                mask[rows] = 0
                 out.append((pick, self._vectors[pick]))
             return out
 

@@ -132,9 +132,40 @@ class EnsembleParams:
         logits = x @ self.theta + self.slot_weight * slot_covariate(slots)[:, 0]
         return 1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))
 
+    def agent_scores_batch(self, pool_products: np.ndarray, features: np.ndarray,
+                           q_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``agent_scores`` of a padded batch: ``(B, len(AGENTS), C)``, and the
+        logistic model's inputs ``(B, C, N_LINEAR)`` (``expected_ctr_batch`` reuses
+        them). ``pool_products`` ``(B, C, 3)``: each candidate's dot products with its
+        state's context and pools (``models.batch.ItemProducts.pools``); features
+        ``(B, C, F)``."""
+        batch, width, _ = features.shape
+        x = np.concatenate([features, pool_products, np.ones((batch, width, 1), np.float32)],
+                           2).astype(np.float32)
+        spread = np.sqrt(np.maximum(((x @ self.a_inv) * x).sum(-1), 0.0))
+        linear = x @ self.theta + self.alpha * spread
+        return np.stack([q_scores, features[..., POPULARITY_COLUMN], linear], 1), x
+
+    def expected_ctr_batch(self, x: np.ndarray, shown: np.ndarray) -> np.ndarray:
+        """``expected_ctr`` of a batch's slates: ``x`` from ``agent_scores_batch``,
+        ``shown`` the ``(B, K)`` candidate indices in slot order (padding anywhere
+        gives values that are to be ignored)."""
+        rows = np.arange(len(x))[:, None]
+        xs = x[rows, shown]
+        xs[..., FEATURE_GROUPS["popularity"]] = 0.0
+        slots = slot_covariate(np.arange(shown.shape[1]))[:, 0]
+        logits = xs @ self.theta + self.slot_weight * slots[None, :]
+        return 1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))
+
     def draw_arm(self, rng: np.random.Generator) -> int:
         """The arm (an index into ``ARMS``) that serves an exploring request."""
-        return int(rng.choice(len(ARMS), p=self.weights))
+        return self.arm_from_draw(rng.random())
+
+    def arm_from_draw(self, uniform: float) -> int:
+        """The arm drawn with the play probabilities by a uniform draw in [0, 1)."""
+        cdf = np.cumsum(self.weights)
+        drawn = int(np.searchsorted(cdf / cdf[-1], uniform, side="right"))
+        return min(drawn, len(ARMS) - 1)
 
     def greedy_arm(self) -> int:
         """The arm that serves a request without exploration: the likeliest best one,
@@ -149,6 +180,24 @@ class EnsembleParams:
         if ARMS[arm] == "fused":
             return standardise(agent_scores[FUSED_AGENTS]).mean(0)
         return agent_scores[arm]
+
+    @staticmethod
+    def arm_scores_batch(agent_scores: np.ndarray, arms: np.ndarray, valid: np.ndarray
+                         ) -> np.ndarray:
+        """``arm_scores`` of a padded batch: ``(B, C)`` from ``(B, len(AGENTS), C)``
+        agent scores, the ``(B,)`` serving arms and the ``(B, C)`` mask of real
+        candidates (the fusion standardises over those alone)."""
+        rows = np.arange(len(arms))
+        fused_in = agent_scores[:, FUSED_AGENTS].astype(np.float64)
+        real = valid[:, None, :]
+        count = np.maximum(valid.sum(1), 1)[:, None, None]
+        mean = np.where(real, fused_in, 0.0).sum(-1, keepdims=True) / count
+        sd = np.sqrt(np.where(real, (fused_in - mean) ** 2, 0.0).sum(-1, keepdims=True)
+                     / count)
+        fused = np.where(sd > 1e-9, (fused_in - mean) / np.where(sd > 1e-9, sd, 1.0),
+                         0.0).mean(1)
+        single = agent_scores[rows, np.minimum(arms, len(AGENTS) - 1)]
+        return np.where((arms == ARMS.index("fused"))[:, None], fused, single)
 
 
 # a shown item's inverse propensity is clipped here: explored slots count up to this

@@ -78,31 +78,58 @@ def epsilon_greedy_slates(scores: np.ndarray, valid: np.ndarray, ks: np.ndarray,
     loop runs over slots (at most K), never over requests: each step is a handful of
     ``(B, C)`` array operations, so a batch of 32 costs about what one request did.
     """
-    batch, width = scores.shape
-    rows = np.arange(batch)
+    batch = len(scores)
     n = valid.sum(1)
     ks = np.minimum(ks, n)
     longest = int(ks.max()) if batch else 0
+    # padding sorts last (stable: equal scores keep index order, as one request's do);
+    # with at most ``longest`` placed, the best remaining is always among the top ones
+    order = np.argsort(np.where(valid, -scores, np.inf), axis=1, kind="stable")
+    top = order[:, : longest + 1]
+    slots = np.arange(longest)
+    in_slate = slots[None, :] < ks[:, None]
+    remaining = np.maximum(n[:, None] - slots[None, :], 1)
+    # a request whose coins never come up takes the greedy order whole
+    indices = top[:, :longest].copy()
+    props = epsilons[:, None] / remaining + (1.0 - epsilons[:, None])
+    explored = np.zeros((batch, longest), dtype=bool)
+    exploring = np.flatnonzero(((coins[:, :longest] < epsilons[:, None]) & in_slate
+                                & (epsilons[:, None] > 0)).any(1))
+    if len(exploring):
+        e = exploring
+        indices[e], props[e], explored[e] = _slot_by_slot(
+            top[e], ~valid[e], n[e], ks[e], epsilons[e], coins[e], picks[e], longest)
+    return [SlateChoice(indices[b, :k], props[b, :k], explored[b, :k])
+            for b, k in enumerate(ks.tolist())]
+
+
+def _slot_by_slot(top: np.ndarray, taken: np.ndarray, n: np.ndarray, ks: np.ndarray,
+                  epsilons: np.ndarray, coins: np.ndarray, picks: np.ndarray, longest: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slot loop of ``epsilon_greedy_slates`` for requests that explore somewhere:
+    ``top`` their greedy order's head, ``taken`` the padding (updated in place)."""
+    batch = len(top)
+    rows = np.arange(batch)
     indices = np.zeros((batch, longest), dtype=np.int64)
     props = np.ones((batch, longest), dtype=np.float64)
     explored = np.zeros((batch, longest), dtype=bool)
-    # padding sorts last (stable: equal scores keep index order, as one request's do)
-    order = np.argsort(np.where(valid, -scores, np.inf), axis=1, kind="stable")
-    taken = ~valid  # padding is never placed
+    top_taken = np.take_along_axis(taken, top, 1)
     for slot in range(longest):
         active = slot < ks
         remaining = np.maximum(n - slot, 1)
-        best = order[rows, np.argmax(~np.take_along_axis(taken, order, 1), 1)]
+        best = top[rows, np.argmax(~top_taken, 1)]
         explore = active & (epsilons > 0) & (coins[:, slot] < epsilons)
-        pick = np.minimum((picks[:, slot] * remaining).astype(np.int64), remaining - 1)
-        nth_free = np.argmax(np.cumsum(~taken, 1) > pick[:, None], 1)
-        choice = np.where(explore, nth_free, best)
+        choice = best
+        if explore.any():  # the n-th candidate not yet placed, in index order
+            pick = np.minimum((picks[:, slot] * remaining).astype(np.int64), remaining - 1)
+            nth_free = np.argmax(np.cumsum(~taken, 1) > pick[:, None], 1)
+            choice = np.where(explore, nth_free, best)
         taken[rows[active], choice[active]] = True
+        top_taken |= active[:, None] & (top == choice[:, None])
         indices[:, slot] = choice
         props[:, slot] = epsilons / remaining + (1.0 - epsilons) * (choice == best)
         explored[:, slot] = explore & (choice != best)
-    return [SlateChoice(indices[b, :k], props[b, :k], explored[b, :k])
-            for b, k in enumerate(ks.tolist())]
+    return indices, props, explored
 
 
 @dataclass(frozen=True)

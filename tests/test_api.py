@@ -536,6 +536,71 @@ def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):
         assert len(together[3].choice.indices) == 10
 
 
+@pytest.mark.parametrize("options", [{}, {"adaptation": True}, {"ensemble": False}])
+def test_the_batch_program_draws_what_one_request_at_a_time_draws(backend, encoder, options):
+    """``choose_batch`` runs a batch as arrays; ``choose_each`` is the per-request
+    reference. From the same seed they choose the same candidates, features, scores,
+    slates, propensities, arms and expected CTRs: requests of different lengths,
+    explicit candidates, resting items held for exploration, greedy and exploring
+    requests, new and known users, a learned ensemble."""
+    from app.server.engine import Pick
+    from app.store import UserData
+    from models.ensemble import N_LINEAR, EnsembleParams
+    with make_client(backend, encoder, **options) as c:
+        c.post("/v1/items", json={"items": [
+            {"item_id": i, "text": t, "tags": t.split(". ")[1].split(", ")}
+            for i, t in MOVIES]}).raise_for_status()
+        engine = c.app.state.engine
+        rng = np.random.default_rng(5)
+        if engine.scorer.ensemble is not None:  # as if learned: every arm and agent used
+            a = rng.standard_normal((N_LINEAR, N_LINEAR)) * 0.3
+            engine.scorer.ensemble = EnsembleParams(a @ a.T, rng.standard_normal(N_LINEAR),
+                                                    np.array([0.2, 0.3, 0.1, 0.4]),
+                                                    slot_weight=-0.4)
+        engine.index.record(["m-1", "m-2", "m-2", "m-7", "m-9"], ["m-2", "m-9"])
+        now = time.time()
+        ctx = encoder.encode(["family evening, kids", "late night thriller"])
+        known = UserData([{"item_id": "m-2", "event": "click", "ts": now - 50},
+                          {"item_id": "m-4", "event": "skip", "ts": now - 40},
+                          {"item_id": "m-9", "event": "purchase", "ts": now - 5}],
+                         [("m-3", now - 60), ("m-5", now - 60), ("m-3", now - 20),
+                          ("m-6", now - 20), ("m-2", now - 20)])
+        new = UserData([], [("m-1", now - 9)])
+        picks = [Pick(new, ctx[0], set(), None, 5, 0.5, now, explore=True),
+                 Pick(known, ctx[1], {"m-6"}, None, 4, 0.0, now),
+                 Pick(known, None, set(), ["m-1", "m-8", "m-9", "zz"], 3, 1.0, now,
+                      explore=True),
+                 # m-3 and m-5 rest: left out of retrieval, back for the exploration only
+                 Pick(known, ctx[0], {"m-1", "m-3", "m-5"}, None, 10, 0.3, now, ["m-3", "m-5"],
+                      True),
+                 Pick(UserData([], []), None, set(), [], 2, 0.5, now, explore=True),
+                 Pick(new, ctx[1], set(), None, 1, 0.0, now, explore=True)]
+        for seed in range(6):
+            engine._rng = np.random.default_rng(seed)
+            batched = engine.choose_batch(picks)
+            engine._rng = np.random.default_rng(seed)
+            each = engine.choose_each(picks)
+            for got, want in zip(batched, each, strict=True):
+                assert got.ids == want.ids
+                assert np.allclose(got.features, want.features, atol=1e-5)
+                assert np.allclose(got.scores, want.scores, atol=1e-5)
+                assert got.choice.indices.tolist() == want.choice.indices.tolist()
+                assert np.allclose(got.choice.propensities, want.choice.propensities)
+                assert got.choice.explored.tolist() == want.choice.explored.tolist()
+                assert (got.agents, got.sources, got.depths) == (want.agents, want.sources,
+                                                                 want.depths)
+                assert got.arm_propensity == pytest.approx(want.arm_propensity)
+                assert (got.expected is None) == (want.expected is None)
+                if got.expected is not None:
+                    assert np.allclose(got.expected, want.expected, atol=1e-6)
+        assert len(batched[3].choice.indices) == 10 - 1 and not batched[4].ids
+        resting = np.isin(batched[3].ids, ["m-3", "m-5"])
+        assert resting.sum() == 2 and batched[3].scores[resting].max() < batched[3].scores[
+            ~resting].min()
+        if engine.scorer.ensemble is not None:  # the exploring requests drew their arms
+            assert {a for ch in batched for a in ch.agents} and batched[1].agents == []
+
+
 def test_changing_only_an_items_tags_reaches_its_features(backend, encoder):
     """Tags feed the per-candidate tag-affinity features: re-sending an item with new tags
     and the same text re-indexes it (no re-embedding needed), and a user who just

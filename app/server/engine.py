@@ -39,6 +39,7 @@ from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
 from app.user_state import latest_first, resting_items, user_state_and_history
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.ann import set_search_threads
+from models.batch import PaddedCandidates, batch_features, batch_scores, item_products
 from models.device import resolve_device, torch_threads_for
 from models.encoder import TextEncoder, text_key
 from models.ensemble import (
@@ -48,7 +49,7 @@ from models.ensemble import (
     params_from_tensors,
     report_from_tensors,
 )
-from models.exploration import SlateChoice, epsilon_greedy_slate
+from models.exploration import SlateChoice, epsilon_greedy_slates, slate_from_draws
 from models.index import NO_ROWS, CandidateIndex, Hits
 from models.lru import LRUCache
 from models.qnet import QNetwork, all_finite, split_weights, weights_shape
@@ -56,9 +57,12 @@ from models.scorer import Scorer
 from models.session import SessionGaps, session_start
 from models.state import (
     FEATURE_GROUPS,
+    TAG_BUCKETS,
     RecentItems,
     StateLayout,
     candidate_features,
+    exposure_features,
+    repeat_features,
     smoothed_ctr,
 )
 
@@ -128,6 +132,20 @@ class Chosen:
     # per slot, the click probability expected of it without its own popularity
     # (``EnsembleParams.expected_ctr``); None without the ensemble
     expected: list[float] | None = None
+
+
+@dataclass
+class Prepared:
+    """A batch's inputs to the slate choosers (``Engine._prepare``)."""
+
+    scorer: Scorer
+    states: np.ndarray                 # (B, S)
+    recent: list[RecentItems]
+    queries: np.ndarray                # (B, A)
+    values: np.ndarray                 # (B,)
+    candidates: list[tuple[list[str], Candidates, np.ndarray, np.ndarray]]
+    draws: np.ndarray                  # (B, 1 + 2 * longest) uniforms
+    longest: int                       # the longest slate asked for
 
 
 @dataclass
@@ -808,63 +826,152 @@ class Engine:
                 return [(ids, found[i], stats, tags)
                         for i, (ids, stats, tags) in enumerate(looked)]
 
-    def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
-        """Slates for concurrent requests with one Q-network call and one index search
-        per candidate source.
-
-        Per request only its state and its candidates' features are built in Python;
-        the network forward pass and the FAISS search (one GPU kernel on CUDA) are
-        shared, which is what keeps cost per request low under load.
-        """
+    def _prepare(self, picks: list[Pick]) -> Prepared:
+        """What both choosers start from: per request its state and recent history
+        (built from its user's record), one Q-network call for the batch, the
+        candidates of every source, and the batch's uniform draws."""
         s = self.settings
         scorer = self.scorer  # one weights version for the whole batch
         built = [user_state_and_history(self.layout, p.user_data, p.ctx, self.index, s.rewards,
                                         s.history_len, s.history_decay, p.now) for p in picks]
-        queries, values = scorer.query(np.stack([b[0] for b in built]))
-        candidates = self._candidates(picks, queries, [b[1] for b in built],
-                                      self._budgets(scorer))
-        out: list[Chosen] = []
+        states = np.stack([b[0] for b in built])
+        queries, values = scorer.query(states)
+        recent = [b[1] for b in built]
+        candidates = self._candidates(picks, queries, recent, self._budgets(scorer))
+        longest = max(p.k for p in picks)
+        with self._rng_lock:  # column 0 draws the arm, then a coin and a pick per slot
+            draws = self._rng.random((len(picks), 1 + 2 * longest))
+        return Prepared(scorer, states, recent, queries, values, candidates, draws, longest)
+
+    def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
+        """Slates for concurrent requests, the batch as one array program: one
+        Q-network call, one index search per candidate source, then the candidates
+        padded to ``(B, C)``, their features ``(B, C, F)``, the scores, the ensemble's
+        agents and fusion, and the epsilon-greedy slates with their propensities, each
+        computed once for the batch (``models.batch``). Per request, Python only builds
+        the state and matches candidates to the user's own history by id.
+
+        ``choose_each`` is the per-request reference: the same draws give the same
+        slates and propensities."""
+        return self._choose_arrays(picks, self._prepare(picks))
+
+    def choose_each(self, picks: list[Pick]) -> list[Chosen]:
+        """``choose_batch`` one request at a time: the reference that the batched
+        arrays are tested against."""
+        prepared = self._prepare(picks)
+        return [self._choose_one(p, prepared, i) for i, p in enumerate(picks)]
+
+    def _choose_arrays(self, picks: list[Pick], prep: Prepared) -> list[Chosen]:
+        s = self.settings
+        scorer = prep.scorer
         base_ctr, expected_scale = self.index.base_ctr(), lift_scale(s, self.index)
-        for i, p in enumerate(picks):
-            state, recent = built[i]
-            ids, found, stats, tags = candidates[i]
-            items = found.vectors
-            feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
-                                       stats, items, tags, recent, s.exposure_recent_s,
-                                       base_ctr, expected_scale)
-            scores = Scorer.score(queries[i], float(values[i]), items, feats)
-            if scorer.adaptation is not None:  # a new user: the learned correction
-                adjustment = scorer.adaptation.adjust(self.layout, state, feats)
+        padded = PaddedCandidates.of([c[1].vectors for c in prep.candidates],
+                                     [c[2] for c in prep.candidates],
+                                     [c[3] for c in prep.candidates], self.layout.dim,
+                                     TAG_BUCKETS)
+        valid, lengths = padded.valid, padded.lengths
+        own = [np.concatenate([exposure_features(ids, p.user_data.shown, p.user_data.touched,
+                                                 p.now, s.exposure_recent_s),
+                               repeat_features(ids, recent.positive_events)], 1)
+               for p, (ids, *_), recent in zip(picks, prep.candidates, prep.recent,
+                                               strict=True)]
+        products = item_products(self.layout, padded.vectors, prep.queries, prep.states,
+                                 prep.recent)
+        feats = batch_features(padded, prep.recent, own, products.affinity, base_ctr,
+                               expected_scale)
+        scores = batch_scores(products, prep.queries, prep.values, feats)
+        if scorer.adaptation is not None:  # new users: the learned correction
+            for b, n in enumerate(lengths.tolist()):
+                adjustment = scorer.adaptation.adjust(self.layout, prep.states[b], feats[b, :n])
                 if adjustment is not None:
-                    scores = scores + adjustment
-            agents: list[int] = []
-            arm_propensity = 1.0
-            if scorer.ensemble is not None and len(ids):
-                # an exploring request draws the arm that serves it, and is evidence of
-                # that arm's value; one without exploration takes the likeliest best arm
-                e = scorer.ensemble
-                agent_scores = e.agent_scores(self.layout, state, items, feats, scores)
-                if p.explore:
-                    with self._rng_lock:
-                        arm = e.draw_arm(self._rng)
-                    arm_propensity = float(e.weights[arm])
-                    agents = [1 << arm] * min(p.k, len(ids))
-                else:
-                    arm = e.greedy_arm()
-                scores = e.arm_scores(agent_scores, arm)
-            held_back = found.explore_only
-            if held_back is not None and held_back.any() and not held_back.all():
-                # below every other candidate: only the random branch places them
-                scores = np.where(held_back, scores[~held_back].min() - 1.0, scores)
-            with self._rng_lock:
-                choice = epsilon_greedy_slate(scores, p.k, p.epsilon, self._rng)
-            shown = choice.indices
-            expected = None
-            if expected_scale is not None and scorer.ensemble is not None and len(shown):
-                expected = scorer.ensemble.expected_ctr(
-                    self.layout, state, items[shown], feats[shown],
-                    np.arange(len(shown))).tolist()
-            out.append(Chosen(scorer, state, ids, scores, feats, choice, agents,
-                              found.sources[shown].tolist(), found.depths[shown].tolist(),
-                              arm_propensity, expected))
+                    scores[b, :n] += adjustment
+        batch = len(picks)
+        arms = np.zeros(batch, np.int64)
+        arm_propensities = np.ones(batch)
+        drawing = np.array([p.explore for p in picks]) & (lengths > 0)
+        expected_ctr = x = None
+        if scorer.ensemble is not None:
+            e = scorer.ensemble
+            agent_scores, x = e.agent_scores_batch(products.pools, feats, scores)
+            cdf = np.cumsum(e.weights)
+            drawn = np.minimum(np.searchsorted(cdf / cdf[-1], prep.draws[:, 0], side="right"),
+                               len(e.weights) - 1)
+            arms = np.where(drawing, drawn, e.greedy_arm())
+            arm_propensities = np.where(drawing, e.weights[arms], 1.0)
+            scores = e.arm_scores_batch(agent_scores, arms, valid)
+        held = padded.pad([c[1].explore_only if c[1].explore_only is not None
+                           else np.zeros(len(c[0]), bool) for c in prep.candidates]) & valid
+        rest = valid & ~held
+        holding = held.any(1) & rest.any(1)
+        if holding.any():  # below every other candidate: only the random branch places them
+            floor = np.where(rest, scores, np.inf).min(1) - 1.0
+            scores = np.where(holding[:, None] & held, floor[:, None], scores)
+        longest = prep.longest
+        choices = epsilon_greedy_slates(
+            scores, valid, np.array([p.k for p in picks]), np.array([p.epsilon for p in picks]),
+            prep.draws[:, 1: 1 + longest], prep.draws[:, 1 + longest:])
+        if expected_scale is not None and scorer.ensemble is not None and x is not None:
+            # of the slates actually chosen
+            shown = np.zeros((batch, longest), np.int64)
+            for b, choice in enumerate(choices):
+                shown[b, : len(choice.indices)] = choice.indices
+            expected_ctr = scorer.ensemble.expected_ctr_batch(x, shown)
+        out = []
+        for b, (p, (ids, found, _, _)) in enumerate(zip(picks, prep.candidates, strict=True)):
+            n, choice = int(lengths[b]), choices[b]
+            shown_b = choice.indices
+            agents = ([1 << int(arms[b])] * min(p.k, n)) if scorer.ensemble is not None \
+                and drawing[b] else []
+            expected = (expected_ctr[b, : len(shown_b)].tolist()
+                        if expected_ctr is not None and len(shown_b) else None)
+            out.append(Chosen(scorer, prep.states[b], ids, scores[b, :n], feats[b, :n], choice,
+                              agents, found.sources[shown_b].tolist(),
+                              found.depths[shown_b].tolist(), float(arm_propensities[b]),
+                              expected))
         return out
+
+    def _choose_one(self, p: Pick, prep: Prepared, i: int) -> Chosen:
+        s = self.settings
+        scorer = prep.scorer
+        base_ctr, expected_scale = self.index.base_ctr(), lift_scale(s, self.index)
+        state, recent = prep.states[i], prep.recent[i]
+        ids, found, stats, tags = prep.candidates[i]
+        items = found.vectors
+        feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
+                                   stats, items, tags, recent, s.exposure_recent_s,
+                                   base_ctr, expected_scale)
+        scores = Scorer.score(prep.queries[i], float(prep.values[i]), items, feats)
+        if scorer.adaptation is not None:  # a new user: the learned correction
+            adjustment = scorer.adaptation.adjust(self.layout, state, feats)
+            if adjustment is not None:
+                scores = scores + adjustment
+        agents: list[int] = []
+        arm_propensity = 1.0
+        if scorer.ensemble is not None and len(ids):
+            # an exploring request draws the arm that serves it, and is evidence of
+            # that arm's value; one without exploration takes the likeliest best arm
+            e = scorer.ensemble
+            agent_scores = e.agent_scores(self.layout, state, items, feats, scores)
+            if p.explore:
+                arm = e.arm_from_draw(float(prep.draws[i, 0]))
+                arm_propensity = float(e.weights[arm])
+                agents = [1 << arm] * min(p.k, len(ids))
+            else:
+                arm = e.greedy_arm()
+            scores = e.arm_scores(agent_scores, arm)
+        held_back = found.explore_only
+        if held_back is not None and held_back.any() and not held_back.all():
+            # below every other candidate: only the random branch places them
+            scores = np.where(held_back, scores[~held_back].min() - 1.0, scores)
+        longest = prep.longest
+        choice = slate_from_draws(scores, p.k, p.epsilon, prep.draws[i, 1: 1 + longest],
+                                  prep.draws[i, 1 + longest:])
+        shown = choice.indices
+        expected = None
+        if expected_scale is not None and scorer.ensemble is not None and len(shown):
+            expected = scorer.ensemble.expected_ctr(
+                self.layout, state, items[shown], feats[shown],
+                np.arange(len(shown))).tolist()
+        return Chosen(scorer, state, ids, scores, feats, choice, agents,
+                      found.sources[shown].tolist(), found.depths[shown].tolist(),
+                      arm_propensity, expected)

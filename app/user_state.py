@@ -57,12 +57,12 @@ def user_state_and_history(layout: StateLayout, user: UserData, context: np.ndar
     """The state, and the embeddings and tags of the positive and negative history
     (oldest first), which the per-candidate affinity features compare candidates with."""
     pos_ids, neg_ids, last_ts = split_history(user, rewards, limit)
-    pos_known, pos = index.vectors_of(pos_ids)
-    neg_known, neg = index.vectors_of(neg_ids)
+    found, vectors, tags = index.vectors_and_tags_of([*pos_ids, *neg_ids])  # one lookup
+    n_pos = int(found[: len(pos_ids)].sum())
+    pos, neg = vectors[:n_pos], vectors[n_pos:]
+    pos_known = tuple(compress(pos_ids, found[: len(pos_ids)].tolist()))
     gap = None if last_ts is None else now - last_ts
-    _, tags = index.stats_and_tags_of([*pos_known, *neg_known])  # one lookup for both
-    recent = RecentItems(pos, neg, tags[: len(pos_known)], tags[len(pos_known):],
-                         tuple(pos_known), tuple(pos_ids))
+    recent = RecentItems(pos, neg, tags[:n_pos], tags[n_pos:], pos_known, tuple(pos_ids))
     return build_state(layout, context, pos, neg, gap, decay), recent
 
 

@@ -303,6 +303,18 @@ class CandidateIndex:
             found = rows >= 0
             return list(compress(ids, found.tolist())), self._vectors[rows[found]]
 
+    def vectors_and_tags_of(self, ids: Sequence[str]
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which of ``ids`` are known (a bool per id), and the known ones' embeddings
+        and tag multi-hots (float32), in order: what a user's state is built from, in
+        one dict probe per id."""
+        with self._lock:
+            rows = np.fromiter(map(self._row_of.get, ids, repeat(-1)), dtype=np.int64,
+                               count=len(ids))
+            found = rows >= 0
+            rows = rows[found]
+            return found, self._vectors[rows], self._tags[rows].astype(np.float32)
+
     def record(self, shown: Sequence[str], clicked: Sequence[str] = (),
                expected: Sequence[float] | None = None) -> None:
         """Count impressions and positive feedback of items (unknown ids are ignored),

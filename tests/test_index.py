@@ -260,6 +260,10 @@ def test_tags_follow_items_through_updates_and_compaction():
     assert np.array_equal(stats[:, :2], stats_of(idx, ["b", "zz", "a"]))
     assert np.array_equal(tags, tags_of(idx, ["b", "zz", "a"]))
     assert stats[:, :2].tolist() == [[2, 1], [0, 0], [1, 0]]
+    found, vectors, tags = idx.vectors_and_tags_of(["b", "zz", "a"])  # known ones only
+    assert found.tolist() == [True, False, True]
+    assert np.array_equal(vectors, idx.vectors_of(["b", "a"])[1])
+    assert np.array_equal(tags, tags_of(idx, ["b", "a"]))
 
 
 def test_engaging_ranks_by_smoothed_ctr_skips_exclusions_and_follows_the_counts(monkeypatch):

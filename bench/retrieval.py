@@ -127,7 +127,7 @@ def time_searches(index: CandidateIndex, queries: np.ndarray, n: int, batch: int
         lat.append((time.perf_counter() - t) * 1000)
         looked = index.at_rows([rows for rows, _ in res], index.row_generation)
         assert looked is not None  # nothing changes the catalog during the benchmark
-        found.extend((ids, vectors) for (ids, _, _), (_, vectors) in zip(looked, res,
+        found.extend((ids, vectors) for (ids, *_), (_, vectors) in zip(looked, res,
                                                                           strict=True))
     return np.asarray(lat), found
 

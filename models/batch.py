@@ -13,6 +13,7 @@ reference these agree with (``tests/test_batch.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from models.state import (
     N_ITEM_FEATURES,
     RECENT_NEGATIVES,
     RECENT_POSITIVES,
+    STEP_DECAY,
     RecentItems,
     StateLayout,
     popularity_features,
@@ -63,6 +65,68 @@ class PaddedCandidates:
         for b, n in enumerate(self.lengths.tolist()):
             out[b, :n] = per_request[b]
         return out
+
+
+# a request's index in the batch sits above the id hash's low bits in one sort key
+HASH_BITS = 48
+_LOW = (1 << HASH_BITS) - 1
+
+
+def _matched(hashes: np.ndarray, valid: np.ndarray, entries: Sequence[np.ndarray],
+             weights: Sequence[np.ndarray]) -> np.ndarray:
+    """``(B, C, 2)``: per candidate (``hashes`` ``(B, C)`` of its id), the sum of the
+    ``weights`` of its request's ``entries`` (id hashes, repeats allowed) with its
+    hash, and ``log1p(how many) / log1p(10)``; zeros where none match. One sort of
+    the batch's entries and one binary search per candidate, keyed by
+    ``(request, hash)``: no Python per entry or candidate."""
+    batch, width = hashes.shape
+    out = np.zeros((batch, width, 2), np.float32)
+    counts = [len(e) for e in entries]
+    if not sum(counts):
+        return out
+    owner = np.repeat(np.arange(batch, dtype=np.int64), counts)
+    keys = (owner << HASH_BITS) | (np.concatenate(entries) & _LOW)
+    unique, group = np.unique(keys, return_inverse=True)
+    weight = np.bincount(group, np.concatenate(weights), minlength=len(unique))
+    count = np.bincount(group, minlength=len(unique))
+    wanted = (np.arange(batch, dtype=np.int64)[:, None] << HASH_BITS) | (hashes & _LOW)
+    at = np.minimum(np.searchsorted(unique, wanted), len(unique) - 1)
+    hit = (unique[at] == wanted) & valid
+    out[..., 0] = np.where(hit, weight[at], 0.0)
+    out[..., 1] = np.where(hit, np.log1p(count[at]) / math.log1p(10.0), 0.0)
+    return out
+
+
+def own_history_features(hashes: np.ndarray, valid: np.ndarray,
+                         shown: Sequence[Sequence[tuple[str, float]]],
+                         touched: Sequence[set[str]], positive_events: Sequence[Sequence[str]],
+                         now: Sequence[float], recent_s: float) -> np.ndarray:
+    """``(B, C, 4)``: ``models.state.exposure_features`` then ``repeat_features`` of a
+    whole batch, matching candidates to each user's showings and positive events by
+    id hash (``CandidateIndex.at_rows``) instead of by id. Per request, Python only
+    hashes the user's own ids (C-level ``map``)."""
+    seen, seen_weights, liked, liked_weights = [], [], [], []
+    for user_shown, user_touched, events, at in zip(shown, touched, positive_events, now,
+                                                     strict=True):
+        if user_shown:
+            item_ids, times = zip(*reversed(user_shown), strict=True)  # newest first
+            ts = np.asarray(times, dtype=np.float64)
+            slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since
+            fade = STEP_DECAY ** slates * np.exp(-np.maximum(at - ts, 0.0) / recent_s)
+            ignored = np.fromiter(map(user_touched.__contains__, item_ids), dtype=bool,
+                                  count=len(item_ids))
+            ids_hashed = np.fromiter(map(hash, item_ids), dtype=np.int64, count=len(item_ids))
+            seen.append(ids_hashed[~ignored])
+            seen_weights.append(fade[~ignored])
+        else:
+            seen.append(np.zeros(0, np.int64))
+            seen_weights.append(np.zeros(0))
+        newest_first = list(reversed(events))
+        liked.append(np.fromiter(map(hash, newest_first), dtype=np.int64,
+                                 count=len(newest_first)))
+        liked_weights.append(STEP_DECAY ** np.arange(len(newest_first), dtype=np.float64))
+    return np.concatenate([_matched(hashes, valid, seen, seen_weights),
+                           _matched(hashes, valid, liked, liked_weights)], 2)
 
 
 def _recent(rows: Sequence[np.ndarray], keep: int, width: int
@@ -126,15 +190,13 @@ def _tag_profiles(hist: np.ndarray, mask: np.ndarray, decay: float) -> np.ndarra
 
 
 def batch_features(padded: PaddedCandidates, recent: Sequence[RecentItems],
-                   per_user: Sequence[np.ndarray], affinity: np.ndarray, base_ctr: float,
+                   own: np.ndarray, affinity: np.ndarray, base_ctr: float,
                    expected_scale: float | None, tag_decay: float = 0.5) -> np.ndarray:
     """``(B, C, N_ITEM_FEATURES)``, ``models.state.candidate_features`` of every request
-    at once. ``per_user`` holds each request's exposure and repeat features
-    (``(n, 4)``: they match candidates to the user's own history by id, the one part
-    done per request); ``affinity`` is ``ItemProducts.affinity``."""
+    at once. ``own`` is ``own_history_features`` (exposure, then repeats) and
+    ``affinity`` is ``ItemProducts.affinity``."""
     batch, width, _ = padded.vectors.shape
     feats = np.zeros((batch, width, N_ITEM_FEATURES), np.float32)
-    own = padded.pad(per_user) if batch else np.zeros((0, width, 4), np.float32)
     feats[..., FEATURE_GROUPS["exposure"]] = own[..., :2]
     feats[..., FEATURE_GROUPS["repeat"]] = own[..., 2:]
     feats[..., FEATURE_GROUPS["popularity"]] = popularity_features(

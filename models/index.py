@@ -107,6 +107,9 @@ class CandidateIndex:
         self._stats = np.zeros((max(capacity, 1024), N_STATS), dtype=np.float32)
         # per-row hashed multi-hot of the item's tags (``models.state.tag_vectors``)
         self._tags = np.zeros((max(capacity, 1024), TAG_BUCKETS), dtype=np.uint8)
+        # per-row ``hash(item_id)``: requests match candidates to a user's own history
+        # by these (``models.batch.own_history_features``), never touching the ids
+        self._hashes = np.zeros(max(capacity, 1024), dtype=np.int64)
         self._n_rows = 0
         self._row_of: dict[str, int] = {}
         self._n_dead = 0
@@ -138,8 +141,10 @@ class CandidateIndex:
         stats[:n] = self._stats[:n]
         tags = np.zeros((new_cap, TAG_BUCKETS), dtype=np.uint8)
         tags[:n] = self._tags[:n]
+        hashes = np.zeros(new_cap, dtype=np.int64)
+        hashes[:n] = self._hashes[:n]
         self._ids, self._live, self._servable, self._stats = ids, live, servable, stats
-        self._tags = tags
+        self._tags, self._hashes = tags, hashes
 
     def begin_bulk_load(self, expected: int = 0) -> None:
         """Start adding many items; the FAISS structure is built once, by
@@ -204,6 +209,7 @@ class CandidateIndex:
             rows = np.arange(start, start + len(order))
             self._vectors[rows] = vectors[order]
             self._ids[rows] = [ids[i] for i in order]
+            self._hashes[rows] = [hash(ids[i]) for i in order]
             self._live[rows] = True
             self._servable[rows] = avail[order].astype(bool)
             self._n_unavailable += int((~self._servable[rows]).sum())
@@ -275,12 +281,14 @@ class CandidateIndex:
             self._servable[:n] = self._servable[rows]
             self._stats[:n] = self._stats[rows]
             self._tags[:n] = self._tags[rows]
+            self._hashes[:n] = self._hashes[rows]
             self._live[:n] = True
             self._ids[n: self._n_rows] = None
             self._live[n: self._n_rows] = False
             self._servable[n: self._n_rows] = False
             self._stats[n: self._n_rows] = 0.0
             self._tags[n: self._n_rows] = 0
+            self._hashes[n: self._n_rows] = 0
             self._vectors[n: self._n_rows] = 0.0
         self._n_rows = n
         self._n_dead = 0
@@ -406,9 +414,10 @@ class CandidateIndex:
             return out
 
     def at_rows(self, rows: Sequence[np.ndarray], generation: int
-                ) -> list[tuple[list[str], np.ndarray, np.ndarray]] | None:
-        """Per array of rows, the items' ids, ``[shown, clicked]`` counts and tag
-        multi-hots (float32 copies), or None if rows moved since ``generation``.
+                ) -> list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]] | None:
+        """Per array of rows, the items' ids, ``[shown, clicked]`` counts, tag
+        multi-hots (float32 copies) and id hashes (``hash(item_id)``), or None if rows
+        moved since ``generation``.
 
         What a request's candidates need beside their embeddings, read by row: the
         search gave rows, and looking each id up again costs a dictionary probe per
@@ -419,7 +428,7 @@ class CandidateIndex:
                 return None
             self._count_queued()
             return [(self._ids[r].tolist(), self._stats[r].astype(np.float32),
-                     self._tags[r].astype(np.float32)) for r in rows]
+                     self._tags[r].astype(np.float32), self._hashes[r]) for r in rows]
 
     def servable_rows(self, ids: Sequence[str]) -> np.ndarray:
         """The rows of those of ``ids`` that are indexed and servable, in order."""

@@ -13,7 +13,7 @@ def with_ids(index: CandidateIndex, hits: list[Hits]) -> list[tuple[list[str], n
     """Per result, its item ids and embeddings (nothing moves rows in these tests)."""
     looked = index.at_rows([rows for rows, _ in hits], index.row_generation)
     assert looked is not None
-    return [(ids, vectors) for (ids, _, _), (_, vectors) in zip(looked, hits, strict=True)]
+    return [(ids, vectors) for (ids, *_), (_, vectors) in zip(looked, hits, strict=True)]
 
 
 def search_ids(index: CandidateIndex, queries: np.ndarray, n: int,

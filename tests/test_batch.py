@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from models.batch import PaddedCandidates, batch_features, batch_scores, item_products
+from models.batch import (
+    PaddedCandidates,
+    batch_features,
+    batch_scores,
+    item_products,
+    own_history_features,
+)
 from models.ensemble import ARMS, N_LINEAR, EnsembleParams
 from models.scorer import Scorer
 from models.state import (
@@ -12,8 +18,6 @@ from models.state import (
     RecentItems,
     StateLayout,
     candidate_features,
-    exposure_features,
-    repeat_features,
 )
 
 DIM = 8
@@ -47,8 +51,10 @@ def test_batch_features_and_scores_are_the_per_request_ones(expected_scale):
     padded = PaddedCandidates.of([r[1] for r in reqs], [r[2] for r in reqs],
                                  [r[3] for r in reqs], DIM, TAG_BUCKETS)
     assert padded.valid.shape == (5, 20) and padded.lengths.tolist() == [7, 20, 0, 13, 1]
-    own = [np.concatenate([exposure_features(r[0], r[5], r[6], 120.0),
-                           repeat_features(r[0], r[4].positive_events)], 1) for r in reqs]
+    hashes = padded.pad([np.array([hash(i) for i in r[0]], np.int64) for r in reqs])
+    own = own_history_features(hashes, padded.valid, [r[5] for r in reqs],
+                               [r[6] for r in reqs], [r[4].positive_events for r in reqs],
+                               [120.0] * len(reqs), 1800.0)
     queries = rng.standard_normal((5, DIM + N_ITEM_FEATURES)).astype(np.float32)
     values = rng.standard_normal(5).astype(np.float32)
     states = rng.standard_normal((5, layout.size)).astype(np.float32)

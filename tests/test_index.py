@@ -360,12 +360,13 @@ def test_reading_candidates_by_row_gives_what_reading_them_by_id_gives():
 
     def same(by_row, by_id):
         looked = idx.at_rows([rows for rows, _ in by_row], generation)
-        for (rows, emb), (got_ids, stats, tags), (want_ids, want_emb) in zip(
+        for (rows, emb), (got_ids, stats, tags, hashes), (want_ids, want_emb) in zip(
                 by_row, looked, by_id, strict=True):
             assert got_ids == want_ids
             assert np.array_equal(emb, want_emb) and np.array_equal(idx.vectors_at(rows), emb)
             want_stats, want_tags = idx.stats_and_tags_of(want_ids)
             assert np.array_equal(stats, want_stats) and np.array_equal(tags, want_tags)
+            assert hashes.tolist() == [hash(i) for i in want_ids]
 
     same(idx.search(queries, 40, banned), search_ids(idx, queries, 40, exclude))
     seeds = [["i5", "i9"], ["i7"], ["nope", "i11"]]
@@ -377,6 +378,7 @@ def test_reading_candidates_by_row_gives_what_reading_them_by_id_gives():
     assert idx.at_rows([np.arange(5)], generation) is None
     rows = idx.rows_of([["i500"]])[0]
     assert idx.at_rows([rows], idx.row_generation)[0][0] == ["i500"]
+    assert idx.at_rows([rows], idx.row_generation)[0][3].tolist() == [hash("i500")]
 
 
 def test_the_id_set_version_moves_only_when_ids_join_or_leave():

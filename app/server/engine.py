@@ -39,7 +39,13 @@ from app.store.base import FeedbackEvent, FeedbackOutcome, VersionConflict
 from app.user_state import latest_first, resting_items, user_state_and_history
 from models.adaptation import N_RULE, AdaptationRule, rule_from_tensors
 from models.ann import set_search_threads
-from models.batch import PaddedCandidates, batch_features, batch_scores, item_products
+from models.batch import (
+    PaddedCandidates,
+    batch_features,
+    batch_scores,
+    item_products,
+    own_history_features,
+)
 from models.device import resolve_device, torch_threads_for
 from models.encoder import TextEncoder, text_key
 from models.ensemble import (
@@ -61,8 +67,6 @@ from models.state import (
     RecentItems,
     StateLayout,
     candidate_features,
-    exposure_features,
-    repeat_features,
     smoothed_ctr,
 )
 
@@ -143,7 +147,8 @@ class Prepared:
     recent: list[RecentItems]
     queries: np.ndarray                # (B, A)
     values: np.ndarray                 # (B,)
-    candidates: list[tuple[list[str], Candidates, np.ndarray, np.ndarray]]
+    # per request: candidate ids, rows and sources, counts, tags, id hashes
+    candidates: list[tuple[list[str], Candidates, np.ndarray, np.ndarray, np.ndarray]]
     draws: np.ndarray                  # (B, 1 + 2 * longest) uniforms
     longest: int                       # the longest slate asked for
 
@@ -593,7 +598,7 @@ class Engine:
             rows, vectors = read()[0]
             looked = self.index.at_rows([rows], generation)
             if looked is not None:
-                ids, stats, _ = looked[0]
+                ids, stats, _, _ = looked[0]
                 live = np.array([self.index.is_recommendable(i) for i in ids], dtype=bool)
                 kept = [i for i, ok in zip(ids, live, strict=True) if ok]
                 return kept, vectors[live], stats[live]
@@ -794,8 +799,9 @@ class Engine:
 
     def _candidates(self, picks: list[Pick], queries: np.ndarray, recent: list[RecentItems],
                     budgets: dict[str, int]) -> list[tuple[list[str], Candidates, np.ndarray,
-                                                           np.ndarray]]:
-        """Per pick, its candidates' ids, rows, embeddings and sources, counts and tags.
+                                                           np.ndarray, np.ndarray]]:
+        """Per pick, its candidates' ids, rows, embeddings and sources, counts, tags and
+        id hashes.
 
         Candidates travel by index row from the searches to the counts and tags (one
         id lookup per banned or explicitly named item, none per retrieved candidate);
@@ -823,8 +829,8 @@ class Engine:
                                           np.zeros(len(rows), np.int64), np.arange(len(rows)))
             looked = self.index.at_rows([found[i].rows for i in range(len(picks))], generation)
             if looked is not None:
-                return [(ids, found[i], stats, tags)
-                        for i, (ids, stats, tags) in enumerate(looked)]
+                return [(ids, found[i], stats, tags, hashes)
+                        for i, (ids, stats, tags, hashes) in enumerate(looked)]
 
     def _prepare(self, picks: list[Pick]) -> Prepared:
         """What both choosers start from: per request its state and recent history
@@ -870,11 +876,11 @@ class Engine:
                                      [c[3] for c in prep.candidates], self.layout.dim,
                                      TAG_BUCKETS)
         valid, lengths = padded.valid, padded.lengths
-        own = [np.concatenate([exposure_features(ids, p.user_data.shown, p.user_data.touched,
-                                                 p.now, s.exposure_recent_s),
-                               repeat_features(ids, recent.positive_events)], 1)
-               for p, (ids, *_), recent in zip(picks, prep.candidates, prep.recent,
-                                               strict=True)]
+        own = own_history_features(
+            padded.pad([c[4] for c in prep.candidates]), valid,
+            [p.user_data.shown for p in picks], [p.user_data.touched for p in picks],
+            [r.positive_events for r in prep.recent], [p.now for p in picks],
+            s.exposure_recent_s)
         products = item_products(self.layout, padded.vectors, prep.queries, prep.states,
                                  prep.recent)
         feats = batch_features(padded, prep.recent, own, products.affinity, base_ctr,
@@ -917,7 +923,7 @@ class Engine:
                 shown[b, : len(choice.indices)] = choice.indices
             expected_ctr = scorer.ensemble.expected_ctr_batch(x, shown)
         out = []
-        for b, (p, (ids, found, _, _)) in enumerate(zip(picks, prep.candidates, strict=True)):
+        for b, (p, (ids, found, *_)) in enumerate(zip(picks, prep.candidates, strict=True)):
             n, choice = int(lengths[b]), choices[b]
             shown_b = choice.indices
             agents = ([1 << int(arms[b])] * min(p.k, n)) if scorer.ensemble is not None \
@@ -935,7 +941,7 @@ class Engine:
         scorer = prep.scorer
         base_ctr, expected_scale = self.index.base_ctr(), lift_scale(s, self.index)
         state, recent = prep.states[i], prep.recent[i]
-        ids, found, stats, tags = prep.candidates[i]
+        ids, found, stats, tags, _ = prep.candidates[i]
         items = found.vectors
         feats = candidate_features(ids, p.user_data.shown, p.user_data.touched, p.now,
                                    stats, items, tags, recent, s.exposure_recent_s,

@@ -754,23 +754,24 @@ class Engine:
         candidate (by row: no id is looked up again); whether its candidates earn is
         learned (``_budgets``)."""
 
+        # per request, each source's part, appended once at the end (not one copy of
+        # the growing embeddings per source): (rows, embeddings or None, source bit,
+        # held back for exploration)
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray | None, int, bool]]] = {
+            i: [] for i in found}
+
         def merge(i: int, rows: np.ndarray, items: np.ndarray | None, source: str | None
                   ) -> None:
-            """Append candidates of ``source`` (None: resting items, explore only)."""
-            if not len(rows):
-                return
-            c = found[i]
-            items = self.index.vectors_at(rows) if items is None else items
-            bit = 0 if source is None else 1 << SOURCES.index(source)
-            held = None if c.explore_only is None else np.concatenate(
-                [c.explore_only, np.full(len(rows), source is None)])
-            found[i] = Candidates(np.concatenate([c.rows, rows]),
-                                  np.concatenate([c.vectors, items]),
-                                  np.concatenate([c.sources, np.full(len(rows), bit, np.int64)]),
-                                  np.concatenate([c.depths, np.arange(len(rows))]), held)
+            """Add candidates of ``source`` (None: resting items, explore only)."""
+            if len(rows):
+                bit = 0 if source is None else 1 << SOURCES.index(source)
+                parts[i].append((rows, items, bit, source is None))
+
+        def rows_so_far(i: int) -> np.ndarray:
+            return np.concatenate([found[i].rows, *(part[0] for part in parts[i])])
 
         def excluded(i: int) -> np.ndarray:
-            return np.concatenate([banned[i], found[i].rows])
+            return np.concatenate([banned[i], rows_so_far(i)])
 
         if budgets["related"]:
             # around each of the latest positives, newest first
@@ -790,12 +791,22 @@ class Engine:
                        if item_id not in picks[i].banned][: budgets["history"]]
                 if own:
                     rows = self.index.servable_rows(own)
-                    merge(i, rows[~np.isin(rows, found[i].rows)], None, "history")
+                    merge(i, rows[~np.isin(rows, rows_so_far(i))], None, "history")
         for i in found:
-            found[i].explore_only = np.zeros(len(found[i].rows), dtype=bool)
             if picks[i].explore_only:
                 rows = self.index.servable_rows(picks[i].explore_only)
-                merge(i, rows[~np.isin(rows, found[i].rows)], None, None)
+                merge(i, rows[~np.isin(rows, rows_so_far(i))], None, None)
+            c = found[i]
+            added = parts[i]
+            found[i] = Candidates(
+                rows_so_far(i),
+                np.concatenate([c.vectors, *(self.index.vectors_at(rows) if items is None
+                                             else items for rows, items, _, _ in added)]),
+                np.concatenate([c.sources, *(np.full(len(rows), bit, np.int64)
+                                             for rows, _, bit, _ in added)]),
+                np.concatenate([c.depths, *(np.arange(len(rows)) for rows, *_ in added)]),
+                np.concatenate([np.zeros(len(c.rows), bool),
+                                *(np.full(len(rows), held) for rows, _, _, held in added)]))
 
     def _candidates(self, picks: list[Pick], queries: np.ndarray, recent: list[RecentItems],
                     budgets: dict[str, int]) -> list[tuple[list[str], Candidates, np.ndarray,

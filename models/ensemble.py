@@ -163,9 +163,13 @@ class EnsembleParams:
 
     def arm_from_draw(self, uniform: float) -> int:
         """The arm drawn with the play probabilities by a uniform draw in [0, 1)."""
+        return int(self.arms_from_draws(np.array([uniform]))[0])
+
+    def arms_from_draws(self, uniforms: np.ndarray) -> np.ndarray:
+        """``arm_from_draw`` of each of a batch's uniform draws."""
         cdf = np.cumsum(self.weights)
-        drawn = int(np.searchsorted(cdf / cdf[-1], uniform, side="right"))
-        return min(drawn, len(ARMS) - 1)
+        drawn = np.searchsorted(cdf / cdf[-1], uniforms, side="right")
+        return np.minimum(drawn, len(ARMS) - 1)
 
     def greedy_arm(self) -> int:
         """The arm that serves a request without exploration: the likeliest best one,

@@ -84,7 +84,8 @@ def epsilon_greedy_slates(scores: np.ndarray, valid: np.ndarray, ks: np.ndarray,
     longest = int(ks.max()) if batch else 0
     # padding sorts last (stable: equal scores keep index order, as one request's do);
     # with at most ``longest`` placed, the best remaining is always among the top ones
-    order = np.argsort(np.where(valid, -scores, np.inf), axis=1, kind="stable")
+    # (valid first, by key: a NaN score must not sort after the padding)
+    order = np.lexsort((-scores, ~valid), axis=1)
     top = order[:, : longest + 1]
     slots = np.arange(longest)
     in_slate = slots[None, :] < ks[:, None]

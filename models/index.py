@@ -546,8 +546,10 @@ class CandidateIndex:
             out = []
             for rows in banned:
                 mask[rows] = 1
-                pick = ranked[mask[ranked] == 0][:n]
-                mask[rows] = 0
+                try:
+                    pick = ranked[mask[ranked] == 0][:n]
+                finally:  # the mask is shared: never leave rows set in it
+                    mask[rows] = 0
                 out.append((pick, self._vectors[pick]))
             return out
 

@@ -536,7 +536,8 @@ def test_batched_slate_choice_equals_one_request_at_a_time(backend, encoder):
         assert len(together[3].choice.indices) == 10
 
 
-@pytest.mark.parametrize("options", [{}, {"adaptation": True}, {"ensemble": False}])
+@pytest.mark.parametrize("options", [{}, {"adaptation": True}, {"ensemble": False},
+                                     {"popularity_lift": "expected"}])
 def test_the_batch_program_draws_what_one_request_at_a_time_draws(backend, encoder, options):
     """``choose_batch`` runs a batch as arrays; ``choose_each`` is the per-request
     reference. From the same seed they choose the same candidates, features, scores,
@@ -593,6 +594,11 @@ def test_the_batch_program_draws_what_one_request_at_a_time_draws(backend, encod
                 assert (got.expected is None) == (want.expected is None)
                 if got.expected is not None:
                     assert np.allclose(got.expected, want.expected, atol=1e-6)
+        if options.get("popularity_lift") == "expected":  # each slot's expected CTR
+            assert all(ch.expected is not None for ch in batched if ch.ids)
+        # a batch in which no request has a candidate: empty slates, no error
+        empty = [Pick(UserData([], []), None, set(), ["zz"], 2, 0.5, now, explore=True)]
+        assert [len(ch.choice.indices) for ch in engine.choose_batch(empty)] == [0]
         assert len(batched[3].choice.indices) == 10 - 1 and not batched[4].ids
         resting = np.isin(batched[3].ids, ["m-3", "m-5"])
         assert resting.sum() == 2 and batched[3].scores[resting].max() < batched[3].scores[

@@ -88,6 +88,15 @@ def test_a_batch_draws_the_slates_and_propensities_of_one_request_at_a_time():
             assert got[b].explored.tolist() == want.explored.tolist()
 
 
+def test_padding_is_never_placed_even_after_nan_scores():
+    scores = np.array([[1.0, np.nan, np.nan, 5.0, 6.0]])
+    valid = np.array([[True, True, True, False, False]])
+    got = epsilon_greedy_slates(scores, valid, np.array([3]), np.array([0.0]),
+                                np.ones((1, 3)), np.zeros((1, 3)))[0]
+    want = slate_from_draws(scores[0, :3], 3, 0.0, np.ones(3), np.zeros(3))
+    assert got.indices.tolist() == want.indices.tolist() == [0, 1, 2]
+
+
 def test_schedule_decays_towards_end():
     s = EpsilonSchedule(0.2, 0.05, 1000)
     assert s(0) == 0.2

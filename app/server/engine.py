@@ -865,11 +865,12 @@ class Engine:
         Q-network call, one index search per candidate source, then the candidates
         padded to ``(B, C)``, their features ``(B, C, F)``, the scores, the ensemble's
         agents and fusion, and the epsilon-greedy slates with their propensities, each
-        computed once for the batch (``models.batch``). Per request, Python only builds
-        the state and matches candidates to the user's own history by id.
+        computed once for the batch (``models.batch``). Per request, Python builds the
+        state, hashes the user's own ids (exposure and repeat features), applies the
+        new-user rule when it is on, and assembles the result.
 
         ``choose_each`` is the per-request reference: the same draws give the same
-        slates and propensities."""
+        slates and propensities (up to float rounding, which may flip exact near-ties)."""
         return self._choose_arrays(picks, self._prepare(picks))
 
     def choose_each(self, picks: list[Pick]) -> list[Chosen]:
@@ -910,10 +911,7 @@ class Engine:
         if scorer.ensemble is not None:
             e = scorer.ensemble
             agent_scores, x = e.agent_scores_batch(products.pools, feats, scores)
-            cdf = np.cumsum(e.weights)
-            drawn = np.minimum(np.searchsorted(cdf / cdf[-1], prep.draws[:, 0], side="right"),
-                               len(e.weights) - 1)
-            arms = np.where(drawing, drawn, e.greedy_arm())
+            arms = np.where(drawing, e.arms_from_draws(prep.draws[:, 0]), e.greedy_arm())
             arm_propensities = np.where(drawing, e.weights[arms], 1.0)
             scores = e.arm_scores_batch(agent_scores, arms, valid)
         held = padded.pad([c[1].explore_only if c[1].explore_only is not None
@@ -927,7 +925,8 @@ class Engine:
         choices = epsilon_greedy_slates(
             scores, valid, np.array([p.k for p in picks]), np.array([p.epsilon for p in picks]),
             prep.draws[:, 1: 1 + longest], prep.draws[:, 1 + longest:])
-        if expected_scale is not None and scorer.ensemble is not None and x is not None:
+        if (expected_scale is not None and scorer.ensemble is not None and x is not None
+                and x.shape[1]):
             # of the slates actually chosen
             shown = np.zeros((batch, longest), np.int64)
             for b, choice in enumerate(choices):

@@ -117,11 +117,11 @@ def own_history_features(hashes: np.ndarray, valid: np.ndarray,
             ts = np.asarray(times, dtype=np.float64)
             slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since
             fade = STEP_DECAY ** slates * np.exp(-np.maximum(at - ts, 0.0) / recent_s)
-            ignored = np.fromiter(map(user_touched.__contains__, item_ids), dtype=bool,
+            acted_on = np.fromiter(map(user_touched.__contains__, item_ids), dtype=bool,
                                   count=len(item_ids))
             ids_hashed = np.fromiter(map(hash, item_ids), dtype=np.int64, count=len(item_ids))
-            seen.append(ids_hashed[~ignored])
-            seen_weights.append(fade[~ignored])
+            seen.append(ids_hashed[~acted_on])
+            seen_weights.append(fade[~acted_on])
         else:
             seen.append(np.zeros(0, np.int64))
             seen_weights.append(np.zeros(0))

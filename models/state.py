@@ -181,9 +181,9 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
     ts = np.asarray(times, dtype=np.float64)
     slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since
     fade = STEP_DECAY ** slates * np.exp(-np.maximum(now - ts, 0.0) / recent_s)
-    ignored = np.fromiter(map(touched.__contains__, item_ids), dtype=bool,
+    acted_on = np.fromiter(map(touched.__contains__, item_ids), dtype=bool,
                           count=len(item_ids))
-    return _per_candidate(candidate_ids, item_ids, fade, ~ignored)
+    return _per_candidate(candidate_ids, item_ids, fade, ~acted_on)
 
 
 def repeat_features(candidate_ids: Sequence[str], positive_ids: Sequence[str]) -> np.ndarray:

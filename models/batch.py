@@ -26,10 +26,11 @@ from models.state import (
     N_POPULARITY_FEATURES,
     RECENT_NEGATIVES,
     RECENT_POSITIVES,
-    STEP_DECAY,
     RecentItems,
     StateLayout,
+    ignored_showings,
     popularity_features,
+    positive_weights,
 )
 
 
@@ -58,12 +59,12 @@ class PaddedCandidates:
             out.tags[b, :n] = tags[b]
         return out
 
-    def pad(self, per_request: Sequence[np.ndarray], fill: float = 0.0) -> np.ndarray:
+    def pad(self, per_request: Sequence[np.ndarray]) -> np.ndarray:
         """Per-request arrays of one entry per candidate (and any trailing shape) as one
-        ``(B, C, ...)`` array."""
+        ``(B, C, ...)`` array, zeros in the padding."""
         trailing = per_request[0].shape[1:] if len(per_request) else ()
-        out = np.full((len(per_request), self.valid.shape[1], *trailing), fill,
-                      dtype=per_request[0].dtype if len(per_request) else np.float32)
+        out = np.zeros((len(per_request), self.valid.shape[1], *trailing),
+                       dtype=per_request[0].dtype if len(per_request) else np.float32)
         for b, n in enumerate(self.lengths.tolist()):
             out[b, :n] = per_request[b]
         return out
@@ -112,23 +113,14 @@ def own_history_features(hashes: np.ndarray, valid: np.ndarray,
     seen, seen_weights, liked, liked_weights = [], [], [], []
     for user_shown, user_touched, events, at in zip(shown, touched, positive_events, now,
                                                      strict=True):
-        if user_shown:
-            item_ids, times = zip(*reversed(user_shown), strict=True)  # newest first
-            ts = np.asarray(times, dtype=np.float64)
-            slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since
-            fade = STEP_DECAY ** slates * np.exp(-np.maximum(at - ts, 0.0) / recent_s)
-            acted_on = np.fromiter(map(user_touched.__contains__, item_ids), dtype=bool,
-                                  count=len(item_ids))
-            ids_hashed = np.fromiter(map(hash, item_ids), dtype=np.int64, count=len(item_ids))
-            seen.append(ids_hashed[~acted_on])
-            seen_weights.append(fade[~acted_on])
-        else:
-            seen.append(np.zeros(0, np.int64))
-            seen_weights.append(np.zeros(0))
-        newest_first = list(reversed(events))
+        item_ids, fade = (ignored_showings(user_shown, user_touched, at, recent_s)
+                          if user_shown else ((), np.zeros(0)))
+        seen.append(np.fromiter(map(hash, item_ids), dtype=np.int64, count=len(item_ids)))
+        seen_weights.append(fade)
+        newest_first, weights = positive_weights(events)
         liked.append(np.fromiter(map(hash, newest_first), dtype=np.int64,
                                  count=len(newest_first)))
-        liked_weights.append(STEP_DECAY ** np.arange(len(newest_first), dtype=np.float64))
+        liked_weights.append(weights)
     return np.concatenate([_matched(hashes, valid, seen, seen_weights),
                            _matched(hashes, valid, liked, liked_weights)], 2)
 

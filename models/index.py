@@ -305,11 +305,17 @@ class CandidateIndex:
 
     def vectors_of(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Embeddings of the known ids among ``ids`` (order kept, unknown ids dropped)."""
-        with self._lock:  # one dict probe per id, by ``map`` in C
-            rows = np.fromiter(map(self._row_of.get, ids, repeat(-1)), dtype=np.int64,
-                               count=len(ids))
-            found = rows >= 0
-            return list(compress(ids, found.tolist())), self._vectors[rows[found]]
+        with self._lock:
+            found, rows = self._known_rows(ids)
+            return list(compress(ids, found.tolist())), self._vectors[rows]
+
+    def _known_rows(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Which of ``ids`` are indexed (a bool per id) and their rows, in order: one
+        dict probe per id, by ``map`` in C (call with the lock held)."""
+        rows = np.fromiter(map(self._row_of.get, ids, repeat(-1)), dtype=np.int64,
+                           count=len(ids))
+        found = rows >= 0
+        return found, rows[found]
 
     def vectors_and_tags_of(self, ids: Sequence[str]
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -317,10 +323,7 @@ class CandidateIndex:
         and tag multi-hots (float32), in order: what a user's state is built from, in
         one dict probe per id."""
         with self._lock:
-            rows = np.fromiter(map(self._row_of.get, ids, repeat(-1)), dtype=np.int64,
-                               count=len(ids))
-            found = rows >= 0
-            rows = rows[found]
+            found, rows = self._known_rows(ids)
             return found, self._vectors[rows], self._tags[rows].astype(np.float32)
 
     def record(self, shown: Sequence[str], clicked: Sequence[str] = (),

@@ -13,7 +13,7 @@ import math
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -141,17 +141,17 @@ def build_state(layout: StateLayout, context: np.ndarray | None,
 
 
 def _per_candidate(candidate_ids: Sequence[str], item_ids: Sequence[str],
-                   weights: np.ndarray, kept: np.ndarray) -> np.ndarray:
+                   weights: np.ndarray) -> np.ndarray:
     """``[sum of weights, log1p(count) / log1p(10)]`` per candidate over the entries of
-    ``item_ids`` (with repeats) that are ``kept``: the two columns of the exposure and
-    repeat features. Grouping and matching go through one small dict each (C-level
-    ``map``, no Python loop per entry; ``np.isin`` on strings sorts: 100x slower)."""
+    ``item_ids`` (with repeats): the two columns of the exposure and repeat features.
+    Grouping and matching go through one small dict each (C-level ``map``, no Python
+    loop per entry; ``np.isin`` on strings sorts: 100x slower)."""
     feats = np.zeros((len(candidate_ids), 2), dtype=np.float32)
     group_of = dict(zip(item_ids, range(len(item_ids)), strict=True))  # last one wins
     groups = np.fromiter(map(group_of.__getitem__, item_ids), dtype=np.int64,
                          count=len(item_ids))
-    weight = np.bincount(groups, weights * kept, minlength=len(item_ids))
-    count = np.bincount(groups, kept, minlength=len(item_ids))
+    weight = np.bincount(groups, weights, minlength=len(item_ids))
+    count = np.bincount(groups, minlength=len(item_ids))
     hit = np.fromiter(map(group_of.get, candidate_ids, repeat(-1)), dtype=np.int64,
                       count=len(candidate_ids))
     at = np.flatnonzero(hit >= 0)
@@ -159,6 +159,27 @@ def _per_candidate(candidate_ids: Sequence[str], item_ids: Sequence[str],
         feats[at, 0] = weight[hit[at]]
         feats[at, 1] = np.log1p(count[hit[at]]) / math.log1p(10.0)
     return feats
+
+
+def ignored_showings(shown: Sequence[tuple[str, float]], touched: set[str], now: float,
+                     recent_s: float) -> tuple[tuple[str, ...], np.ndarray]:
+    """The user's showings of items they did not act on, newest first (repeats kept),
+    and each one's weight ``STEP_DECAY ** slates_since * exp(-age / recent_s)``: what
+    ``exposure_features`` sums per item. ``shown`` must not be empty."""
+    item_ids, times = zip(*reversed(shown), strict=True)  # newest first
+    ts = np.asarray(times, dtype=np.float64)
+    slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since
+    fade = STEP_DECAY ** slates * np.exp(-np.maximum(now - ts, 0.0) / recent_s)
+    acted_on = np.fromiter(map(touched.__contains__, item_ids), dtype=bool,
+                           count=len(item_ids))
+    return tuple(compress(item_ids, (~acted_on).tolist())), fade[~acted_on]
+
+
+def positive_weights(positive_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The user's positive events' items, newest first (repeats kept), and each one's
+    weight ``STEP_DECAY ** (positive events since)``: what ``repeat_features`` sums."""
+    newest_first = list(reversed(positive_ids))
+    return newest_first, STEP_DECAY ** np.arange(len(newest_first), dtype=np.float64)
 
 
 def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, float]],
@@ -177,13 +198,10 @@ def exposure_features(candidate_ids: Sequence[str], shown: Iterable[tuple[str, f
     shown = list(shown)
     if not shown or not len(candidate_ids):
         return np.zeros((len(candidate_ids), N_EXPOSURE_FEATURES), dtype=np.float32)
-    item_ids, times = zip(*reversed(shown), strict=True)  # newest first
-    ts = np.asarray(times, dtype=np.float64)
-    slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since
-    fade = STEP_DECAY ** slates * np.exp(-np.maximum(now - ts, 0.0) / recent_s)
-    acted_on = np.fromiter(map(touched.__contains__, item_ids), dtype=bool,
-                          count=len(item_ids))
-    return _per_candidate(candidate_ids, item_ids, fade, ~acted_on)
+    item_ids, fade = ignored_showings(shown, touched, now, recent_s)
+    if not item_ids:
+        return np.zeros((len(candidate_ids), N_EXPOSURE_FEATURES), dtype=np.float32)
+    return _per_candidate(candidate_ids, item_ids, fade)
 
 
 def repeat_features(candidate_ids: Sequence[str], positive_ids: Sequence[str]) -> np.ndarray:
@@ -194,10 +212,7 @@ def repeat_features(candidate_ids: Sequence[str], positive_ids: Sequence[str]) -
     with ``exclude_seen`` such items are not candidates at all."""
     if not positive_ids or not len(candidate_ids):
         return np.zeros((len(candidate_ids), N_REPEAT_FEATURES), dtype=np.float32)
-    newest_first = list(reversed(positive_ids))
-    ages = np.arange(len(newest_first), dtype=np.float64)
-    return _per_candidate(candidate_ids, newest_first, STEP_DECAY ** ages,
-                          np.ones(len(newest_first), dtype=bool))
+    return _per_candidate(candidate_ids, *positive_weights(positive_ids))
 
 
 PRIOR_CTR = 0.03  # an item with no impressions is assumed to engage this often

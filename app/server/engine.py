@@ -151,6 +151,8 @@ class Prepared:
     candidates: list[tuple[list[str], Candidates, np.ndarray, np.ndarray, np.ndarray]]
     draws: np.ndarray                  # (B, 1 + 2 * longest) uniforms
     longest: int                       # the longest slate asked for
+    base_ctr: float                    # the catalog's CTR (``CandidateIndex.base_ctr``)
+    expected_scale: float | None       # how the popularity lift reads (``lift_scale``)
 
 
 @dataclass
@@ -858,7 +860,8 @@ class Engine:
         longest = max(p.k for p in picks)
         with self._rng_lock:  # column 0 draws the arm, then a coin and a pick per slot
             draws = self._rng.random((len(picks), 1 + 2 * longest))
-        return Prepared(scorer, states, recent, queries, values, candidates, draws, longest)
+        return Prepared(scorer, states, recent, queries, values, candidates, draws, longest,
+                        self.index.base_ctr(), lift_scale(s, self.index))
 
     def choose_batch(self, picks: list[Pick]) -> list[Chosen]:
         """Slates for concurrent requests, the batch as one array program: one
@@ -882,7 +885,7 @@ class Engine:
     def _choose_arrays(self, picks: list[Pick], prep: Prepared) -> list[Chosen]:
         s = self.settings
         scorer = prep.scorer
-        base_ctr, expected_scale = self.index.base_ctr(), lift_scale(s, self.index)
+        base_ctr, expected_scale = prep.base_ctr, prep.expected_scale
         padded = PaddedCandidates.of([c[1].vectors for c in prep.candidates],
                                      [c[2] for c in prep.candidates],
                                      [c[3] for c in prep.candidates], self.layout.dim,
@@ -949,7 +952,7 @@ class Engine:
     def _choose_one(self, p: Pick, prep: Prepared, i: int) -> Chosen:
         s = self.settings
         scorer = prep.scorer
-        base_ctr, expected_scale = self.index.base_ctr(), lift_scale(s, self.index)
+        base_ctr, expected_scale = prep.base_ctr, prep.expected_scale
         state, recent = prep.states[i], prep.recent[i]
         ids, found, stats, tags, _ = prep.candidates[i]
         items = found.vectors

@@ -10,10 +10,14 @@ import torch
 from models.adaptation import AdaptationRule
 from models.ensemble import EnsembleParams
 from models.qnet import QNetwork
+from models.qnet_numpy import NumpyQNetwork
 
 
 class Scorer:
-    """Inference-side view of one weights version: query vector and scores, on numpy."""
+    """Inference-side view of one weights version: query vector and scores, on numpy.
+
+    The network's weights are read when the scorer is made (on the CPU, into
+    ``models.qnet_numpy``): a new version is a new scorer, never the old one trained."""
 
     def __init__(self, net: QNetwork, version: int, device: str = "cpu",
                  ensemble: EnsembleParams | None = None,
@@ -21,16 +25,24 @@ class Scorer:
         self.net = net.to(device).eval()
         self.version = version
         self.device = device
+        # on the CPU, the ranking pass in numpy: a batch's few states cost torch's
+        # per-operation overhead and a GIL hand-off per operation (models.qnet_numpy)
+        self._numpy = NumpyQNetwork(self.net) if device == "cpu" else None
         # the options' learned state, of the same version, when they are on
         self.ensemble = ensemble
         self.adaptation = adaptation
 
-    @torch.inference_mode()
     def query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(B, state_dim)`` -> queries ``(B, action_dim)`` and state values ``(B,)``.
 
         ``query[:, :item_dim]`` is the retrieval query in item-embedding space.
         """
+        if self._numpy is not None:
+            return self._numpy(states)
+        return self._torch_query(states)
+
+    @torch.inference_mode()
+    def _torch_query(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)).to(self.device)
         q, v = self.net(s)
         return q.float().cpu().numpy(), v.float().cpu().numpy()

@@ -2,12 +2,13 @@
 
 Serving calls the network once per batch of requests, with a few to a few dozen
 states. At that size torch's cost is its per-operation overhead, not arithmetic:
-about 20 operations through ``nn.Module`` calls, 0.35-0.45 ms per batch on this
-project's 2-core machine, most of it Python. Each torch operation also releases
-the GIL and must take it back: under load, while the event loop or the other
-compute thread holds it, every one of those waits up to the interpreter's switch
-interval (5 ms), so a pass that takes 0.45 ms alone took 200 ms beside one busy
-Python thread. The same arithmetic in numpy is a handful of calls on small arrays.
+about 20 operations through ``nn.Module`` calls, 0.4-0.7 ms per batch of 8 on this
+project's 2-core machine, most of it Python. torch also releases the GIL about 40
+times per pass and must take it back each time: under load, while the event loop or
+the other compute thread holds it, every retake waits up to the interpreter's switch
+interval (5 ms), so a pass that takes 0.5 ms alone took 200 ms beside one busy
+Python thread. The same arithmetic in numpy is a handful of calls on small arrays
+(1.3 ms beside that thread).
 
 A ``NumpyQNetwork`` is a snapshot of one set of weights: ``models.scorer.Scorer``
 holds one weights version and never trains through it. Training stays in torch.
@@ -20,13 +21,15 @@ import numpy as np
 from models.qnet import QNetwork
 from models.state import StateLayout
 
-# Abramowitz and Stegun 7.1.26: |error| < 1.5e-7, float32's resolution near 1
+# Abramowitz and Stegun 7.1.26: |error| < 1.5e-7 in exact arithmetic, below 5e-7 in
+# float32
 _P = 0.3275911
 _A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    """The error function to within 1.5e-7 (numpy has none; torch's GELU uses it)."""
+    """The error function to within 5e-7 in float32 (numpy has none; torch's GELU uses
+    it)."""
     a = np.abs(x)
     t = 1.0 / (1.0 + _P * a)
     poly = t * (_A[0] + t * (_A[1] + t * (_A[2] + t * (_A[3] + t * _A[4]))))
@@ -59,13 +62,14 @@ class NumpyQNetwork:
         self.head_w = np.concatenate([_array(h.weight).T for h in heads], 1)
         self.head_b = np.concatenate([_array(h.bias) for h in heads])
         self.skip_parts = net.skip.parts
+        self.n_pools = max(self.project_parts, self.skip_parts)
         self.gains = _array(net.skip.gains)
         self.down, self.up = _array(net.skip.down.weight).T, _array(net.skip.up.weight).T
         self.head_weights = _array(net.head_weights)
 
     def _pooled(self, s: np.ndarray) -> np.ndarray:
         """``(B, parts, item_dim)``: the state's context and pools (``StateLayout``)."""
-        return s[:, self.pools].reshape(len(s), -1, self.item_dim)
+        return s[:, self.pools].reshape(len(s), self.n_pools, self.item_dim)
 
     def __call__(self, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = np.ascontiguousarray(states, dtype=np.float32)

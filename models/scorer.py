@@ -16,8 +16,9 @@ from models.qnet_numpy import NumpyQNetwork
 class Scorer:
     """Inference-side view of one weights version: query vector and scores, on numpy.
 
-    The network's weights are read when the scorer is made (on the CPU, into
-    ``models.qnet_numpy``): a new version is a new scorer, never the old one trained."""
+    A new weights version is a new scorer: the engine never trains a scorer's network
+    in place. On the CPU the ranking pass runs on a copy of the weights taken when the
+    scorer is made (``models.qnet_numpy``); on CUDA it runs the network itself."""
 
     def __init__(self, net: QNetwork, version: int, device: str = "cpu",
                  ensemble: EnsembleParams | None = None,

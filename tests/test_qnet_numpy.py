@@ -12,10 +12,11 @@ from models.scorer import Scorer
 from models.state import StateLayout
 
 
-def _random_net(heads: int, trunk_rank: int = 32, item_dim: int = 16) -> QNetwork:
-    torch.manual_seed(heads + trunk_rank)
-    net = QNetwork(StateLayout(item_dim).size, item_dim, hidden=24, heads=heads,
-                   trunk_rank=trunk_rank)
+def _random_net(heads: int, trunk_rank: int = 32, item_dim: int = 16,
+                skip_rank: int = 32, state_dim: int | None = None) -> QNetwork:
+    torch.manual_seed(heads + trunk_rank + skip_rank)
+    net = QNetwork(state_dim or StateLayout(item_dim).size, item_dim, hidden=24,
+                   heads=heads, trunk_rank=trunk_rank, skip_rank=skip_rank)
     for p in net.parameters():  # a trained network: no zero heads
         torch.nn.init.normal_(p, std=0.3)
     if heads > 1:
@@ -23,9 +24,12 @@ def _random_net(heads: int, trunk_rank: int = 32, item_dim: int = 16) -> QNetwor
     return net
 
 
-@pytest.mark.parametrize("heads,trunk_rank", [(1, 32), (3, 32), (1, 0), (2, 0)])
-def test_numpy_pass_equals_the_torch_network(heads, trunk_rank):
-    net = _random_net(heads, trunk_rank)
+@pytest.mark.parametrize("heads,trunk_rank,skip_rank,state_dim", [
+    (1, 32, 32, None), (3, 32, 32, None), (1, 0, 32, None), (2, 0, 5, None),
+    (2, 32, 32, 40),  # a state without the three pooled parts: no projection, no gains
+])
+def test_numpy_pass_equals_the_torch_network(heads, trunk_rank, skip_rank, state_dim):
+    net = _random_net(heads, trunk_rank, skip_rank=skip_rank, state_dim=state_dim)
     states = np.random.default_rng(0).normal(size=(7, net.state_dim)).astype(np.float32)
     with torch.no_grad():
         want_q, want_v = (t.numpy() for t in net(torch.from_numpy(states)))

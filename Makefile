@@ -43,7 +43,7 @@ UNIT_TESTS = tests/test_api.py tests/test_store_contract.py tests/test_memory_st
 	tests/test_qnet_learner.py tests/test_ensemble.py tests/test_adaptation.py \
 	tests/test_encoder.py tests/test_index.py tests/test_exploration.py tests/test_rewards.py \
 	tests/test_ope.py tests/test_session.py tests/test_explain.py tests/test_lean_routes.py \
-	tests/test_workers.py
+	tests/test_workers.py tests/test_qnet_numpy.py tests/test_batch.py
 test-lowest:
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server / brew install redis)" >&2; exit 3; }
 	rm -rf .venv-lowest

@@ -113,8 +113,7 @@ def own_history_features(hashes: np.ndarray, valid: np.ndarray,
     seen, seen_weights, liked, liked_weights = [], [], [], []
     for user_shown, user_touched, events, at in zip(shown, touched, positive_events, now,
                                                      strict=True):
-        item_ids, fade = (ignored_showings(user_shown, user_touched, at, recent_s)
-                          if user_shown else ((), np.zeros(0)))
+        item_ids, fade = ignored_showings(user_shown, user_touched, at, recent_s)
         seen.append(np.fromiter(map(hash, item_ids), dtype=np.int64, count=len(item_ids)))
         seen_weights.append(fade)
         newest_first, weights = positive_weights(events)

@@ -165,7 +165,9 @@ def ignored_showings(shown: Sequence[tuple[str, float]], touched: set[str], now:
                      recent_s: float) -> tuple[tuple[str, ...], np.ndarray]:
     """The user's showings of items they did not act on, newest first (repeats kept),
     and each one's weight ``STEP_DECAY ** slates_since * exp(-age / recent_s)``: what
-    ``exposure_features`` sums per item. ``shown`` must not be empty."""
+    ``exposure_features`` sums per item."""
+    if not shown:
+        return (), np.zeros(0)
     item_ids, times = zip(*reversed(shown), strict=True)  # newest first
     ts = np.asarray(times, dtype=np.float64)
     slates = np.concatenate([[0], np.cumsum(ts[1:] != ts[:-1])])  # slates since

@@ -16,7 +16,10 @@ holds one weights version and never trains through it. Training stays in torch.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
+import torch
 
 from models.qnet import QNetwork
 from models.state import StateLayout
@@ -41,7 +44,8 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + _erf(x * np.float32(np.sqrt(0.5))))
 
 
-def _array(t) -> np.ndarray:
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A float32 copy that later changes to the network do not reach."""
     return t.detach().cpu().float().numpy().copy()
 
 
@@ -54,7 +58,7 @@ class NumpyQNetwork:
         self.pools = StateLayout(net.item_dim).pools
         self.project_parts = net.project.parts
         self.maps = _array(net.project.maps) if self.project_parts else None
-        first, second = net.trunk[0], net.trunk[2]
+        first, second = cast(torch.nn.Linear, net.trunk[0]), cast(torch.nn.Linear, net.trunk[2])
         self.trunk = [(_array(first.weight).T, _array(first.bias)),
                       (_array(second.weight).T, _array(second.bias))]
         # the three heads side by side: one product for all of them
